@@ -1,0 +1,371 @@
+//! The chunk store: content-addressed, deduplicated, compressed, optionally
+//! encrypted chunks in append-only packs, indexed in RocksDB.
+//!
+//! * `C|id -> ChunkLoc` says where a chunk's record is; `R|pack|offset -> id` is the
+//!   reverse index that GC compaction and crash recovery walk pack by pack;
+//!   `K|pack -> PackRec` says whether a pack is sealed.
+//! * One pack is open for appends at a time.  When it reaches the target size it is
+//!   fsynced and sealed and a new one is opened.
+//! * Durability: [`ChunkStore::sync`] fsyncs the open pack, then the RocksDB WAL,
+//!   so pack bytes are durable no later than the index and map entries that point
+//!   at them.  Between syncs, a power loss can leave index entries pointing past the
+//!   end of an unsealed pack; [`ChunkStore::open`] validates every record of every
+//!   unsealed pack against its CRC and drops index entries that do not check out, so
+//!   a phantom chunk is never deduplicated against or served.  Every read also
+//!   checks the chunk against its content address (or GCM tag).
+//! * GC safety: see [`crate::gc`].  While a GC runs, every chunk a writer stores or
+//!   deduplicates against is first recorded in the `touched` set, and the sweep
+//!   deletes nothing touched; both happen under one mutex, so a writer either
+//!   touches a chunk before the sweep looks, or finds it already gone from the index
+//!   and stores a fresh copy.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use rocksdb::WriteBatch;
+
+use crate::codec::{self, Codec};
+use crate::error::{Error, Result};
+use crate::keys::{self, ChunkId};
+use crate::meta::{ChunkLoc, Db, PackRec};
+use crate::pack::{self, PackBackend, PackWriter, RecordHeader, RECORD_HEADER_LEN};
+
+struct OpenPack {
+    id: u64,
+    writer: Box<dyn PackWriter>,
+}
+
+/// Totals over the chunk index.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct ChunkStats {
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+pub struct ChunkStore {
+    db: Arc<Db>,
+    pub codec: Codec,
+    pub backend: Arc<dyn PackBackend>,
+    store: PathBuf,
+    open: Mutex<Option<OpenPack>>,
+    touched: Mutex<Option<HashSet<ChunkId>>>,
+    pack_target: u64,
+}
+
+impl ChunkStore {
+    /// Open the chunk store, validating and sealing any pack left unsealed by a crash.
+    pub fn open(
+        db: Arc<Db>,
+        codec: Codec,
+        backend: Arc<dyn PackBackend>,
+        store: PathBuf,
+        pack_target: u64,
+        writable: bool,
+    ) -> Result<ChunkStore> {
+        let cs = ChunkStore {
+            db,
+            codec,
+            backend,
+            store,
+            open: Mutex::new(None),
+            touched: Mutex::new(None),
+            pack_target,
+        };
+        if writable {
+            cs.recover()?;
+        }
+        Ok(cs)
+    }
+
+    fn corrupt(&self, id: &ChunkId, pack: u64, offset: u64, what: impl Into<String>) -> Error {
+        Error::Corrupt {
+            store: self.store.clone(),
+            chunk: codec::hex(id),
+            pack,
+            offset,
+            what: what.into(),
+        }
+    }
+
+    /// Validate every record of every unsealed pack, drop index entries that a
+    /// crash left dangling, and seal the pack.
+    fn recover(&self) -> Result<()> {
+        for (k, v) in self.db.scan_prefix(&[keys::PACK])? {
+            let Some(pack) = keys::parse_pack(&k) else { continue };
+            if PackRec::decode(&v).is_some_and(|r| r.sealed) {
+                continue;
+            }
+            let len = self.backend.len(pack)?.unwrap_or(0);
+            let mut batch = WriteBatch::default();
+            let mut dropped = 0u64;
+            for (rk, rv) in self.db.scan_prefix(&keys::reverse_prefix(pack))? {
+                let Some((_, off)) = keys::parse_reverse(&rk) else { continue };
+                let id: ChunkId = match rv[..].try_into() {
+                    Ok(id) => id,
+                    Err(_) => continue,
+                };
+                if self.check_record(pack, off, len, &id).is_err() {
+                    batch.delete(rk);
+                    if let Some(loc) = self.loc(&id)? {
+                        if loc.pack == pack && loc.offset == off {
+                            batch.delete(keys::chunk(&id));
+                        }
+                    }
+                    dropped += 1;
+                }
+            }
+            batch.put(keys::pack(pack), PackRec { sealed: true }.encode());
+            self.db.write(batch, true)?;
+            if dropped > 0 {
+                log::warn!(
+                    "store {}: pack {pack} lost {dropped} chunk(s) not made durable before a crash; \
+                     their index entries were dropped (no flushed write is affected)",
+                    self.store.display()
+                );
+            } else {
+                log::info!("store {}: sealed pack {pack} left open by an unclean stop", self.store.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Read and check one record's header and payload CRC.
+    fn check_record(&self, pack: u64, off: u64, len: u64, id: &ChunkId) -> std::result::Result<(), String> {
+        if off + RECORD_HEADER_LEN as u64 > len {
+            return Err("record header beyond end of pack".into());
+        }
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        self.backend.read_at(pack, off, &mut h).map_err(|e| e.to_string())?;
+        let h = RecordHeader::decode(&h)?;
+        if &h.id != id {
+            return Err("record holds a different chunk".into());
+        }
+        let end = off + RECORD_HEADER_LEN as u64 + h.stored_len as u64;
+        if end > len {
+            return Err("record payload beyond end of pack".into());
+        }
+        let mut p = vec![0u8; h.stored_len as usize];
+        self.backend
+            .read_at(pack, off + RECORD_HEADER_LEN as u64, &mut p)
+            .map_err(|e| e.to_string())?;
+        if pack::crc(&p) != h.crc {
+            return Err("payload CRC mismatch".into());
+        }
+        Ok(())
+    }
+
+    pub fn loc(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+        Ok(self
+            .db
+            .get(&keys::chunk(id))?
+            .and_then(|v| ChunkLoc::decode(&v)))
+    }
+
+    /// Record that a writer is using `id` (only while a GC runs).
+    fn touch(&self, id: &ChunkId) {
+        if let Some(set) = self.touched.lock().unwrap().as_mut() {
+            set.insert(*id);
+        }
+    }
+
+    /// Store a chunk (or find it already stored); returns its id.
+    pub fn put(&self, data: &[u8]) -> Result<ChunkId> {
+        let id = self.codec.id(data);
+        self.put_with_id(&id, data)?;
+        Ok(id)
+    }
+
+    /// Store a chunk whose id the caller computed with [`Codec::id`].
+    pub fn put_with_id(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
+        self.touch(id);
+        if self.db.get(&keys::chunk(id))?.is_some() {
+            return Ok(());
+        }
+        let (flags, payload) = self.codec.encode(id, data);
+        let rec = pack::record(id, flags, data.len() as u32, &payload);
+        self.append_record(id, flags, data.len() as u32, payload.len() as u32, &rec)
+    }
+
+    /// Append an encoded record to the open pack and index it.
+    fn append_record(&self, id: &ChunkId, flags: u8, raw_len: u32, stored_len: u32, rec: &[u8]) -> Result<()> {
+        let (pack, offset) = {
+            let mut open = self.open.lock().unwrap();
+            if open.is_none() {
+                *open = Some(self.new_pack()?);
+            }
+            let op = open.as_mut().unwrap();
+            let offset = op.writer.append(rec)?;
+            let pack = op.id;
+            if op.writer.len() >= self.pack_target {
+                let full = open.take().unwrap();
+                full.writer.seal()?;
+                self.db.write(
+                    {
+                        let mut b = WriteBatch::default();
+                        b.put(keys::pack(full.id), PackRec { sealed: true }.encode());
+                        b
+                    },
+                    false,
+                )?;
+                log::debug!("sealed pack {}", full.id);
+            }
+            (pack, offset)
+        };
+        let loc = ChunkLoc {
+            pack,
+            offset,
+            stored_len,
+            raw_len,
+            flags,
+        };
+        let mut batch = WriteBatch::default();
+        batch.put(keys::chunk(id), loc.encode());
+        batch.put(keys::reverse(pack, offset), id);
+        self.db.write(batch, false)
+    }
+
+    fn new_pack(&self) -> Result<OpenPack> {
+        let mut batch = WriteBatch::default();
+        let id = self.db.next_counter("pack", &mut batch)?;
+        batch.put(keys::pack(id), PackRec { sealed: false }.encode());
+        // The pack record must be durable before the pack file exists, so recovery
+        // always knows about an unsealed pack.
+        self.db.write(batch, true)?;
+        let writer = self.backend.create(id)?;
+        log::debug!("opened pack {id}");
+        Ok(OpenPack { id, writer })
+    }
+
+    /// Read a chunk's plaintext, checking its integrity.
+    pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        for attempt in 0..2 {
+            let loc = self.loc(id)?.ok_or_else(|| {
+                self.corrupt(id, 0, 0, "is referenced by a volume map but missing from the chunk index")
+            })?;
+            match self.read_loc(id, &loc) {
+                // A GC compaction may have moved the chunk between the index lookup
+                // and the read; look it up again once.
+                Err(Error::Io { source, .. })
+                    if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound => {}
+                other => return other,
+            }
+        }
+        unreachable!()
+    }
+
+    /// Read and decode the record at `loc`.
+    pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
+        self.backend.read_at(loc.pack, loc.offset, &mut buf).map_err(|e| match e {
+            Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                self.corrupt(id, loc.pack, loc.offset, "pack is truncated")
+            }
+            e => e,
+        })?;
+        let h = RecordHeader::decode(&buf).map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))?;
+        if &h.id != id || h.stored_len != loc.stored_len || h.flags != loc.flags {
+            return Err(self.corrupt(id, loc.pack, loc.offset, "record header disagrees with the index"));
+        }
+        self.codec
+            .decode(id, h.flags, &buf[RECORD_HEADER_LEN..], loc.raw_len as usize)
+            .map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))
+    }
+
+    /// Make every chunk stored so far durable, then the metadata that points at it.
+    pub fn sync(&self) -> Result<()> {
+        if let Some(op) = self.open.lock().unwrap().as_mut() {
+            op.writer.sync()?;
+        }
+        self.db.sync_wal()
+    }
+
+    /// Seal the open pack (on shutdown, or before compaction).
+    pub fn seal_open(&self) -> Result<()> {
+        if let Some(op) = self.open.lock().unwrap().take() {
+            op.writer.seal()?;
+            let mut b = WriteBatch::default();
+            b.put(keys::pack(op.id), PackRec { sealed: true }.encode());
+            self.db.write(b, true)?;
+        }
+        Ok(())
+    }
+
+    pub fn open_pack_id(&self) -> Option<u64> {
+        self.open.lock().unwrap().as_ref().map(|o| o.id)
+    }
+
+    // ---- GC support -------------------------------------------------------------
+
+    pub(crate) fn begin_gc(&self) {
+        *self.touched.lock().unwrap() = Some(HashSet::new());
+    }
+
+    pub(crate) fn end_gc(&self) {
+        *self.touched.lock().unwrap() = None;
+    }
+
+    /// Delete the index entries of `dead` chunks that no writer touched since the GC
+    /// began.  Returns the (pack, stored bytes) of what was deleted.
+    pub(crate) fn sweep(&self, dead: &[(ChunkId, ChunkLoc)]) -> Result<Vec<(u64, u64)>> {
+        let guard = self.touched.lock().unwrap();
+        let touched = guard.as_ref().expect("sweep runs inside a GC");
+        let mut batch = WriteBatch::default();
+        let mut freed = Vec::new();
+        for (id, loc) in dead {
+            if touched.contains(id) {
+                continue;
+            }
+            batch.delete(keys::chunk(id));
+            batch.delete(keys::reverse(loc.pack, loc.offset));
+            freed.push((loc.pack, RECORD_HEADER_LEN as u64 + loc.stored_len as u64));
+        }
+        self.db.write(batch, false)?;
+        drop(guard);
+        Ok(freed)
+    }
+
+    /// Copy the live records of a sealed pack into the open pack, repoint the index,
+    /// make that durable, then delete the old pack.  Returns bytes moved.
+    pub(crate) fn compact(&self, pack: u64) -> Result<u64> {
+        let mut moved = 0u64;
+        let mut stale = WriteBatch::default();
+        for (rk, rv) in self.db.scan_prefix(&keys::reverse_prefix(pack))? {
+            let Some((_, off)) = keys::parse_reverse(&rk) else { continue };
+            stale.delete(&rk);
+            let Ok(id) = <ChunkId>::try_from(&rv[..]) else { continue };
+            let Some(loc) = self.loc(&id)? else { continue };
+            if loc.pack != pack || loc.offset != off {
+                continue;
+            }
+            let mut rec = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
+            self.backend.read_at(pack, off, &mut rec)?;
+            let h = RecordHeader::decode(&rec).map_err(|w| self.corrupt(&id, pack, off, w))?;
+            if pack::crc(&rec[RECORD_HEADER_LEN..]) != h.crc {
+                return Err(self.corrupt(&id, pack, off, "payload CRC mismatch during compaction; run `drclone verify`"));
+            }
+            self.append_record(&id, loc.flags, loc.raw_len, loc.stored_len, &rec)?;
+            moved += rec.len() as u64;
+        }
+        stale.delete(keys::pack(pack));
+        self.sync()?;
+        self.db.write(stale, true)?;
+        self.backend.delete(pack)?;
+        Ok(moved)
+    }
+
+    /// Totals over the index.
+    pub fn stats(&self) -> Result<ChunkStats> {
+        let mut s = ChunkStats::default();
+        self.db.for_prefix(&[keys::CHUNK], |_, v| {
+            if let Some(loc) = ChunkLoc::decode(v) {
+                s.chunks += 1;
+                s.raw_bytes += loc.raw_len as u64;
+                s.stored_bytes += loc.stored_len as u64;
+            }
+            true
+        })?;
+        Ok(s)
+    }
+}

@@ -1,0 +1,224 @@
+//! The one key codec for the metadata database.
+//!
+//! RocksDB orders keys bytewise, so every integer in a key is big-endian and every
+//! key starts with a one-byte table tag.  Nothing outside this module builds or
+//! parses a key by hand.
+//!
+//! | tag | key                                   | value                          |
+//! |-----|---------------------------------------|--------------------------------|
+//! | `G` | group name                            | [`crate::meta::GroupRec`]      |
+//! | `V` | group `\0` disk                       | [`crate::meta::VolumeRec`]     |
+//! | `L` | lineage u64                           | [`crate::meta::LineageRec`]    |
+//! | `P` | group `\0` point id u64               | [`crate::meta::PointRec`]      |
+//! | `M` | lineage u64, block u64, !epoch u64    | [`crate::meta::MapVal`]        |
+//! | `C` | chunk id (32 bytes)                   | [`crate::meta::ChunkLoc`]      |
+//! | `R` | pack u64, offset u64                  | chunk id (32 bytes)            |
+//! | `K` | pack u64                              | [`crate::meta::PackRec`]       |
+//! | `N` | counter name                          | u64 (next value)               |
+//!
+//! `!epoch` is `u64::MAX - epoch`, so within one (lineage, block) the newest version
+//! sorts first and "newest version at or below epoch E" is a single seek to
+//! `(lineage, block, !E)`.
+
+pub const GROUP: u8 = b'G';
+pub const VOLUME: u8 = b'V';
+pub const LINEAGE: u8 = b'L';
+pub const POINT: u8 = b'P';
+pub const MAP: u8 = b'M';
+pub const CHUNK: u8 = b'C';
+pub const REVERSE: u8 = b'R';
+pub const PACK: u8 = b'K';
+pub const COUNTER: u8 = b'N';
+
+pub type ChunkId = [u8; 32];
+
+fn with_tag(tag: u8, cap: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(cap + 1);
+    k.push(tag);
+    k
+}
+
+pub fn group(name: &str) -> Vec<u8> {
+    let mut k = with_tag(GROUP, name.len());
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub fn volume(group: &str, disk: &str) -> Vec<u8> {
+    let mut k = volume_prefix(group);
+    k.extend_from_slice(disk.as_bytes());
+    k
+}
+
+/// Prefix of every volume key of a group.
+pub fn volume_prefix(group: &str) -> Vec<u8> {
+    let mut k = with_tag(VOLUME, group.len() + 1);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Split a volume key into (group, disk).
+pub fn parse_volume(key: &[u8]) -> Option<(String, String)> {
+    let rest = key.strip_prefix(&[VOLUME])?;
+    let nul = rest.iter().position(|&b| b == 0)?;
+    Some((
+        String::from_utf8(rest[..nul].to_vec()).ok()?,
+        String::from_utf8(rest[nul + 1..].to_vec()).ok()?,
+    ))
+}
+
+pub fn lineage(id: u64) -> Vec<u8> {
+    let mut k = with_tag(LINEAGE, 8);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn parse_lineage(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(&[LINEAGE])?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+pub fn point_prefix(group: &str) -> Vec<u8> {
+    let mut k = with_tag(POINT, group.len() + 1);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k
+}
+
+pub fn point(group: &str, id: u64) -> Vec<u8> {
+    let mut k = point_prefix(group);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The map key of `(lineage, block)` at `epoch`.
+pub fn map(lineage: u64, block: u64, epoch: u64) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[0] = MAP;
+    k[1..9].copy_from_slice(&lineage.to_be_bytes());
+    k[9..17].copy_from_slice(&block.to_be_bytes());
+    k[17..25].copy_from_slice(&(u64::MAX - epoch).to_be_bytes());
+    k
+}
+
+/// Prefix of every map key of one lineage.
+pub fn map_lineage_prefix(lineage: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = MAP;
+    k[1..9].copy_from_slice(&lineage.to_be_bytes());
+    k
+}
+
+/// Decode a map key into (lineage, block, epoch).
+pub fn parse_map(key: &[u8]) -> Option<(u64, u64, u64)> {
+    if key.len() != 25 || key[0] != MAP {
+        return None;
+    }
+    let l = u64::from_be_bytes(key[1..9].try_into().ok()?);
+    let b = u64::from_be_bytes(key[9..17].try_into().ok()?);
+    let e = u64::MAX - u64::from_be_bytes(key[17..25].try_into().ok()?);
+    Some((l, b, e))
+}
+
+pub fn chunk(id: &ChunkId) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = CHUNK;
+    k[1..].copy_from_slice(id);
+    k
+}
+
+pub fn parse_chunk(key: &[u8]) -> Option<ChunkId> {
+    if key.len() != 33 || key[0] != CHUNK {
+        return None;
+    }
+    key[1..].try_into().ok()
+}
+
+pub fn reverse(pack: u64, offset: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = REVERSE;
+    k[1..9].copy_from_slice(&pack.to_be_bytes());
+    k[9..17].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+pub fn reverse_prefix(pack: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = REVERSE;
+    k[1..9].copy_from_slice(&pack.to_be_bytes());
+    k
+}
+
+pub fn parse_reverse(key: &[u8]) -> Option<(u64, u64)> {
+    if key.len() != 17 || key[0] != REVERSE {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(key[1..9].try_into().ok()?),
+        u64::from_be_bytes(key[9..17].try_into().ok()?),
+    ))
+}
+
+pub fn pack(id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = PACK;
+    k[1..9].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn parse_pack(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 || key[0] != PACK {
+        return None;
+    }
+    Some(u64::from_be_bytes(key[1..9].try_into().ok()?))
+}
+
+pub fn counter(name: &str) -> Vec<u8> {
+    let mut k = with_tag(COUNTER, name.len());
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// The smallest key greater than every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_keys_sort_newest_first_and_round_trip() {
+        let a = map(7, 3, 10);
+        let b = map(7, 3, 2);
+        let c = map(7, 4, 100);
+        assert!(a < b, "newer epoch sorts first");
+        assert!(b < c, "blocks sort ascending");
+        assert_eq!(parse_map(&a), Some((7, 3, 10)));
+        assert!(a.starts_with(&map_lineage_prefix(7)));
+        assert!(map(8, 0, 0) > c);
+    }
+
+    #[test]
+    fn names_round_trip_and_prefixes_bound() {
+        let k = volume("app1", "disk0");
+        assert_eq!(parse_volume(&k), Some(("app1".into(), "disk0".into())));
+        assert!(k.starts_with(&volume_prefix("app1")));
+        assert!(!volume("app10", "x").starts_with(&volume_prefix("app1")));
+        assert_eq!(prefix_end(&[1, 2, 0xff]), vec![1, 3]);
+        assert_eq!(parse_reverse(&reverse(5, 9)), Some((5, 9)));
+        assert_eq!(parse_pack(&pack(5)), Some(5));
+        assert_eq!(parse_lineage(&lineage(42)), Some(42));
+        assert_eq!(parse_chunk(&chunk(&[3u8; 32])), Some([3u8; 32]));
+        assert_eq!(parse_map(&[0u8; 3]), None);
+    }
+}

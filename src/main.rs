@@ -1,0 +1,469 @@
+//! The `drclone` command line: a thin layer over the library.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use drclone::codec::Compression;
+use drclone::daemon::{self, ControlRequest, ControlResponse};
+use drclone::imex;
+use drclone::store::{InitOptions, Store};
+use drclone::util::{human, parse_size, parse_volume_ref};
+
+/// drclone: deduplicating DR replication target with O(1) recovery points and clones.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Store directory.
+    #[arg(long, global = true, env = "DRCLONE_STORE", default_value = "./drclone-store")]
+    store: PathBuf,
+    /// Key file of an encrypted store (default: the path recorded at init).
+    #[arg(long, global = true, env = "DRCLONE_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new store.
+    Init {
+        /// Chunk size (power of two, 4K to 4M).
+        #[arg(long, default_value = "64K")]
+        chunk_size: String,
+        /// Compression of stored chunks.
+        #[arg(long, default_value = "zstd")]
+        compression: String,
+        /// Encrypt chunks with AES-256-GCM under the key in --key-file (created if missing).
+        #[arg(long)]
+        encrypt: bool,
+        /// Target size of a pack file.
+        #[arg(long, default_value = "64M", hide = true)]
+        pack_size: String,
+    },
+    /// Manage groups (protected applications).
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Manage volumes (GROUP/DISK).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Import a raw image into a volume's head (sparse, deduplicated).
+    Import { volume: String, file: PathBuf },
+    /// Export a head or a point (GROUP/DISK[@POINT]) to a sparse raw file.
+    Export { volume: String, file: PathBuf },
+    /// Manage recovery points.
+    #[command(subcommand)]
+    Point(PointCmd),
+    /// Manage retention.
+    #[command(subcommand)]
+    Retention(RetentionCmd),
+    /// Make a writable volume from a point: GROUP/DISK@POINT GROUP2/DISK2.
+    Clone { source: String, target: String },
+    /// Space used, and the dedup and compression ratios.
+    Df,
+    /// Reclaim space no head or point references.
+    Gc,
+    /// Re-read every chunk and check it.
+    Verify,
+    /// Serve volumes and points over NBD; other commands then go through this daemon.
+    Serve {
+        /// TCP address for NBD.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// Do not listen on TCP (only --socket, or --stdio).
+        #[arg(long)]
+        no_tcp: bool,
+        /// Also serve NBD on this unix socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Serve one NBD connection on stdin/stdout, then exit (captive server).
+        #[arg(long, short = 's')]
+        stdio: bool,
+        /// The export an empty export name means (e.g. for `nbd://HOST/`).
+        #[arg(long)]
+        default_export: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create a group.
+    Create { group: String },
+    /// List groups.
+    List,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        volume: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// List volumes.
+    List,
+    /// Grow a volume.
+    Resize {
+        volume: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// Remove a volume's head (points keep their data).
+    Rm { volume: String },
+}
+
+#[derive(Subcommand)]
+enum PointCmd {
+    /// Take a recovery point of every volume of GROUP at once.
+    Create {
+        group: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// Mark the point app-consistent (the source was quiesced).
+        #[arg(long)]
+        app_consistent: bool,
+    },
+    /// List a group's points, oldest first.
+    List { group: String },
+    /// Remove a point.
+    Rm { group: String, point: String },
+}
+
+#[derive(Subcommand)]
+enum RetentionCmd {
+    /// Record a retention policy such as "5m:24h,1h:7d,1d:30d".
+    Set { group: String, policy: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("drclone: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Append a result to `out`: JSON with --json, else the text.
+fn print(out: &mut String, json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        out.push_str(&serde_json::to_string_pretty(&value).expect("json"));
+        out.push('\n');
+    } else {
+        let t = text();
+        if !t.is_empty() {
+            out.push_str(&t);
+            out.push('\n');
+        }
+    }
+}
+
+fn check_retention(policy: &str) -> Result<()> {
+    for part in policy.split(',') {
+        let (every, keep) = part
+            .split_once(':')
+            .with_context(|| format!("retention rule {part:?} is not EVERY:KEEP (e.g. 5m:24h)"))?;
+        for d in [every, keep] {
+            let (n, unit) = d.split_at(d.len().saturating_sub(1));
+            if n.parse::<u64>().is_err() || !matches!(unit, "s" | "m" | "h" | "d" | "w") {
+                bail!("retention duration {d:?} is not a number followed by s, m, h, d or w");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let json = cli.json;
+    match &cli.cmd {
+        Cmd::Init { chunk_size, compression, encrypt, pack_size } => {
+            let cs = parse_size(chunk_size)?;
+            let opts = InitOptions {
+                chunk_size: u32::try_from(cs).context("chunk size too large")?,
+                compression: compression.parse::<Compression>()?,
+                encrypt: *encrypt,
+                key_file: cli.key_file.clone(),
+                pack_size: parse_size(pack_size)?,
+            };
+            Store::init(&cli.store, &opts)?;
+            let cfg = Store::read_config(&cli.store)?;
+            let mut out = String::new();
+            print(&mut out, json, serde_json::to_value(&cfg)?, || {
+                format!(
+                    "initialised store {} (chunk size {}, {:?}{})",
+                    cli.store.display(),
+                    human(cfg.chunk_size as u64),
+                    cfg.compression,
+                    if cfg.encrypted { ", encrypted" } else { "" }
+                )
+            });
+            print!("{out}");
+            return Ok(0);
+        }
+        Cmd::Serve { listen, no_tcp, socket, stdio, default_export } => {
+            if daemon::connect(&cli.store).is_some() {
+                bail!("drclone serve is already running on store {}", cli.store.display());
+            }
+            let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
+            if *stdio {
+                daemon::serve_stdio(store, default_export.as_deref())?;
+                return Ok(0);
+            }
+            let opts = daemon::Options {
+                listen: (!no_tcp).then(|| listen.clone()),
+                socket: socket.clone(),
+                default_export: default_export.clone(),
+            };
+            let handler: Arc<daemon::Handler> = Arc::new(handle_forwarded);
+            daemon::run(store, opts, handler, |eps| {
+                println!("drclone: serving {}", eps.join(" "));
+            })?;
+            return Ok(0);
+        }
+        _ => {}
+    }
+    // A running daemon owns the store: send it the command.
+    if let Some(conn) = daemon::connect(&cli.store) {
+        let req = ControlRequest {
+            argv: std::env::args().collect(),
+            cwd: std::env::current_dir()?,
+        };
+        let resp = daemon::forward(conn, &req)?;
+        print!("{}", resp.stdout);
+        eprint!("{}", resp.stderr);
+        return Ok(resp.code);
+    }
+    let store = Store::open(&cli.store, cli.key_file.as_deref())?;
+    let mut out = String::new();
+    let res = dispatch(&store, cli.cmd, json, &mut out, None);
+    print!("{out}");
+    store.close()?;
+    res.map(|()| 0)
+}
+
+/// Run a command forwarded over the control socket against the daemon's store.
+fn handle_forwarded(store: &Arc<Store>, req: ControlRequest) -> ControlResponse {
+    let cli = match Cli::try_parse_from(&req.argv) {
+        Ok(c) => c,
+        Err(e) => return ControlResponse { code: 2, stdout: String::new(), stderr: e.to_string() },
+    };
+    if matches!(cli.cmd, Cmd::Init { .. } | Cmd::Serve { .. }) {
+        return ControlResponse {
+            code: 1,
+            stdout: String::new(),
+            stderr: format!("drclone: error: drclone serve is already running on store {}\n", store.dir().display()),
+        };
+    }
+    let mut out = String::new();
+    match dispatch(store, cli.cmd, cli.json, &mut out, Some(&req.cwd)) {
+        Ok(()) => ControlResponse { code: 0, stdout: out, stderr: String::new() },
+        Err(e) => ControlResponse { code: 1, stdout: out, stderr: format!("drclone: error: {e:#}\n") },
+    }
+}
+
+/// A path given by the user, relative to the client's working directory.
+fn user_path(p: &Path, cwd: Option<&Path>) -> PathBuf {
+    match cwd {
+        Some(c) if p.is_relative() => c.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Progress bars only for a local command on a terminal.
+fn bar(len: u64, what: &str, forwarded: bool) -> indicatif::ProgressBar {
+    if forwarded {
+        indicatif::ProgressBar::hidden()
+    } else {
+        imex::progress_bar(len, what)
+    }
+}
+
+fn dispatch(store: &Store, cmd: Cmd, json: bool, out: &mut String, cwd: Option<&Path>) -> Result<()> {
+    let fwd = cwd.is_some();
+    match cmd {
+        Cmd::Init { .. } | Cmd::Serve { .. } => unreachable!("handled before opening"),
+        Cmd::Group(GroupCmd::Create { group }) => {
+            let g = store.create_group(&group)?;
+            print(out, json, serde_json::to_value(&g)?, || format!("created group {group}"));
+        }
+        Cmd::Group(GroupCmd::List) => {
+            let gs = store.groups()?;
+            print(out, json, serde_json::to_value(&gs)?, || {
+                gs.iter().map(|g| g.name.clone()).collect::<Vec<_>>().join("\n")
+            });
+        }
+        Cmd::Volume(VolumeCmd::Create { volume, size }) => {
+            let (g, d, p) = parse_volume_ref(&volume)?;
+            if p.is_some() {
+                bail!("volume create takes GROUP/DISK, not a point");
+            }
+            let v = store.create_volume(&g, &d, parse_size(&size)?)?;
+            print(out, json, serde_json::to_value(&v)?, || {
+                format!("created volume {volume} ({})", human(v.size))
+            });
+        }
+        Cmd::Volume(VolumeCmd::List) => {
+            let vs = store.volumes(None)?;
+            print(out, json, serde_json::to_value(&vs)?, || {
+                let mut s = format!("{:<32} {:>12}", "VOLUME", "SIZE");
+                for v in &vs {
+                    s += &format!("\n{:<32} {:>12}", format!("{}/{}", v.group, v.disk), human(v.size));
+                }
+                s
+            });
+        }
+        Cmd::Volume(VolumeCmd::Resize { volume, size }) => {
+            let (g, d, _) = parse_volume_ref(&volume)?;
+            let v = store.resize_volume(&g, &d, parse_size(&size)?)?;
+            print(out, json, serde_json::to_value(&v)?, || format!("{volume} is now {}", human(v.size)));
+        }
+        Cmd::Volume(VolumeCmd::Rm { volume }) => {
+            let (g, d, _) = parse_volume_ref(&volume)?;
+            store.remove_volume(&g, &d)?;
+            print(out, json, json!({"removed": volume}), || format!("removed volume {volume}"));
+        }
+        Cmd::Import { volume, file } => {
+            let view = store.view_ref(&volume)?;
+            let pb = bar(view.size, &format!("import {volume}"), fwd);
+            let file = user_path(&file, cwd);
+            let t = std::time::Instant::now();
+            let rep = imex::import(store, &view, &file, &pb)?;
+            store.flush()?;
+            let secs = t.elapsed().as_secs_f64();
+            print(out, json, json!({"volume": volume, "bytes": rep.bytes, "data_bytes": rep.data_bytes,
+                               "hole_bytes": rep.hole_bytes, "seconds": secs}), || {
+                format!("imported {} into {volume} ({} data, {} holes) in {secs:.2}s",
+                    file.display(), human(rep.data_bytes), human(rep.hole_bytes))
+            });
+        }
+        Cmd::Export { volume, file } => {
+            let view = store.view_ref(&volume)?;
+            let pb = bar(view.size, &format!("export {volume}"), fwd);
+            let file = user_path(&file, cwd);
+            let rep = imex::export(store, &view, &file, &pb)?;
+            print(out, json, json!({"volume": view.name, "bytes": rep.bytes, "data_bytes": rep.data_bytes}), || {
+                format!("exported {} to {} ({} data)", view.name, file.display(), human(rep.data_bytes))
+            });
+        }
+        Cmd::Point(PointCmd::Create { group, label, app_consistent }) => {
+            let p = store.create_point(&group, app_consistent, label)?;
+            print(out, json, serde_json::to_value(&p)?, || format!("created point {} of {group}", p.id));
+        }
+        Cmd::Point(PointCmd::List { group }) => {
+            let ps = store.points(&group)?;
+            let arr: Vec<_> = ps
+                .iter()
+                .map(|p| json!({"id": p.id.to_string(), "time": p.time, "kind": p.kind, "label": p.label,
+                                "volumes": p.volumes.iter().map(|v| &v.disk).collect::<Vec<_>>()}))
+                .collect();
+            print(out, json, json!(arr), || {
+                let mut s = format!("{:>6}  {:<20}  {:<5}  LABEL", "ID", "TIME (UTC)", "KIND");
+                for p in &ps {
+                    s += &format!("\n{:>6}  {:<20}  {:<5}  {}", p.id, fmt_time(p.time), p.kind,
+                        p.label.as_deref().unwrap_or(""));
+                }
+                s
+            });
+        }
+        Cmd::Point(PointCmd::Rm { group, point }) => {
+            let p = store.remove_point(&group, &point)?;
+            print(out, json, json!({"removed": p.id.to_string()}), || format!("removed point {} of {group}", p.id));
+        }
+        Cmd::Retention(RetentionCmd::Set { group, policy }) => {
+            check_retention(&policy)?;
+            store.set_retention(&group, Some(policy.clone()))?;
+            print(out, json, json!({"group": group, "retention": policy}), || format!("retention of {group}: {policy}"));
+        }
+        Cmd::Clone { source, target } => {
+            let (sg, sd, sp) = parse_volume_ref(&source)?;
+            let sp = sp.context("clone source must name a point: GROUP/DISK@POINT")?;
+            let (tg, td, tp) = parse_volume_ref(&target)?;
+            if tp.is_some() {
+                bail!("clone target must be GROUP/DISK");
+            }
+            let t = std::time::Instant::now();
+            let v = store.clone_volume(&sg, &sd, &sp, &tg, &td)?;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            print(out, json, json!({"volume": target, "size": v.size, "time_ms": ms}), || {
+                format!("cloned {source} to {target} in {ms:.1} ms")
+            });
+        }
+        Cmd::Df => {
+            let r = drclone::maint::df(store)?;
+            print(out, json, serde_json::to_value(&r)?, || {
+                format!(
+                    "logical    {}\nreferenced {}\nunique     {}\nstored     {}\npacks      {}\ndedup      {:.2}x\ncompress   {:.2}x",
+                    human(r.logical_bytes), human(r.referenced_bytes), human(r.unique_bytes),
+                    human(r.stored_bytes), human(r.pack_bytes), r.dedup_ratio, r.compression_ratio
+                )
+            });
+        }
+        Cmd::Gc => {
+            let r = drclone::gc::gc(store)?;
+            print(out, json, serde_json::to_value(&r)?, || {
+                format!(
+                    "gc: freed {} chunks, deleted {} packs, compacted {}; packs {} -> {}",
+                    r.chunks_freed, r.packs_deleted, r.packs_compacted,
+                    human(r.pack_bytes_before), human(r.pack_bytes_after)
+                )
+            });
+        }
+        Cmd::Verify => {
+            let pb = bar(0, "verify", fwd);
+            pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} chunks")?);
+            let r = drclone::maint::verify(store, &pb)?;
+            print(out, json, serde_json::to_value(&r)?, || {
+                let mut s = format!("checked {} chunks ({})", r.chunks_checked, human(r.bytes_checked));
+                for b in &r.bad {
+                    s += &format!("\nBAD chunk {} (pack {} offset {}): {}\n    used by: {}",
+                        b.chunk, b.pack, b.offset, b.error,
+                        if b.used_by.is_empty() { "nothing (garbage)".into() } else { b.used_by.join(", ") });
+                }
+                s
+            });
+            if !r.ok {
+                bail!("verify found {} bad chunk(s) in store {}", r.bad.len(), store.dir().display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC without a time-zone crate.
+fn fmt_time(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}

@@ -1,0 +1,421 @@
+//! The NBD wire protocol: constants and pure encode/decode, per `doc/proto.md` of
+//! NetworkBlockDevice/nbd.  Nothing here knows about the engine or sockets; every
+//! decoder takes a byte slice and returns an error (never panics) on short or
+//! malformed input.
+//!
+//! Implemented: fixed newstyle handshake with `NO_ZEROES`; options `EXPORT_NAME`,
+//! `ABORT`, `LIST`, `INFO`, `GO` (with `NBD_INFO_EXPORT`, `NBD_INFO_NAME`,
+//! `NBD_INFO_BLOCK_SIZE`), `STRUCTURED_REPLY`, `LIST_META_CONTEXT`,
+//! `SET_META_CONTEXT` (`base:allocation`); every other option gets
+//! `NBD_REP_ERR_UNSUP`.  Transmission: simple and structured replies
+//! (`OFFSET_DATA`, `BLOCK_STATUS`, `ERROR`, `NONE`).
+
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+// Handshake flags (server) and client flags.
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+// Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+
+// Option replies.
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
+pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+
+// Info types.
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_DESCRIPTION: u16 = 2;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+// Transmission flags.
+pub const TF_HAS_FLAGS: u16 = 1 << 0;
+pub const TF_READ_ONLY: u16 = 1 << 1;
+pub const TF_SEND_FLUSH: u16 = 1 << 2;
+pub const TF_SEND_FUA: u16 = 1 << 3;
+pub const TF_SEND_TRIM: u16 = 1 << 5;
+pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TF_SEND_DF: u16 = 1 << 7;
+pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const TF_SEND_CACHE: u16 = 1 << 10;
+pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
+
+// Commands.
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+// Structured reply types and flags.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+// base:allocation states.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
+// The only error values the protocol allows.
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
+
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Longest option payload we accept (names are at most 4096 bytes).
+pub const MAX_OPTION_LEN: u32 = 64 << 10;
+/// Largest READ/WRITE payload, advertised as the maximum block size.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// A malformed message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoError(pub String);
+
+impl std::fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type PResult<T> = Result<T, ProtoError>;
+
+fn err<T>(msg: impl Into<String>) -> PResult<T> {
+    Err(ProtoError(msg.into()))
+}
+
+/// A bounds-checked big-endian reader over a byte slice.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+    pub fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
+        if self.buf.len() < n {
+            return err(format!("message truncated: wanted {n} more bytes, have {}", self.buf.len()));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    pub fn u16(&mut self) -> PResult<u16> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    pub fn u32(&mut self) -> PResult<u32> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    pub fn u64(&mut self) -> PResult<u64> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    /// A string prefixed by a u32 length.
+    pub fn string32(&mut self) -> PResult<String> {
+        let n = self.u32()? as usize;
+        if n > 4096 {
+            return err(format!("string of {n} bytes is longer than 4096"));
+        }
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| ProtoError("string is not UTF-8".into()))
+    }
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// The server's greeting.
+pub fn greeting() -> [u8; 18] {
+    let mut g = [0u8; 18];
+    g[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    g[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    g[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    g
+}
+
+/// Decode an option header: (option, payload length).
+pub fn option_header(h: &[u8]) -> PResult<(u32, u32)> {
+    let mut r = Reader::new(h);
+    if r.u64()? != IHAVEOPT {
+        return err("option does not start with IHAVEOPT");
+    }
+    Ok((r.u32()?, r.u32()?))
+}
+
+/// An option reply.
+pub fn option_reply(opt: u32, typ: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20 + data.len());
+    v.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&typ.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// `NBD_OPT_INFO`/`NBD_OPT_GO` payload: (export name, requested info types).
+pub fn parse_info_request(data: &[u8]) -> PResult<(String, Vec<u16>)> {
+    let mut r = Reader::new(data);
+    let name = r.string32()?;
+    let n = r.u16()? as usize;
+    let mut infos = Vec::with_capacity(n.min(16));
+    for _ in 0..n {
+        infos.push(r.u16()?);
+    }
+    if r.remaining() != 0 {
+        return err("trailing bytes after the info requests");
+    }
+    Ok((name, infos))
+}
+
+/// `NBD_OPT_{LIST,SET}_META_CONTEXT` payload: (export name, queries).
+pub fn parse_meta_request(data: &[u8]) -> PResult<(String, Vec<String>)> {
+    let mut r = Reader::new(data);
+    let name = r.string32()?;
+    let n = r.u32()? as usize;
+    if n > 1024 {
+        return err(format!("{n} meta context queries is too many"));
+    }
+    let mut q = Vec::with_capacity(n);
+    for _ in 0..n {
+        q.push(r.string32()?);
+    }
+    if r.remaining() != 0 {
+        return err("trailing bytes after the meta context queries");
+    }
+    Ok((name, q))
+}
+
+pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    v.extend_from_slice(&size.to_be_bytes());
+    v.extend_from_slice(&flags.to_be_bytes());
+    v
+}
+
+pub fn info_name(name: &str) -> Vec<u8> {
+    let mut v = INFO_NAME.to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
+    let mut v = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    v.extend_from_slice(&min.to_be_bytes());
+    v.extend_from_slice(&preferred.to_be_bytes());
+    v.extend_from_slice(&max.to_be_bytes());
+    v
+}
+
+/// `NBD_REP_SERVER` payload for one export name.
+pub fn rep_server(name: &str) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+/// `NBD_REP_META_CONTEXT` payload.
+pub fn rep_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut v = id.to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+/// Reply to `NBD_OPT_EXPORT_NAME` (no zero padding: we set `NO_ZEROES`, and honour
+/// the client's choice).
+pub fn export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
+    let mut v = Vec::with_capacity(134);
+    v.extend_from_slice(&size.to_be_bytes());
+    v.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        v.extend_from_slice(&[0u8; 124]);
+    }
+    v
+}
+
+/// A transmission request header (28 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub typ: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u32,
+}
+
+pub const REQUEST_LEN: usize = 28;
+
+impl Request {
+    pub fn decode(b: &[u8]) -> PResult<Request> {
+        let mut r = Reader::new(b);
+        let magic = r.u32()?;
+        if magic != REQUEST_MAGIC {
+            return err(format!("bad request magic {magic:#x}"));
+        }
+        Ok(Request {
+            flags: r.u16()?,
+            typ: r.u16()?,
+            cookie: r.u64()?,
+            offset: r.u64()?,
+            length: r.u32()?,
+        })
+    }
+
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut b = [0u8; REQUEST_LEN];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.typ.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
+pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&error.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b
+}
+
+pub fn structured_header(cookie: u64, flags: u16, typ: u16, len: u32) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&typ.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// A structured error chunk (always the final chunk: DONE set).
+pub fn structured_error(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    let mut v = structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u32).to_vec();
+    v.extend_from_slice(&error.to_be_bytes());
+    v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    v.extend_from_slice(msg);
+    v
+}
+
+/// A `BLOCK_STATUS` chunk for one context: descriptors of (length, flags).
+pub fn block_status(cookie: u64, context: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let len = 4 + 8 * extents.len() as u32;
+    let mut v = structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len).to_vec();
+    v.extend_from_slice(&context.to_be_bytes());
+    for (l, f) in extents {
+        v.extend_from_slice(&l.to_be_bytes());
+        v.extend_from_slice(&f.to_be_bytes());
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_short_or_bad_input_errors() {
+        let r = Request { flags: CMD_FLAG_FUA, typ: CMD_WRITE, cookie: 77, offset: 1 << 40, length: 4096 };
+        assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+        for n in 0..REQUEST_LEN {
+            assert!(Request::decode(&r.encode()[..n]).is_err());
+        }
+        let mut bad = r.encode();
+        bad[0] ^= 1;
+        assert!(Request::decode(&bad).unwrap_err().0.contains("magic"));
+    }
+
+    #[test]
+    fn option_payloads_parse_and_reject_garbage() {
+        let mut go = Vec::new();
+        go.extend_from_slice(&5u32.to_be_bytes());
+        go.extend_from_slice(b"app/d");
+        go.extend_from_slice(&2u16.to_be_bytes());
+        go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        go.extend_from_slice(&INFO_NAME.to_be_bytes());
+        assert_eq!(parse_info_request(&go).unwrap(), ("app/d".into(), vec![3, 1]));
+        for n in 0..go.len() {
+            assert!(parse_info_request(&go[..n]).is_err(), "prefix {n}");
+        }
+        let mut long = go.clone();
+        long.push(0);
+        assert!(parse_info_request(&long).is_err());
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_info_request(&huge).is_err());
+
+        let mut meta = Vec::new();
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(b"x");
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(BASE_ALLOCATION.as_bytes());
+        assert_eq!(parse_meta_request(&meta).unwrap(), ("x".into(), vec![BASE_ALLOCATION.to_string()]));
+        for n in 0..meta.len() {
+            assert!(parse_meta_request(&meta[..n]).is_err());
+        }
+        assert!(option_header(&[0u8; 16]).is_err());
+        assert!(option_header(&[0u8; 3]).is_err());
+    }
+
+    #[test]
+    fn replies_have_the_documented_layout() {
+        let g = greeting();
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        let s = simple_reply(9, EIO);
+        assert_eq!(u32::from_be_bytes(s[4..8].try_into().unwrap()), 5);
+        let e = structured_error(1, EPERM, "read-only");
+        assert_eq!(e.len(), 20 + 6 + 9);
+        let bs = block_status(1, 1, &[(4096, STATE_HOLE | STATE_ZERO)]);
+        assert_eq!(u32::from_be_bytes(bs[16..20].try_into().unwrap()), 12);
+        assert_eq!(export_name_reply(1, 2, false).len(), 134);
+        assert_eq!(export_name_reply(1, 2, true).len(), 10);
+        assert_eq!(option_reply(OPT_GO, REP_ACK, &[]).len(), 20);
+    }
+}

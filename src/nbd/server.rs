@@ -1,0 +1,430 @@
+//! The NBD server: maps NBD requests onto the engine.  Protocol encoding lives in
+//! [`super::proto`]; this module owns connections, option negotiation and the
+//! concurrent request loop.
+//!
+//! Each connection has one reader (the accepting thread), a pool of workers that
+//! serve requests concurrently, and one writer lock through which every reply goes
+//! whole, so replies may leave out of order (NBD allows it; nbdcopy keeps 64
+//! requests in flight).  FLUSH and FUA call [`Store::flush`], which makes every
+//! write any connection has completed durable: that is what `CAN_MULTI_CONN`
+//! promises.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use super::proto::{self, *};
+use crate::error::Error;
+use crate::store::{Block, Store, View};
+
+const WORKERS_PER_CONNECTION: usize = 8;
+
+/// Export names: heads as `GROUP/DISK`, points as `GROUP/DISK@ID`.
+pub fn export_names(store: &Store) -> crate::Result<Vec<String>> {
+    let mut names: Vec<String> = store
+        .volumes(None)?
+        .into_iter()
+        .map(|v| format!("{}/{}", v.group, v.disk))
+        .collect();
+    for p in store.all_points()? {
+        for v in &p.volumes {
+            names.push(format!("{}/{}@{}", p.group, v.disk, p.id));
+        }
+    }
+    Ok(names)
+}
+
+fn transmission_flags(view: &View) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if view.writable {
+        f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
+    } else {
+        f |= TF_READ_ONLY;
+    }
+    f
+}
+
+/// Map an engine error onto an NBD error number (only legal values).
+pub fn nbd_errno(e: &Error) -> u32 {
+    match e.kind().errno() {
+        libc::EPERM => EPERM,
+        libc::ENOSPC => ENOSPC,
+        libc::EINVAL => EINVAL,
+        libc::ENOTSUP => ENOTSUP,
+        libc::ESHUTDOWN => ESHUTDOWN,
+        libc::ENOMEM => ENOMEM,
+        _ => EIO,
+    }
+}
+
+struct Conn {
+    store: Arc<Store>,
+    default_export: Option<String>,
+    structured: bool,
+    meta_context: bool,
+    no_zeroes: bool,
+}
+
+type Writer = Arc<Mutex<BufWriter<Box<dyn Write + Send>>>>;
+
+fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
+    r.read_exact(buf)
+}
+
+/// Serve one client to completion.  Errors are logged, never propagated: a bad
+/// client only ever loses its own connection.
+///
+/// `default_export` is what the empty export name means (none: it is refused).
+pub fn serve_connection(
+    store: Arc<Store>,
+    reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    peer: &str,
+    default_export: Option<&str>,
+) {
+    let mut r = BufReader::with_capacity(256 << 10, reader);
+    let w: Writer = Arc::new(Mutex::new(BufWriter::with_capacity(256 << 10, writer)));
+    let mut c = Conn { store, default_export: default_export.map(str::to_string), structured: false, meta_context: false, no_zeroes: false };
+    match c.negotiate(&mut r, &w) {
+        Ok(Some(view)) => {
+            log::info!("nbd {peer}: serving {}", view.name);
+            if let Err(e) = c.transmit(&mut r, &w, view) {
+                log::info!("nbd {peer}: connection ended: {e}");
+            }
+        }
+        Ok(None) => log::debug!("nbd {peer}: client left during negotiation"),
+        Err(e) => log::info!("nbd {peer}: negotiation failed: {e}"),
+    }
+    let _ = w.lock().unwrap().flush();
+}
+
+impl Conn {
+    fn send(&self, w: &Writer, bytes: &[u8]) -> std::io::Result<()> {
+        let mut g = w.lock().unwrap();
+        g.write_all(bytes)?;
+        g.flush()
+    }
+
+    fn resolve(&self, name: &str) -> Result<View, String> {
+        let name = match (name, &self.default_export) {
+            ("", Some(d)) => d.as_str(),
+            ("", None) => return Err("no default export: name one of the exports (nbdinfo --list)".into()),
+            (n, _) => n,
+        };
+        self.store.view_ref(name).map_err(|e| e.to_string())
+    }
+
+    fn opt_error(&self, w: &Writer, opt: u32, typ: u32, msg: &str) -> std::io::Result<()> {
+        self.send(w, &option_reply(opt, typ, msg.as_bytes()))
+    }
+
+    /// Option haggling.  Returns the export to serve, or None if the client left.
+    fn negotiate(&mut self, r: &mut impl Read, w: &Writer) -> std::io::Result<Option<View>> {
+        self.send(w, &greeting())?;
+        let mut cf = [0u8; 4];
+        read_exact(r, &mut cf)?;
+        let cflags = u32::from_be_bytes(cf);
+        self.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+        loop {
+            let mut h = [0u8; 16];
+            if let Err(e) = read_exact(r, &mut h) {
+                return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(None) } else { Err(e) };
+            }
+            let (opt, len) = option_header(&h).map_err(|e| std::io::Error::other(e.0))?;
+            if len > MAX_OPTION_LEN {
+                // Too big to be honest; the spec lets us drop such a client.
+                return Err(std::io::Error::other(format!("option {opt} of {len} bytes is too large")));
+            }
+            let mut data = vec![0u8; len as usize];
+            read_exact(r, &mut data)?;
+            match opt {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).to_string();
+                    return match self.resolve(&name) {
+                        Ok(view) => {
+                            self.send(w, &export_name_reply(view.size, transmission_flags(&view), self.no_zeroes))?;
+                            Ok(Some(view))
+                        }
+                        // EXPORT_NAME has no error reply: the server closes.
+                        Err(e) => Err(std::io::Error::other(format!("export {name:?}: {e}"))),
+                    };
+                }
+                OPT_ABORT => {
+                    let _ = self.send(w, &option_reply(opt, REP_ACK, &[]));
+                    return Ok(None);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        self.opt_error(w, opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
+                        continue;
+                    }
+                    match export_names(&self.store) {
+                        Ok(names) => {
+                            for n in names {
+                                self.send(w, &option_reply(opt, REP_SERVER, &rep_server(&n)))?;
+                            }
+                            self.send(w, &option_reply(opt, REP_ACK, &[]))?;
+                        }
+                        Err(e) => self.opt_error(w, opt, REP_ERR_INVALID, &e.to_string())?,
+                    }
+                }
+                OPT_INFO | OPT_GO => {
+                    let (name, infos) = match parse_info_request(&data) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            self.opt_error(w, opt, REP_ERR_INVALID, &e.0)?;
+                            continue;
+                        }
+                    };
+                    let view = match self.resolve(&name) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.opt_error(w, opt, REP_ERR_UNKNOWN, &e)?;
+                            continue;
+                        }
+                    };
+                    self.send(w, &option_reply(opt, REP_INFO, &info_export(view.size, transmission_flags(&view))))?;
+                    if infos.contains(&INFO_NAME) {
+                        self.send(w, &option_reply(opt, REP_INFO, &info_name(&view.name)))?;
+                    }
+                    if infos.contains(&INFO_BLOCK_SIZE) {
+                        let cs = self.store.chunk_size() as u32;
+                        self.send(w, &option_reply(opt, REP_INFO, &info_block_size(1, cs.min(MAX_PAYLOAD), MAX_PAYLOAD)))?;
+                    }
+                    self.send(w, &option_reply(opt, REP_ACK, &[]))?;
+                    if opt == OPT_GO {
+                        return Ok(Some(view));
+                    }
+                }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        self.opt_error(w, opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                        continue;
+                    }
+                    self.structured = true;
+                    self.send(w, &option_reply(opt, REP_ACK, &[]))?;
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    if opt == OPT_SET_META_CONTEXT && !self.structured {
+                        self.opt_error(w, opt, REP_ERR_INVALID, "negotiate structured replies first")?;
+                        continue;
+                    }
+                    let (name, queries) = match parse_meta_request(&data) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            self.opt_error(w, opt, REP_ERR_INVALID, &e.0)?;
+                            continue;
+                        }
+                    };
+                    if let Err(e) = self.resolve(&name) {
+                        self.opt_error(w, opt, REP_ERR_UNKNOWN, &e)?;
+                        continue;
+                    }
+                    let wanted = if opt == OPT_LIST_META_CONTEXT {
+                        queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
+                    } else {
+                        queries.iter().any(|q| q == BASE_ALLOCATION)
+                    };
+                    if wanted {
+                        self.send(w, &option_reply(opt, REP_META_CONTEXT, &rep_meta_context(1, BASE_ALLOCATION)))?;
+                    }
+                    if opt == OPT_SET_META_CONTEXT {
+                        self.meta_context = wanted;
+                    }
+                    self.send(w, &option_reply(opt, REP_ACK, &[]))?;
+                }
+                _ => self.opt_error(w, opt, REP_ERR_UNSUP, "option not supported")?,
+            }
+        }
+    }
+
+    /// The transmission phase: read requests, serve them concurrently.
+    fn transmit(&self, r: &mut impl Read, w: &Writer, view: View) -> std::io::Result<()> {
+        let (tx, rx) = mpsc::sync_channel::<(Request, Vec<u8>)>(64);
+        let rx = Arc::new(Mutex::new(rx));
+        let failed = Arc::new(AtomicBool::new(false));
+        let view = Arc::new(view);
+        let result = std::thread::scope(|sc| {
+            for _ in 0..WORKERS_PER_CONNECTION {
+                let rx = rx.clone();
+                let failed = failed.clone();
+                let view = view.clone();
+                sc.spawn(move || loop {
+                    let job = rx.lock().unwrap().recv();
+                    let Ok((req, payload)) = job else { break };
+                    if self.handle(w, &view, req, payload).is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                });
+            }
+            let res = self.read_loop(r, w, &view, &tx, &failed);
+            drop(tx);
+            res
+        });
+        result
+    }
+
+    fn read_loop(
+        &self,
+        r: &mut impl Read,
+        w: &Writer,
+        view: &View,
+        tx: &mpsc::SyncSender<(Request, Vec<u8>)>,
+        failed: &AtomicBool,
+    ) -> std::io::Result<()> {
+        loop {
+            if failed.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("a reply could not be sent"));
+            }
+            let mut h = [0u8; REQUEST_LEN];
+            read_exact(r, &mut h)?;
+            let req = Request::decode(&h).map_err(|e| std::io::Error::other(e.0))?;
+            let mut payload = Vec::new();
+            if req.typ == CMD_WRITE {
+                if req.length > MAX_PAYLOAD {
+                    // Consume what the client sends so the stream stays in sync, if
+                    // that is sane; otherwise drop the client.
+                    if req.length > 256 << 20 {
+                        return Err(std::io::Error::other(format!("write of {} bytes is too large", req.length)));
+                    }
+                    std::io::copy(&mut r.take(req.length as u64), &mut std::io::sink())?;
+                    self.reply_error(w, req.cookie, EOVERFLOW, "write larger than the maximum block size")?;
+                    continue;
+                }
+                payload = vec![0u8; req.length as usize];
+                read_exact(r, &mut payload)?;
+            }
+            if req.typ == CMD_DISC {
+                log::debug!("client disconnected from {}", view.name);
+                return Ok(());
+            }
+            tx.send((req, payload)).map_err(|_| std::io::Error::other("workers gone"))?;
+        }
+    }
+
+    fn reply_error(&self, w: &Writer, cookie: u64, errno: u32, msg: &str) -> std::io::Result<()> {
+        if self.structured {
+            self.send(w, &structured_error(cookie, errno, msg))
+        } else {
+            self.send(w, &simple_reply(cookie, errno))
+        }
+    }
+
+    fn reply_ok(&self, w: &Writer, cookie: u64) -> std::io::Result<()> {
+        if self.structured {
+            self.send(w, &structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0))
+        } else {
+            self.send(w, &simple_reply(cookie, 0))
+        }
+    }
+
+    fn handle(&self, w: &Writer, view: &View, req: Request, payload: Vec<u8>) -> std::io::Result<()> {
+        let s = &self.store;
+        let len = req.length as u64;
+        let in_range = req.offset.checked_add(len).is_some_and(|e| e <= view.size);
+        let range_err = || format!("request {}+{} is beyond the end of {} ({} bytes)", req.offset, len, view.name, view.size);
+        let result: Result<(), (u32, String)> = match req.typ {
+            CMD_READ => {
+                if !in_range {
+                    Err((EINVAL, range_err()))
+                } else if req.length > MAX_PAYLOAD {
+                    Err((EOVERFLOW, "read larger than the maximum block size".into()))
+                } else {
+                    return self.do_read(w, view, req);
+                }
+            }
+            CMD_WRITE => {
+                if !view.writable {
+                    Err((EPERM, format!("{} is a read-only recovery point", view.name)))
+                } else if !in_range {
+                    Err((EINVAL, range_err()))
+                } else {
+                    s.write(view, req.offset, &payload)
+                        .and_then(|_| if req.flags & CMD_FLAG_FUA != 0 { s.flush() } else { Ok(()) })
+                        .map_err(|e| (nbd_errno(&e), e.to_string()))
+                }
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                if !view.writable {
+                    Err((EPERM, format!("{} is a read-only recovery point", view.name)))
+                } else if !in_range {
+                    Err((EINVAL, range_err()))
+                } else {
+                    // Zeroing is a metadata operation here, so FAST_ZERO always holds.
+                    s.zero(view, req.offset, len)
+                        .and_then(|_| if req.flags & CMD_FLAG_FUA != 0 { s.flush() } else { Ok(()) })
+                        .map_err(|e| (nbd_errno(&e), e.to_string()))
+                }
+            }
+            CMD_FLUSH => s.flush().map_err(|e| (nbd_errno(&e), e.to_string())),
+            CMD_CACHE => {
+                if !in_range {
+                    Err((EINVAL, range_err()))
+                } else {
+                    // Warm the page cache of the chunks behind the range.
+                    s.extents(view, req.offset, len).map(|_| ()).map_err(|e| (nbd_errno(&e), e.to_string()))
+                }
+            }
+            CMD_BLOCK_STATUS => {
+                if !self.meta_context {
+                    Err((EINVAL, "block status needs the base:allocation meta context".into()))
+                } else if !in_range || len == 0 {
+                    Err((EINVAL, range_err()))
+                } else {
+                    return self.do_block_status(w, view, req);
+                }
+            }
+            other => Err((EINVAL, format!("unknown command {other}"))),
+        };
+        match result {
+            Ok(()) => self.reply_ok(w, req.cookie),
+            Err((errno, msg)) => {
+                log::debug!("{}: request {:?} failed: {msg}", view.name, req);
+                self.reply_error(w, req.cookie, errno, &msg)
+            }
+        }
+    }
+
+    fn do_read(&self, w: &Writer, view: &View, req: Request) -> std::io::Result<()> {
+        let mut buf = vec![0u8; req.length as usize];
+        if let Err(e) = self.store.read_into(view, req.offset, &mut buf) {
+            log::warn!("{}: read {}+{} failed: {e}", view.name, req.offset, req.length);
+            return self.reply_error(w, req.cookie, nbd_errno(&e), &e.to_string());
+        }
+        let mut g = w.lock().unwrap();
+        if self.structured {
+            g.write_all(&structured_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + req.length))?;
+            g.write_all(&req.offset.to_be_bytes())?;
+        } else {
+            g.write_all(&simple_reply(req.cookie, 0))?;
+        }
+        g.write_all(&buf)?;
+        g.flush()
+    }
+
+    fn do_block_status(&self, w: &Writer, view: &View, req: Request) -> std::io::Result<()> {
+        match self.store.extents(view, req.offset, req.length as u64) {
+            Ok(ext) => {
+                let mut d: Vec<(u32, u32)> = ext
+                    .iter()
+                    .map(|(_, l, k)| {
+                        let flags = match k {
+                            Block::Hole => STATE_HOLE | STATE_ZERO,
+                            Block::Zero => STATE_ZERO,
+                            Block::Data(_) => 0,
+                        };
+                        (*l as u32, flags)
+                    })
+                    .collect();
+                if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                    d.truncate(1);
+                }
+                self.send(w, &block_status(req.cookie, 1, &d))
+            }
+            Err(e) => self.reply_error(w, req.cookie, nbd_errno(&e), &e.to_string()),
+        }
+    }
+}
+
+pub use proto::MAX_PAYLOAD as MAX_REQUEST;

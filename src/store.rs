@@ -1,0 +1,1080 @@
+//! The store: groups, volumes, recovery points, clones and the versioned block map.
+//!
+//! See `docs/DESIGN.md` for the full design.  In short:
+//!
+//! * Every volume's head writes into a *lineage*.  The block map holds versioned
+//!   keys `M|lineage|block|!epoch`; a head writes at its lineage's current epoch.
+//! * A recovery point records `(lineage, epoch)` for every volume of its group and
+//!   bumps each lineage's epoch, all in one synced write batch: O(volumes), never
+//!   O(blocks), and atomic across the group.
+//! * A clone is a new lineage whose parent is a point's `(lineage, epoch)`; reads fall
+//!   through to the parent where the clone has no version of its own.  O(1).
+//! * A read of block `b` in view `(lineage, epoch)` is one seek to
+//!   `M|lineage|b|!epoch`: the first key found is the newest version at or below the
+//!   epoch, however many points exist.
+//!
+//! Concurrency: the `gate` is a readers-writer lock.  Every data write holds it
+//! shared from the moment it reads its lineage's epoch until its map entries are in
+//! RocksDB; point creation, clone creation, volume removal and the start of a GC hold
+//! it exclusively.  So no write straddles a point (a point is immutable once taken)
+//! and GC's snapshot never misses a write that has stored chunks but not yet its map.
+//! Read-modify-write of partial blocks is serialised per block by striped mutexes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use rayon::prelude::*;
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+
+use crate::chunks::ChunkStore;
+use crate::codec::{Codec, Compression, MasterKey};
+use crate::error::{Error, IoContext, Result};
+use crate::keys::{self, ChunkId};
+use crate::meta::{
+    encode_rec, Db, GroupRec, LineageRec, MapVal, PointRec, PointVolume, VolumeRec,
+};
+use crate::pack::LocalPacks;
+use crate::util::{check_name, now_secs};
+
+pub const CONFIG_FILE: &str = "store.json";
+pub const STORE_FORMAT: u32 = 1;
+const STRIPES: usize = 1024;
+/// Writes of at least this many whole blocks hash and compress in parallel.
+const PARALLEL_BLOCKS: usize = 4;
+
+/// The store's immutable configuration, kept as `store.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub format: u32,
+    pub chunk_size: u32,
+    pub compression: Compression,
+    pub encrypted: bool,
+    pub key_file: Option<PathBuf>,
+    pub key_check: Option<String>,
+    pub pack_size: u64,
+    pub created: u64,
+}
+
+/// Options of `drclone init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub chunk_size: u32,
+    pub compression: Compression,
+    pub encrypt: bool,
+    pub key_file: Option<PathBuf>,
+    pub pack_size: u64,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_size: 64 << 10,
+            compression: Compression::Zstd,
+            encrypt: false,
+            key_file: None,
+            pack_size: 64 << 20,
+        }
+    }
+}
+
+/// What a reader or writer addresses: a head (epoch = `u64::MAX`) or a point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub name: String,
+    pub lineage: u64,
+    pub epoch: u64,
+    pub size: u64,
+    pub writable: bool,
+}
+
+pub const HEAD_EPOCH: u64 = u64::MAX;
+
+/// How one block of a view resolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Never written (or only zeros over nothing): a hole.
+    Hole,
+    /// Reads as zeros but shadows older data.
+    Zero,
+    Data(ChunkId),
+}
+
+pub struct Store {
+    dir: PathBuf,
+    pub cfg: Config,
+    pub(crate) db: Arc<Db>,
+    pub chunks: ChunkStore,
+    pub(crate) gate: RwLock<()>,
+    pub(crate) meta: Mutex<()>,
+    pub(crate) gc_lock: Mutex<()>,
+    lineages: RwLock<HashMap<u64, LineageRec>>,
+    stripes: Vec<Mutex<()>>,
+    zero: Vec<u8>,
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // Compare in u128 words: the compiler vectorises this.
+    let (pre, mid, post) = unsafe { b.align_to::<u128>() };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+impl Store {
+    /// Create a new store in `dir` (which may exist but must not hold a store).
+    pub fn init(dir: &Path, opts: &InitOptions) -> Result<()> {
+        let cs = opts.chunk_size;
+        if !(4096..=(4 << 20)).contains(&cs) || !cs.is_power_of_two() {
+            return Err(Error::invalid(format!(
+                "chunk size {cs} is not a power of two between 4K and 4M"
+            )));
+        }
+        let cfg_path = dir.join(CONFIG_FILE);
+        if cfg_path.exists() {
+            return Err(Error::Exists(format!("a drclone store in {}", dir.display())));
+        }
+        if dir.exists() && std::fs::read_dir(dir).at(dir)?.next().is_some() {
+            return Err(Error::invalid(format!(
+                "{} is not empty; drclone init needs a new or empty directory",
+                dir.display()
+            )));
+        }
+        let (key_file, key_check) = if opts.encrypt {
+            let path = opts.key_file.clone().ok_or_else(|| {
+                Error::Key("--encrypt needs --key-file F (an existing key, or where to write a new one)".into())
+            })?;
+            let path = std::path::absolute(&path).at(&path)?;
+            let key = if path.exists() {
+                MasterKey::load(&path)?
+            } else {
+                let k = MasterKey::generate();
+                k.save(&path)?;
+                log::info!("wrote a new key to {}; keep a copy off this host", path.display());
+                k
+            };
+            (Some(path), Some(key.check_value()))
+        } else {
+            if opts.key_file.is_some() {
+                return Err(Error::invalid("--key-file given without --encrypt"));
+            }
+            (None, None)
+        };
+        std::fs::create_dir_all(dir).at(dir)?;
+        let cfg = Config {
+            format: STORE_FORMAT,
+            chunk_size: cs,
+            compression: opts.compression,
+            encrypted: opts.encrypt,
+            key_file,
+            key_check,
+            pack_size: opts.pack_size,
+            created: now_secs(),
+        };
+        Db::open(&dir.join("meta"), true)?;
+        LocalPacks::new(&dir.join("packs"))?;
+        let tmp = dir.join("store.json.tmp");
+        let body = serde_json::to_vec_pretty(&cfg).expect("config serializes");
+        std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .at(&tmp)?;
+        std::fs::rename(&tmp, &cfg_path).at(&cfg_path)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+        Ok(())
+    }
+
+    /// Read a store's configuration without opening it.
+    pub fn read_config(dir: &Path) -> Result<Config> {
+        let path = dir.join(CONFIG_FILE);
+        let body = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!(
+                    "drclone store {} (no {CONFIG_FILE}; create one with `drclone init`)",
+                    dir.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let cfg: Config = serde_json::from_slice(&body).map_err(|e| Error::Format {
+            store: dir.to_path_buf(),
+            what: format!("{CONFIG_FILE} does not parse: {e}"),
+        })?;
+        if cfg.format != STORE_FORMAT {
+            return Err(Error::Format {
+                store: dir.to_path_buf(),
+                what: format!(
+                    "store format {} is not supported by this drclone (which reads format {STORE_FORMAT})",
+                    cfg.format
+                ),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Open a store.  `key_file` overrides the key path recorded at init.
+    pub fn open(dir: &Path, key_file: Option<&Path>) -> Result<Store> {
+        let cfg = Self::read_config(dir)?;
+        let key = if cfg.encrypted {
+            let path = key_file
+                .map(Path::to_path_buf)
+                .or_else(|| cfg.key_file.clone())
+                .ok_or_else(|| {
+                    Error::Key(format!(
+                        "store {} is encrypted: give its key with --key-file",
+                        dir.display()
+                    ))
+                })?;
+            let key = MasterKey::load(&path)?;
+            if Some(key.check_value()) != cfg.key_check {
+                return Err(Error::Key(format!(
+                    "wrong key for store {}: key file {} does not match the key the store was created with",
+                    dir.display(),
+                    path.display()
+                )));
+            }
+            Some(key)
+        } else {
+            None
+        };
+        let db = Arc::new(Db::open(&dir.join("meta"), false)?);
+        let codec = Codec::new(cfg.compression, key.as_ref());
+        let backend = Arc::new(LocalPacks::new(&dir.join("packs"))?);
+        let chunks = ChunkStore::open(
+            db.clone(),
+            codec,
+            backend,
+            dir.to_path_buf(),
+            cfg.pack_size,
+            true,
+        )?;
+        let mut lineages = HashMap::new();
+        for (k, v) in db.scan_prefix(&[keys::LINEAGE])? {
+            let rec: LineageRec = db.decode_rec(&k, &v)?;
+            lineages.insert(rec.id, rec);
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            zero: vec![0u8; cfg.chunk_size as usize],
+            cfg,
+            db,
+            chunks,
+            gate: RwLock::new(()),
+            meta: Mutex::new(()),
+            gc_lock: Mutex::new(()),
+            lineages: RwLock::new(lineages),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// Number of keys in the metadata database (a full scan; for tests and tools).
+    pub fn metadata_key_count(&self) -> Result<u64> {
+        let mut n = 0;
+        let mut it = self.db.db.raw_iterator();
+        it.seek_to_first();
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        it.status().map_err(|e| self.db.err(e))?;
+        Ok(n)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.cfg.chunk_size as u64
+    }
+
+    /// Make every acknowledged write durable (FLUSH).
+    pub fn flush(&self) -> Result<()> {
+        self.chunks.sync()
+    }
+
+    /// Flush and seal the open pack (clean shutdown).
+    pub fn close(&self) -> Result<()> {
+        self.chunks.seal_open()?;
+        self.db.sync_wal()
+    }
+
+    // ---- groups and volumes -----------------------------------------------------
+
+    pub fn create_group(&self, name: &str) -> Result<GroupRec> {
+        check_name("group", name)?;
+        let _m = self.meta.lock().unwrap();
+        if self.db.get(&keys::group(name))?.is_some() {
+            return Err(Error::Exists(format!("group {name}")));
+        }
+        let rec = GroupRec {
+            name: name.into(),
+            created: now_secs(),
+            retention: None,
+        };
+        let mut b = WriteBatch::default();
+        b.put(keys::group(name), encode_rec(&rec));
+        self.db.write(b, true)?;
+        Ok(rec)
+    }
+
+    pub fn group(&self, name: &str) -> Result<GroupRec> {
+        self.db
+            .get_rec(&keys::group(name))?
+            .ok_or_else(|| Error::NotFound(format!("group {name}")))
+    }
+
+    pub fn groups(&self) -> Result<Vec<GroupRec>> {
+        self.db
+            .scan_prefix(&[keys::GROUP])?
+            .iter()
+            .map(|(k, v)| self.db.decode_rec(k, v))
+            .collect()
+    }
+
+    pub fn set_retention(&self, group: &str, policy: Option<String>) -> Result<()> {
+        let _m = self.meta.lock().unwrap();
+        let mut g = self.group(group)?;
+        g.retention = policy;
+        let mut b = WriteBatch::default();
+        b.put(keys::group(group), encode_rec(&g));
+        self.db.write(b, true)
+    }
+
+    fn check_size(&self, size: u64) -> Result<()> {
+        if size == 0 || size % 512 != 0 {
+            return Err(Error::invalid(format!(
+                "volume size {size} must be a positive multiple of 512 bytes"
+            )));
+        }
+        if size > (1u64 << 60) {
+            return Err(Error::invalid(format!("volume size {size} is too large")));
+        }
+        Ok(())
+    }
+
+    fn new_lineage(&self, parent: Option<(u64, u64)>, batch: &mut WriteBatch) -> Result<LineageRec> {
+        let id = self.db.next_counter("lineage", batch)?;
+        let rec = LineageRec {
+            id,
+            epoch: 1,
+            parent,
+            has_head: true,
+        };
+        batch.put(keys::lineage(id), encode_rec(&rec));
+        Ok(rec)
+    }
+
+    fn add_volume(
+        &self,
+        group: &str,
+        disk: &str,
+        size: u64,
+        parent: Option<(u64, u64)>,
+    ) -> Result<VolumeRec> {
+        check_name("disk", disk)?;
+        self.check_size(size)?;
+        self.group(group)?;
+        if self.db.get(&keys::volume(group, disk))?.is_some() {
+            return Err(Error::Exists(format!("volume {group}/{disk}")));
+        }
+        let mut b = WriteBatch::default();
+        let lin = self.new_lineage(parent, &mut b)?;
+        let seq = self.db.next_counter("volume-seq", &mut b)?;
+        let rec = VolumeRec {
+            group: group.into(),
+            disk: disk.into(),
+            lineage: lin.id,
+            size,
+            seq,
+            created: now_secs(),
+        };
+        b.put(keys::volume(group, disk), encode_rec(&rec));
+        self.db.write(b, true)?;
+        self.lineages.write().unwrap().insert(lin.id, lin);
+        Ok(rec)
+    }
+
+    pub fn create_volume(&self, group: &str, disk: &str, size: u64) -> Result<VolumeRec> {
+        let _m = self.meta.lock().unwrap();
+        self.add_volume(group, disk, size, None)
+    }
+
+    pub fn volume(&self, group: &str, disk: &str) -> Result<VolumeRec> {
+        self.db
+            .get_rec(&keys::volume(group, disk))?
+            .ok_or_else(|| Error::NotFound(format!("volume {group}/{disk}")))
+    }
+
+    /// Volumes of one group in disk order, or of every group.
+    pub fn volumes(&self, group: Option<&str>) -> Result<Vec<VolumeRec>> {
+        let prefix = match group {
+            Some(g) => keys::volume_prefix(g),
+            None => vec![keys::VOLUME],
+        };
+        let mut v: Vec<VolumeRec> = self
+            .db
+            .scan_prefix(&prefix)?
+            .iter()
+            .map(|(k, v)| self.db.decode_rec(k, v))
+            .collect::<Result<_>>()?;
+        v.sort_by(|a, b| (&a.group, a.seq).cmp(&(&b.group, b.seq)));
+        Ok(v)
+    }
+
+    /// Grow a volume.  Shrinking is refused: it would discard data.
+    pub fn resize_volume(&self, group: &str, disk: &str, size: u64) -> Result<VolumeRec> {
+        let _m = self.meta.lock().unwrap();
+        self.check_size(size)?;
+        let mut v = self.volume(group, disk)?;
+        if size < v.size {
+            return Err(Error::invalid(format!(
+                "volume {group}/{disk} is {} bytes; shrinking to {size} would discard data",
+                v.size
+            )));
+        }
+        v.size = size;
+        let mut b = WriteBatch::default();
+        b.put(keys::volume(group, disk), encode_rec(&v));
+        self.db.write(b, true)?;
+        Ok(v)
+    }
+
+    /// Remove a volume's head.  Points that include it keep their data until they
+    /// are removed too; GC reclaims the rest.
+    pub fn remove_volume(&self, group: &str, disk: &str) -> Result<()> {
+        let _m = self.meta.lock().unwrap();
+        let v = self.volume(group, disk)?;
+        let _g = self.gate.write().unwrap();
+        let mut lins = self.lineages.write().unwrap();
+        let mut lin = lins
+            .get(&v.lineage)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("lineage {} of {group}/{disk}", v.lineage)))?;
+        lin.has_head = false;
+        let mut b = WriteBatch::default();
+        b.delete(keys::volume(group, disk));
+        b.put(keys::lineage(lin.id), encode_rec(&lin));
+        self.db.write(b, true)?;
+        lins.insert(lin.id, lin);
+        Ok(())
+    }
+
+    // ---- points and clones ------------------------------------------------------
+
+    /// Take a crash-consistent recovery point of every volume of `group` at once.
+    pub fn create_point(&self, group: &str, app: bool, label: Option<String>) -> Result<PointRec> {
+        let _m = self.meta.lock().unwrap();
+        self.group(group)?;
+        let vols = self.volumes(Some(group))?;
+        // Quiesce writers: no write is half-way through while the epochs move.
+        let _g = self.gate.write().unwrap();
+        // Everything acknowledged so far becomes durable before the point exists.
+        self.chunks.sync()?;
+        let mut lins = self.lineages.write().unwrap();
+        let mut b = WriteBatch::default();
+        let id = self.db.next_counter("point", &mut b)?;
+        let mut pvs = Vec::with_capacity(vols.len());
+        let mut updated = Vec::with_capacity(vols.len());
+        for v in &vols {
+            let mut lin = lins
+                .get(&v.lineage)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("lineage {} of {}/{}", v.lineage, v.group, v.disk)))?;
+            pvs.push(PointVolume {
+                disk: v.disk.clone(),
+                lineage: lin.id,
+                epoch: lin.epoch,
+                size: v.size,
+            });
+            lin.epoch += 1;
+            b.put(keys::lineage(lin.id), encode_rec(&lin));
+            updated.push(lin);
+        }
+        let rec = PointRec {
+            id,
+            group: group.into(),
+            time: now_secs(),
+            kind: if app { "app" } else { "crash" }.into(),
+            label,
+            volumes: pvs,
+        };
+        b.put(keys::point(group, id), encode_rec(&rec));
+        self.db.write(b, true)?;
+        for l in updated {
+            lins.insert(l.id, l);
+        }
+        log::info!("point {id} of group {group}: {} volume(s)", rec.volumes.len());
+        Ok(rec)
+    }
+
+    /// Points of a group, oldest first.
+    pub fn points(&self, group: &str) -> Result<Vec<PointRec>> {
+        self.group(group)?;
+        self.db
+            .scan_prefix(&keys::point_prefix(group))?
+            .iter()
+            .map(|(k, v)| self.db.decode_rec(k, v))
+            .collect()
+    }
+
+    /// Every point of every group.
+    pub fn all_points(&self) -> Result<Vec<PointRec>> {
+        self.db
+            .scan_prefix(&[keys::POINT])?
+            .iter()
+            .map(|(k, v)| self.db.decode_rec(k, v))
+            .collect()
+    }
+
+    /// Resolve `latest`, `latest-app` or a numeric id.
+    pub fn point(&self, group: &str, spec: &str) -> Result<PointRec> {
+        let pts = self.points(group)?;
+        let found = match spec {
+            "latest" => pts.last().cloned(),
+            "latest-app" => pts.iter().rev().find(|p| p.kind == "app").cloned(),
+            n => {
+                let id: u64 = n.parse().map_err(|_| {
+                    Error::invalid(format!(
+                        "invalid point {n:?}: use a point id, latest or latest-app"
+                    ))
+                })?;
+                pts.into_iter().find(|p| p.id == id)
+            }
+        };
+        found.ok_or_else(|| Error::NotFound(format!("point {spec} of group {group}")))
+    }
+
+    pub fn remove_point(&self, group: &str, spec: &str) -> Result<PointRec> {
+        let _m = self.meta.lock().unwrap();
+        let p = self.point(group, spec)?;
+        let mut b = WriteBatch::default();
+        b.delete(keys::point(group, p.id));
+        self.db.write(b, true)?;
+        Ok(p)
+    }
+
+    /// Make a writable volume from a point, in constant time.
+    pub fn clone_volume(
+        &self,
+        src_group: &str,
+        src_disk: &str,
+        point: &str,
+        dst_group: &str,
+        dst_disk: &str,
+    ) -> Result<VolumeRec> {
+        let _m = self.meta.lock().unwrap();
+        let p = self.point(src_group, point)?;
+        let pv = p
+            .volumes
+            .iter()
+            .find(|v| v.disk == src_disk)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "disk {src_disk} in point {} of group {src_group}",
+                    p.id
+                ))
+            })?;
+        let _g = self.gate.write().unwrap();
+        self.add_volume(dst_group, dst_disk, pv.size, Some((pv.lineage, pv.epoch)))
+    }
+
+    // ---- views ------------------------------------------------------------------
+
+    /// Resolve `GROUP/DISK` (head) or `GROUP/DISK@POINT` (read-only point).
+    pub fn view(&self, group: &str, disk: &str, point: Option<&str>) -> Result<View> {
+        match point {
+            None => {
+                let v = self.volume(group, disk)?;
+                Ok(View {
+                    name: format!("{group}/{disk}"),
+                    lineage: v.lineage,
+                    epoch: HEAD_EPOCH,
+                    size: v.size,
+                    writable: true,
+                })
+            }
+            Some(spec) => {
+                let p = self.point(group, spec)?;
+                let pv = p.volumes.iter().find(|v| v.disk == disk).ok_or_else(|| {
+                    Error::NotFound(format!("disk {disk} in point {} of group {group}", p.id))
+                })?;
+                Ok(View {
+                    name: format!("{group}/{disk}@{}", p.id),
+                    lineage: pv.lineage,
+                    epoch: pv.epoch,
+                    size: pv.size,
+                    writable: false,
+                })
+            }
+        }
+    }
+
+    /// Resolve `GROUP/DISK[@POINT]`.
+    pub fn view_ref(&self, r: &str) -> Result<View> {
+        let (g, d, p) = crate::util::parse_volume_ref(r)?;
+        self.view(&g, &d, p.as_deref())
+    }
+
+    /// A head view's size may have grown since it was resolved.
+    pub fn refresh(&self, view: &View) -> Result<View> {
+        if view.epoch != HEAD_EPOCH {
+            return Ok(view.clone());
+        }
+        let (g, d) = view.name.split_once('/').unwrap_or((&view.name, ""));
+        self.view(g, d, None)
+    }
+
+    pub fn lineage(&self, id: u64) -> Option<LineageRec> {
+        self.lineages.read().unwrap().get(&id).cloned()
+    }
+
+    pub(crate) fn lineage_map(&self) -> HashMap<u64, LineageRec> {
+        self.lineages.read().unwrap().clone()
+    }
+
+    pub(crate) fn remove_lineage(&self, id: u64, batch: &mut WriteBatch) {
+        batch.delete(keys::lineage(id));
+        self.lineages.write().unwrap().remove(&id);
+    }
+
+    // ---- the block map ----------------------------------------------------------
+
+    /// Resolve `count` blocks starting at `first` in `(lineage, epoch)`, falling
+    /// through to parents.  One iterator per lineage in the chain.
+    pub fn resolve(&self, lineage: u64, epoch: u64, first: u64, count: u64) -> Result<Vec<Block>> {
+        let mut out = vec![None::<Block>; count as usize];
+        let mut lin = lineage;
+        let mut ep = epoch;
+        let mut depth = 0;
+        loop {
+            self.resolve_one_lineage(lin, ep, first, &mut out)?;
+            if out.iter().all(Option::is_some) {
+                break;
+            }
+            match self.lineage(lin).and_then(|l| l.parent) {
+                Some((pl, pe)) => {
+                    lin = pl;
+                    ep = pe;
+                }
+                None => break,
+            }
+            depth += 1;
+            if depth > 1000 {
+                return Err(Error::Format {
+                    store: self.dir.clone(),
+                    what: format!("lineage {lineage} has a parent chain over 1000 deep (a cycle?)"),
+                });
+            }
+        }
+        Ok(out.into_iter().map(|b| b.unwrap_or(Block::Hole)).collect())
+    }
+
+    fn resolve_one_lineage(&self, lin: u64, epoch: u64, first: u64, out: &mut [Option<Block>]) -> Result<()> {
+        let end = first + out.len() as u64;
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::map(lin, end, HEAD_EPOCH).to_vec());
+        let mut it = self.db.db.raw_iterator_opt(ro);
+        // Skip blocks already resolved by a child lineage.
+        let mut b = first;
+        while b < end && out[(b - first) as usize].is_some() {
+            b += 1;
+        }
+        if b == end {
+            return Ok(());
+        }
+        it.seek(keys::map(lin, b, epoch));
+        while it.valid() {
+            let Some((_, kb, ke)) = keys::parse_map(it.key().unwrap()) else { break };
+            let slot = (kb - first) as usize;
+            if out[slot].is_some() {
+                // Resolved by a child; jump to the next unresolved block.
+                let mut nb = kb + 1;
+                while nb < end && out[(nb - first) as usize].is_some() {
+                    nb += 1;
+                }
+                if nb >= end {
+                    break;
+                }
+                it.seek(keys::map(lin, nb, epoch));
+                continue;
+            }
+            if ke > epoch {
+                // A version newer than this view: jump to the newest one it can see.
+                it.seek(keys::map(lin, kb, epoch));
+                continue;
+            }
+            let val = MapVal::decode(it.value().unwrap()).ok_or_else(|| Error::Format {
+                store: self.dir.clone(),
+                what: format!("map entry of lineage {lin} block {kb} epoch {ke} does not decode"),
+            })?;
+            out[slot] = Some(match val {
+                MapVal::Zero => Block::Zero,
+                MapVal::Data(id) => Block::Data(id),
+            });
+            it.next();
+            // Older versions of the same block follow; skip them with one seek.
+            if it.valid() {
+                if let Some((_, nb, _)) = keys::parse_map(it.key().unwrap()) {
+                    if nb == kb {
+                        it.seek(keys::map(lin, kb + 1, epoch));
+                    }
+                }
+            }
+        }
+        it.status().map_err(|e| self.db.err(e))
+    }
+
+    fn check_range(&self, view: &View, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > view.size) {
+            return Err(Error::invalid(format!(
+                "range {offset}+{len} is beyond the end of {} ({} bytes)",
+                view.name, view.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Read `len` bytes at `offset`.
+    pub fn read(&self, view: &View, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_into(view, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Read into `buf` at `offset`.
+    pub fn read_into(&self, view: &View, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(view, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let cs = self.chunk_size();
+        let first = offset / cs;
+        let last = (offset + buf.len() as u64 - 1) / cs;
+        let blocks = self.resolve(view.lineage, view.epoch, first, last - first + 1)?;
+        let mut pos = 0usize;
+        for (i, blk) in blocks.iter().enumerate() {
+            let b = first + i as u64;
+            let start = if b == first { offset % cs } else { 0 } as usize;
+            let n = ((cs as usize) - start).min(buf.len() - pos);
+            let dst = &mut buf[pos..pos + n];
+            match blk {
+                Block::Hole | Block::Zero => dst.fill(0),
+                Block::Data(id) => {
+                    let data = self.chunks.get(id)?;
+                    dst.copy_from_slice(&data[start..start + n]);
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn lock_blocks(&self, lineage: u64, first: u64, count: u64) -> Vec<MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = (first..first + count)
+            .map(|b| ((lineage.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ b) % STRIPES as u64) as usize)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| self.stripes[i].lock().unwrap()).collect()
+    }
+
+    fn check_writable(&self, view: &View) -> Result<()> {
+        if !view.writable {
+            return Err(Error::ReadOnly(format!("recovery point {}", view.name)));
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset` of a head.
+    pub fn write(&self, view: &View, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable(view)?;
+        self.check_range(view, offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.modify(view, offset, data.len() as u64, Some(data))
+    }
+
+    /// Make a range read as zeros and free its space (TRIM, WRITE_ZEROES, punch hole).
+    pub fn zero(&self, view: &View, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(view)?;
+        self.check_range(view, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.modify(view, offset, len, None)
+    }
+
+    /// The write path shared by write and zero.  `data == None` writes zeros.
+    fn modify(&self, view: &View, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let cs = self.chunk_size();
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        let count = last - first + 1;
+        let _locks = self.lock_blocks(view.lineage, first, count);
+        let _g = self.gate.read().unwrap();
+        let lin = self.lineage(view.lineage).filter(|l| l.has_head).ok_or_else(|| {
+            Error::NotFound(format!("volume {} (removed while in use)", view.name))
+        })?;
+        let current = self.resolve(view.lineage, HEAD_EPOCH, first, count)?;
+        // Build each block's new content: None = zeros.
+        let mut blocks: Vec<(u64, Option<std::borrow::Cow<'_, [u8]>>)> = Vec::with_capacity(count as usize);
+        let mut pos = 0usize;
+        for i in 0..count {
+            let b = first + i;
+            let start = if i == 0 { (offset % cs) as usize } else { 0 };
+            let n = (cs as usize - start).min((len - pos as u64) as usize);
+            let piece = data.map(|d| &d[pos..pos + n]);
+            let whole = start == 0 && n == cs as usize;
+            let content = match (whole, piece) {
+                (true, Some(p)) => Some(std::borrow::Cow::Borrowed(p)),
+                (true, None) => None,
+                (false, _) => {
+                    // Partial block: read-modify-write under the block's stripe lock.
+                    let mut buf = match current[i as usize] {
+                        Block::Data(id) => self.chunks.get(&id)?,
+                        _ => {
+                            if piece.is_none() {
+                                // Zeroing part of a block that is already zero.
+                                pos += n;
+                                blocks.push((b, None));
+                                continue;
+                            }
+                            vec![0u8; cs as usize]
+                        }
+                    };
+                    match piece {
+                        Some(p) => buf[start..start + n].copy_from_slice(p),
+                        None => buf[start..start + n].fill(0),
+                    }
+                    Some(std::borrow::Cow::Owned(buf))
+                }
+            };
+            blocks.push((b, content));
+            pos += n;
+        }
+        // Hash, compress, encrypt and store the chunks (in parallel for big writes).
+        let store_one = |content: &Option<std::borrow::Cow<'_, [u8]>>| -> Result<MapVal> {
+            match content {
+                Some(c) if !is_zero(c) => Ok(MapVal::Data(self.chunks.put(c)?)),
+                _ => Ok(MapVal::Zero),
+            }
+        };
+        let vals: Vec<MapVal> = if blocks.len() >= PARALLEL_BLOCKS {
+            blocks.par_iter().map(|(_, c)| store_one(c)).collect::<Result<_>>()?
+        } else {
+            blocks.iter().map(|(_, c)| store_one(c)).collect::<Result<_>>()?
+        };
+        let mut batch = WriteBatch::default();
+        for (i, ((b, _), val)) in blocks.iter().zip(vals).enumerate() {
+            let cur = current[i];
+            match (val, cur) {
+                // Zeros over a hole or over zeros: nothing to record.
+                (MapVal::Zero, Block::Hole | Block::Zero) => {}
+                (MapVal::Data(id), Block::Data(old)) if id == old => {}
+                (v, _) => batch.put(keys::map(lin.id, *b, lin.epoch), v.encode()),
+            }
+        }
+        self.db.write(batch, false)
+    }
+
+    /// Extents of a range: (offset, length, block kind) with runs merged.
+    pub fn extents(&self, view: &View, offset: u64, len: u64) -> Result<Vec<(u64, u64, Block)>> {
+        self.check_range(view, offset, len)?;
+        if len == 0 {
+            return Ok(vec![]);
+        }
+        let cs = self.chunk_size();
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        let blocks = self.resolve(view.lineage, view.epoch, first, last - first + 1)?;
+        let mut out: Vec<(u64, u64, Block)> = Vec::new();
+        for (i, blk) in blocks.into_iter().enumerate() {
+            let b = first + i as u64;
+            let s = (b * cs).max(offset);
+            let e = ((b + 1) * cs).min(offset + len);
+            let kind = match blk {
+                Block::Data(_) => Block::Data([0; 32]),
+                k => k,
+            };
+            match out.last_mut() {
+                Some(l) if l.2 == kind => l.1 += e - s,
+                _ => out.push((s, e - s, kind)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every map version of every lineage, grouped as (lineage, block) -> versions
+    /// newest first.  Used by GC, verify and df on a consistent snapshot.
+    pub(crate) fn scan_map<F>(&self, snap: &rocksdb::Snapshot<'_>, mut f: F) -> Result<()>
+    where
+        F: FnMut(u64, u64, &[(u64, MapVal, Box<[u8]>)]) -> Result<()>,
+    {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_snapshot(snap);
+        ro.set_iterate_upper_bound(vec![keys::MAP + 1]);
+        let mut it = self.db.db.raw_iterator_opt(ro);
+        it.seek([keys::MAP]);
+        let mut cur: Option<(u64, u64)> = None;
+        let mut versions: Vec<(u64, MapVal, Box<[u8]>)> = Vec::new();
+        while it.valid() {
+            let k = it.key().unwrap();
+            let Some((l, b, e)) = keys::parse_map(k) else {
+                it.next();
+                continue;
+            };
+            if cur != Some((l, b)) {
+                if let Some((cl, cb)) = cur {
+                    f(cl, cb, &versions)?;
+                }
+                versions.clear();
+                cur = Some((l, b));
+            }
+            if let Some(v) = MapVal::decode(it.value().unwrap()) {
+                versions.push((e, v, k.into()));
+            }
+            it.next();
+        }
+        it.status().map_err(|e| self.db.err(e))?;
+        if let Some((cl, cb)) = cur {
+            f(cl, cb, &versions)?;
+        }
+        Ok(())
+    }
+
+    /// Epochs at which each lineage is visible: its retained points, the parent
+    /// epochs of clones made from it, and `HEAD_EPOCH` while it has a head.
+    pub(crate) fn visible_epochs(
+        lineages: &HashMap<u64, LineageRec>,
+        points: &[PointRec],
+    ) -> HashMap<u64, Vec<u64>> {
+        let mut vis: HashMap<u64, Vec<u64>> = HashMap::new();
+        for l in lineages.values() {
+            if l.has_head {
+                vis.entry(l.id).or_default().push(HEAD_EPOCH);
+            }
+            if let Some((pl, pe)) = l.parent {
+                vis.entry(pl).or_default().push(pe);
+            }
+        }
+        for p in points {
+            for v in &p.volumes {
+                vis.entry(v.lineage).or_default().push(v.epoch);
+            }
+        }
+        for e in vis.values_mut() {
+            e.sort_unstable();
+            e.dedup();
+        }
+        vis
+    }
+
+    /// Which versions of one (lineage, block) some visible epoch sees.  `versions`
+    /// is newest first; returns a parallel vector of "live" flags.
+    pub(crate) fn live_versions(versions: &[(u64, MapVal, Box<[u8]>)], visible: &[u64]) -> Vec<bool> {
+        let mut live = vec![false; versions.len()];
+        // Version i is seen by epochs in [e_i, e_{i-1}); e_{-1} = infinity.
+        for (i, (e, _, _)) in versions.iter().enumerate() {
+            let upper = if i == 0 { None } else { Some(versions[i - 1].0) };
+            live[i] = visible
+                .iter()
+                .any(|&v| v >= *e && upper.is_none_or(|u| v < u));
+        }
+        live
+    }
+
+    /// Blocks whose content in `(lineage, epoch)` may differ from `(lineage, base)`:
+    /// every block with a version in `(base, epoch]` of this lineage.  Used by failback.
+    pub fn changed_blocks(&self, lineage: u64, base: u64, epoch: u64) -> Result<Vec<u64>> {
+        let mut out = BTreeMap::new();
+        self.db.for_prefix(&keys::map_lineage_prefix(lineage), |k, _| {
+            if let Some((_, b, e)) = keys::parse_map(k) {
+                if e > base && e <= epoch {
+                    out.insert(b, ());
+                }
+            }
+            true
+        })?;
+        Ok(out.into_keys().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(cs: u32) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        Store::init(
+            &p,
+            &InitOptions {
+                chunk_size: cs,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let s = Store::open(&p, None).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn point_stays_identical_after_head_overwrite() {
+        let (_d, s) = store(4096);
+        s.create_group("g").unwrap();
+        s.create_volume("g", "d", 64 << 10).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        s.write(&head, 100, &[7u8; 10000]).unwrap();
+        let p = s.create_point("g", false, None).unwrap();
+        s.write(&head, 0, &[9u8; 65536]).unwrap();
+        let pv = s.view("g", "d", Some(&p.id.to_string())).unwrap();
+        let got = s.read(&pv, 0, 65536).unwrap();
+        let mut want = vec![0u8; 65536];
+        want[100..10100].fill(7);
+        assert_eq!(got, want);
+        assert_eq!(s.read(&head, 0, 65536).unwrap(), vec![9u8; 65536]);
+        assert!(matches!(s.write(&pv, 0, b"x"), Err(Error::ReadOnly(_))));
+    }
+
+    #[test]
+    fn clone_falls_through_and_diverges() {
+        let (_d, s) = store(4096);
+        s.create_group("g").unwrap();
+        s.create_volume("g", "d", 32768).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        s.write(&head, 0, &[1u8; 32768]).unwrap();
+        s.create_point("g", false, None).unwrap();
+        s.create_group("t").unwrap();
+        s.clone_volume("g", "d", "latest", "t", "c").unwrap();
+        let c = s.view("t", "c", None).unwrap();
+        assert_eq!(s.read(&c, 0, 32768).unwrap(), vec![1u8; 32768]);
+        s.write(&c, 4096, &[2u8; 4096]).unwrap();
+        s.zero(&c, 8192, 100).unwrap();
+        let got = s.read(&c, 0, 16384).unwrap();
+        assert_eq!(&got[4096..8192], &[2u8; 4096][..]);
+        assert_eq!(&got[8192..8292], &[0u8; 100][..]);
+        assert_eq!(&got[8292..], &[1u8; 16384 - 8292][..]);
+        assert_eq!(s.read(&head, 0, 32768).unwrap(), vec![1u8; 32768]);
+        let ext = s.extents(&head, 0, 32768).unwrap();
+        assert_eq!(ext.len(), 1);
+    }
+
+    #[test]
+    fn bad_ranges_names_and_sizes_error() {
+        let (_d, s) = store(4096);
+        assert!(s.create_volume("nogroup", "d", 4096).is_err());
+        s.create_group("g").unwrap();
+        assert!(matches!(s.create_group("g"), Err(Error::Exists(_))));
+        assert!(s.create_volume("g", "d", 1000).is_err());
+        assert!(s.create_volume("g", "bad/name", 4096).is_err());
+        s.create_volume("g", "d", 8192).unwrap();
+        let h = s.view("g", "d", None).unwrap();
+        assert!(s.write(&h, 8000, &[1u8; 200]).is_err());
+        assert!(s.read(&h, u64::MAX, 2).is_err());
+        assert!(s.view("g", "d", Some("latest")).is_err());
+        assert!(s.view("g", "d", Some("zzz")).is_err());
+        assert!(s.resize_volume("g", "d", 4096).is_err());
+        assert_eq!(s.resize_volume("g", "d", 16384).unwrap().size, 16384);
+    }
+}

@@ -1,0 +1,186 @@
+//! Helpers shared by the integration tests: run the real `drclone` binary on a
+//! temporary store.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        Env { dir, store }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn cmd(&self) -> assert_cmd::Command {
+        let mut c = assert_cmd::Command::cargo_bin("drclone").unwrap();
+        c.env("DRCLONE_STORE", &self.store).env_remove("DRCLONE_KEY_FILE");
+        c
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "drclone {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run and require failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out: Output = self.cmd().args(args).output().unwrap();
+        assert!(!out.status.success(), "drclone {args:?} unexpectedly succeeded");
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+}
+
+/// `du -sb` of a directory: apparent bytes of every file.
+pub fn du_bytes(p: &Path) -> u64 {
+    let out = std::process::Command::new("du").arg("-sb").arg(p).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Deterministic English-like text.
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: &[&str] = &[
+        "the", "replication", "disk", "volume", "recovery", "point", "of", "and", "a", "to",
+        "site", "failover", "application", "consistent", "crash", "storage", "block", "data",
+        "is", "in", "for", "with", "that", "server", "network", "snapshot", "clone", "write",
+        "read", "chunk", "deduplicated", "compressed", "encrypted", "operator", "host", "time",
+    ];
+    let r = random_bytes(seed, len / 2 + 16);
+    let mut out = Vec::with_capacity(len + 32);
+    let mut i = 0;
+    while out.len() < len {
+        let w = WORDS[r[i % r.len()] as usize % WORDS.len()];
+        out.extend_from_slice(w.as_bytes());
+        out.push(if r[(i + 7) % r.len()] % 11 == 0 { b'\n' } else { b' ' });
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Fail loudly (never skip) when a peer tool is missing.
+pub fn need(tool: &str) {
+    let ok = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "{tool} is not installed: run scripts/setup.sh (scripts/test.sh does)");
+}
+
+/// A `drclone serve` daemon on a store, stopped with SIGTERM on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub sock: PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Server {
+    pub fn start(env: &Env) -> Server {
+        let port = free_port();
+        let sock = env.path("nbd.sock");
+        let bin = assert_cmd::cargo::cargo_bin("drclone");
+        let child = std::process::Command::new(bin)
+            .env("DRCLONE_STORE", &env.store)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--socket"])
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Server { child, port, sock };
+        let ctl = env.store.join("control.sock");
+        for _ in 0..500 {
+            if std::os::unix::net::UnixStream::connect(&ctl).is_ok() && s.sock.exists() {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("drclone serve did not start");
+    }
+
+    /// NBD URI of an export over TCP.
+    pub fn tcp(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.port)
+    }
+
+    /// NBD URI of an export over the unix socket.
+    pub fn unix(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::mem::forget(self);
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        std::mem::forget(self);
+        st
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a command, require success, return stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Run a Python script under Debian's python3 (which has libnbd's `nbd` module).
+pub fn py(script: &str) -> String {
+    run("/usr/bin/python3", &["-c", script])
+}
