@@ -200,7 +200,8 @@ pub fn run(store: Arc<Store>, opts: Options, handler: Arc<Handler>, ready: impl 
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    log::info!("shutting down: flushing store {}", store.dir().display());
+    log::info!("shutting down: unmounting, flushing store {}", store.dir().display());
+    crate::fuse::unmount_all();
     let _ = std::fs::remove_file(&ctl_path);
     if let Some(p) = &opts.socket {
         let _ = std::fs::remove_file(p);

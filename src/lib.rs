@@ -22,6 +22,7 @@
 //! | [`maint`]  | `df` and `verify`                                          |
 //! | [`imex`]   | sparse import and export of raw images                     |
 //! | [`nbd`]    | NBD wire protocol (engine-free) and server                 |
+//! | [`fuse`]   | FUSE mount of heads and points                             |
 //! | [`daemon`] | `serve`: listeners, control socket, signals                |
 //!
 //! Concurrency (who may run beside whom):
@@ -37,6 +38,7 @@ pub mod chunks;
 pub mod codec;
 pub mod daemon;
 pub mod error;
+pub mod fuse;
 pub mod gc;
 pub mod imex;
 pub mod keys;

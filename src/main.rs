@@ -1,6 +1,5 @@
 //! The `drclone` command line: a thin layer over the library.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -75,6 +74,11 @@ enum Cmd {
     Gc,
     /// Re-read every chunk and check it.
     Verify,
+    /// Mount volumes (GROUP/DISK) and points (GROUP/@ID/DISK) as files; stays in the
+    /// foreground until Ctrl-C, SIGTERM or `fusermount3 -u DIR`.
+    Mount { dir: PathBuf },
+    /// Unmount a drclone mount, including a stale one left by a crash.
+    Unmount { dir: PathBuf },
     /// Serve volumes and points over NBD; other commands then go through this daemon.
     Serve {
         /// TCP address for NBD.
@@ -245,6 +249,21 @@ fn run(cli: Cli) -> Result<i32> {
     }
     // A running daemon owns the store: send it the command.
     if let Some(conn) = daemon::connect(&cli.store) {
+        if let Cmd::Mount { dir } = &cli.cmd {
+            // The daemon hosts the mount; this process holds the foreground.
+            let resp = daemon::forward(conn, &ControlRequest { argv: std::env::args().collect(), cwd: std::env::current_dir()? })?;
+            print!("{}", resp.stdout);
+            eprint!("{}", resp.stderr);
+            if resp.code != 0 {
+                return Ok(resp.code);
+            }
+            drclone::fuse::wait_until_unmounted(dir)?;
+            if let Some(conn) = daemon::connect(&cli.store) {
+                let argv = vec!["drclone".to_string(), "unmount".to_string(), std::path::absolute(dir)?.display().to_string()];
+                let _ = daemon::forward(conn, &ControlRequest { argv, cwd: std::env::current_dir()? });
+            }
+            return Ok(0);
+        }
         let req = ControlRequest {
             argv: std::env::args().collect(),
             cwd: std::env::current_dir()?,
@@ -254,7 +273,20 @@ fn run(cli: Cli) -> Result<i32> {
         eprint!("{}", resp.stderr);
         return Ok(resp.code);
     }
-    let store = Store::open(&cli.store, cli.key_file.as_deref())?;
+    if let Cmd::Unmount { dir } = &cli.cmd {
+        drclone::fuse::fusermount_unmount(dir)?;
+        return Ok(0);
+    }
+    if let Cmd::Mount { dir } = &cli.cmd {
+        let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
+        let session = drclone::fuse::spawn(store.clone(), dir)?;
+        println!("drclone: mounted {} on {}", cli.store.display(), dir.display());
+        drclone::fuse::wait_until_unmounted(dir)?;
+        drop(session);
+        store.close()?;
+        return Ok(0);
+    }
+    let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
     let mut out = String::new();
     let res = dispatch(&store, cli.cmd, json, &mut out, None);
     print!("{out}");
@@ -299,9 +331,21 @@ fn bar(len: u64, what: &str, forwarded: bool) -> indicatif::ProgressBar {
     }
 }
 
-fn dispatch(store: &Store, cmd: Cmd, json: bool, out: &mut String, cwd: Option<&Path>) -> Result<()> {
+fn dispatch(store: &Arc<Store>, cmd: Cmd, json: bool, out: &mut String, cwd: Option<&Path>) -> Result<()> {
     let fwd = cwd.is_some();
     match cmd {
+        Cmd::Mount { dir } => {
+            let dir = user_path(&dir, cwd);
+            drclone::fuse::mount_hosted(store.clone(), &dir)?;
+            print(out, json, json!({"mounted": dir}), || format!("drclone: mounted on {} (hosted by the daemon)", dir.display()));
+        }
+        Cmd::Unmount { dir } => {
+            let dir = user_path(&dir, cwd);
+            if !drclone::fuse::unmount_hosted(&dir) {
+                drclone::fuse::fusermount_unmount(&dir)?;
+            }
+            print(out, json, json!({"unmounted": dir}), || format!("unmounted {}", dir.display()));
+        }
         Cmd::Init { .. } | Cmd::Serve { .. } => unreachable!("handled before opening"),
         Cmd::Group(GroupCmd::Create { group }) => {
             let g = store.create_group(&group)?;

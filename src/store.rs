@@ -111,7 +111,6 @@ pub struct Store {
     pub(crate) gc_lock: Mutex<()>,
     lineages: RwLock<HashMap<u64, LineageRec>>,
     stripes: Vec<Mutex<()>>,
-    zero: Vec<u8>,
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -254,7 +253,6 @@ impl Store {
         }
         Ok(Store {
             dir: dir.to_path_buf(),
-            zero: vec![0u8; cfg.chunk_size as usize],
             cfg,
             db,
             chunks,

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use super::proto::{self, *};
+use super::proto::*;
 use crate::error::Error;
 use crate::store::{Block, Store, View};
 
@@ -426,5 +426,3 @@ impl Conn {
         }
     }
 }
-
-pub use proto::MAX_PAYLOAD as MAX_REQUEST;
