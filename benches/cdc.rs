@@ -22,7 +22,10 @@ fn chunks(data: &[u8], cdc: bool) -> Vec<(usize, usize)> {
             .map(|c| (c.offset, c.length))
             .collect()
     } else {
-        (0..data.len()).step_by(AVG).map(|o| (o, AVG.min(data.len() - o))).collect()
+        (0..data.len())
+            .step_by(AVG)
+            .map(|o| (o, AVG.min(data.len() - o)))
+            .collect()
     }
 }
 
@@ -59,12 +62,18 @@ fn main() {
         ("treeA + treeA re-imaged (new layout)", "treeA2.img"),
         ("treeA + treeA shifted 32256 bytes", "treeA-shift.img"),
     ];
-    println!("{:<40} {:>14} {:>14} {:>14} {:>14}", "case", "fixed MiB", "fastcdc MiB", "fixed saved", "cdc saved");
+    println!(
+        "{:<40} {:>14} {:>14} {:>14} {:>14}",
+        "case", "fixed MiB", "fastcdc MiB", "fixed saved", "cdc saved"
+    );
     for cdc in [false, true] {
         let t = Instant::now();
         let n = chunks(&a, cdc).len();
         let mbs = a.len() as f64 / t.elapsed().as_secs_f64() / 1e6;
-        println!("# {} chunking: {n} chunks, {mbs:.0} MB/s (boundaries only)", if cdc { "fastcdc" } else { "fixed" });
+        println!(
+            "# {} chunking: {n} chunks, {mbs:.0} MB/s (boundaries only)",
+            if cdc { "fastcdc" } else { "fixed" }
+        );
     }
     for (name, second) in pairs {
         let b = load(second);

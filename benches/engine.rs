@@ -65,7 +65,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mib: usize = std::env::var("DRCLONE_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let mib: usize = std::env::var("DRCLONE_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let threads = 2;
     let total = mib << 20;
     let dir = tempfile::tempdir().unwrap();
@@ -81,7 +84,9 @@ fn main() {
     }
     let data = random(42, total);
     let zeros = vec![0u8; total];
-    println!("drclone engine bench: {mib} MiB per case, {threads} writer threads, 64 KiB chunks, zstd");
+    println!(
+        "drclone engine bench: {mib} MiB per case, {threads} writer threads, 64 KiB chunks, zstd"
+    );
     let u = write_all(&s, "u", &data, threads);
     println!("write unique     {u:8.0} MB/s");
     let d = write_all(&s, "d", &data, threads);
@@ -103,9 +108,17 @@ fn main() {
         let t0 = Instant::now();
         s.clone_volume("app", src, "latest", "drill", src).unwrap();
         let written = if src == "small" { 16 } else { mib / threads };
-        println!("clone of a volume with {written:5} MiB written: {:.3} ms", t0.elapsed().as_secs_f64() * 1e3);
+        println!(
+            "clone of a volume with {written:5} MiB written: {:.3} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
     }
     let df = drclone::maint::df(&s).unwrap();
-    println!("df: unique {} MiB, stored {} MiB, dedup {:.2}x", df.unique_bytes >> 20, df.stored_bytes >> 20, df.dedup_ratio);
+    println!(
+        "df: unique {} MiB, stored {} MiB, dedup {:.2}x",
+        df.unique_bytes >> 20,
+        df.stored_bytes >> 20,
+        df.dedup_ratio
+    );
     s.close().unwrap();
 }

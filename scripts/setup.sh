@@ -4,7 +4,7 @@
 set -euo pipefail
 PKGS=(libclang-dev clang pkg-config build-essential
       qemu-utils libnbd-bin python3-libnbd nbdkit nbdfuse fio
-      fuse3 e2fsprogs util-linux debootstrap xz-utils)
+      fuse3 e2fsprogs util-linux debootstrap xz-utils bc)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

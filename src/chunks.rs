@@ -93,7 +93,9 @@ impl ChunkStore {
     /// crash left dangling, and seal the pack.
     fn recover(&self) -> Result<()> {
         for (k, v) in self.db.scan_prefix(&[keys::PACK])? {
-            let Some(pack) = keys::parse_pack(&k) else { continue };
+            let Some(pack) = keys::parse_pack(&k) else {
+                continue;
+            };
             if PackRec::decode(&v).is_some_and(|r| r.sealed) {
                 continue;
             }
@@ -101,7 +103,9 @@ impl ChunkStore {
             let mut batch = WriteBatch::default();
             let mut dropped = 0u64;
             for (rk, rv) in self.db.scan_prefix(&keys::reverse_prefix(pack))? {
-                let Some((_, off)) = keys::parse_reverse(&rk) else { continue };
+                let Some((_, off)) = keys::parse_reverse(&rk) else {
+                    continue;
+                };
                 let id: ChunkId = match rv[..].try_into() {
                     Ok(id) => id,
                     Err(_) => continue,
@@ -125,19 +129,30 @@ impl ChunkStore {
                     self.store.display()
                 );
             } else {
-                log::info!("store {}: sealed pack {pack} left open by an unclean stop", self.store.display());
+                log::info!(
+                    "store {}: sealed pack {pack} left open by an unclean stop",
+                    self.store.display()
+                );
             }
         }
         Ok(())
     }
 
     /// Read and check one record's header and payload CRC.
-    fn check_record(&self, pack: u64, off: u64, len: u64, id: &ChunkId) -> std::result::Result<(), String> {
+    fn check_record(
+        &self,
+        pack: u64,
+        off: u64,
+        len: u64,
+        id: &ChunkId,
+    ) -> std::result::Result<(), String> {
         if off + RECORD_HEADER_LEN as u64 > len {
             return Err("record header beyond end of pack".into());
         }
         let mut h = [0u8; RECORD_HEADER_LEN];
-        self.backend.read_at(pack, off, &mut h).map_err(|e| e.to_string())?;
+        self.backend
+            .read_at(pack, off, &mut h)
+            .map_err(|e| e.to_string())?;
         let h = RecordHeader::decode(&h)?;
         if &h.id != id {
             return Err("record holds a different chunk".into());
@@ -189,7 +204,14 @@ impl ChunkStore {
     }
 
     /// Append an encoded record to the open pack and index it.
-    fn append_record(&self, id: &ChunkId, flags: u8, raw_len: u32, stored_len: u32, rec: &[u8]) -> Result<()> {
+    fn append_record(
+        &self,
+        id: &ChunkId,
+        flags: u8,
+        raw_len: u32,
+        stored_len: u32,
+        rec: &[u8],
+    ) -> Result<()> {
         let (pack, offset) = {
             let mut open = self.open.lock().unwrap();
             if open.is_none() {
@@ -242,7 +264,12 @@ impl ChunkStore {
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         for attempt in 0..2 {
             let loc = self.loc(id)?.ok_or_else(|| {
-                self.corrupt(id, 0, 0, "is referenced by a volume map but missing from the chunk index")
+                self.corrupt(
+                    id,
+                    0,
+                    0,
+                    "is referenced by a volume map but missing from the chunk index",
+                )
             })?;
             match self.read_loc(id, &loc) {
                 // A GC compaction may have moved the chunk between the index lookup
@@ -258,15 +285,25 @@ impl ChunkStore {
     /// Read and decode the record at `loc`.
     pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
-        self.backend.read_at(loc.pack, loc.offset, &mut buf).map_err(|e| match e {
-            Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
-                self.corrupt(id, loc.pack, loc.offset, "pack is truncated")
-            }
-            e => e,
-        })?;
-        let h = RecordHeader::decode(&buf).map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))?;
+        self.backend
+            .read_at(loc.pack, loc.offset, &mut buf)
+            .map_err(|e| match e {
+                Error::Io { ref source, .. }
+                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    self.corrupt(id, loc.pack, loc.offset, "pack is truncated")
+                }
+                e => e,
+            })?;
+        let h =
+            RecordHeader::decode(&buf).map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))?;
         if &h.id != id || h.stored_len != loc.stored_len || h.flags != loc.flags {
-            return Err(self.corrupt(id, loc.pack, loc.offset, "record header disagrees with the index"));
+            return Err(self.corrupt(
+                id,
+                loc.pack,
+                loc.offset,
+                "record header disagrees with the index",
+            ));
         }
         self.codec
             .decode(id, h.flags, &buf[RECORD_HEADER_LEN..], loc.raw_len as usize)
@@ -332,9 +369,13 @@ impl ChunkStore {
         let mut moved = 0u64;
         let mut stale = WriteBatch::default();
         for (rk, rv) in self.db.scan_prefix(&keys::reverse_prefix(pack))? {
-            let Some((_, off)) = keys::parse_reverse(&rk) else { continue };
+            let Some((_, off)) = keys::parse_reverse(&rk) else {
+                continue;
+            };
             stale.delete(&rk);
-            let Ok(id) = <ChunkId>::try_from(&rv[..]) else { continue };
+            let Ok(id) = <ChunkId>::try_from(&rv[..]) else {
+                continue;
+            };
             let Some(loc) = self.loc(&id)? else { continue };
             if loc.pack != pack || loc.offset != off {
                 continue;
@@ -343,7 +384,12 @@ impl ChunkStore {
             self.backend.read_at(pack, off, &mut rec)?;
             let h = RecordHeader::decode(&rec).map_err(|w| self.corrupt(&id, pack, off, w))?;
             if pack::crc(&rec[RECORD_HEADER_LEN..]) != h.crc {
-                return Err(self.corrupt(&id, pack, off, "payload CRC mismatch during compaction; run `drclone verify`"));
+                return Err(self.corrupt(
+                    &id,
+                    pack,
+                    off,
+                    "payload CRC mismatch during compaction; run `drclone verify`",
+                ));
             }
             self.append_record(&id, loc.flags, loc.raw_len, loc.stored_len, &rec)?;
             moved += rec.len() as u64;

@@ -59,6 +59,12 @@ impl std::str::FromStr for Compression {
 /// The master key an administrator owns, and the keys derived from it.
 pub struct MasterKey([u8; 32]);
 
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
 const CTX_ID: &str = "drclone 2026-11 chunk id key v1";
 const CTX_ENC: &str = "drclone 2026-11 chunk encryption key v1";
 const CTX_CHECK: &str = "drclone 2026-11 key check v1";
@@ -224,7 +230,10 @@ impl Codec {
                 .as_ref()
                 .ok_or("chunk is encrypted but the store has no key")?;
             if payload.len() < 12 + 16 {
-                return Err(format!("encrypted payload of {} bytes is too short", payload.len()));
+                return Err(format!(
+                    "encrypted payload of {} bytes is too short",
+                    payload.len()
+                ));
             }
             decrypted = k
                 .cipher
@@ -247,9 +256,8 @@ impl Codec {
             0 => body.to_vec(),
             FLAG_ZSTD => ZSTD_D.with(|d| {
                 let mut d = d.borrow_mut();
-                let d = d.get_or_insert_with(|| {
-                    zstd::bulk::Decompressor::new().expect("zstd context")
-                });
+                let d =
+                    d.get_or_insert_with(|| zstd::bulk::Decompressor::new().expect("zstd context"));
                 d.decompress(body, raw_len)
                     .map_err(|e| format!("zstd decompression failed: {e}"))
             })?,
@@ -317,7 +325,10 @@ mod tests {
         assert_ne!(ca.id(data), cb.id(data));
         let id = ca.id(data);
         let (f, p) = ca.encode(&id, data);
-        assert!(cb.decode(&id, f, &p, data.len()).unwrap_err().contains("authentication"));
+        assert!(cb
+            .decode(&id, f, &p, data.len())
+            .unwrap_err()
+            .contains("authentication"));
         assert_ne!(a.check_value(), b.check_value());
     }
 
@@ -334,7 +345,10 @@ mod tests {
         assert_eq!(MasterKey::load(&raw).unwrap().0, [9u8; 32]);
         let bad = dir.path().join("bad");
         std::fs::write(&bad, b"short").unwrap();
-        assert!(MasterKey::load(&bad).unwrap_err().to_string().contains("expected 64 hex"));
+        assert!(MasterKey::load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("expected 64 hex"));
         assert!(MasterKey::load(&dir.path().join("missing")).is_err());
     }
 }

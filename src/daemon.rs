@@ -62,7 +62,8 @@ pub fn forward(mut s: UnixStream, req: &ControlRequest) -> Result<ControlRespons
     s.shutdown(std::net::Shutdown::Write).at(&path)?;
     let mut body = Vec::new();
     s.read_to_end(&mut body).at(&path)?;
-    serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("daemon sent a bad reply: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| Error::invalid(format!("daemon sent a bad reply: {e}")))
 }
 
 pub struct Options {
@@ -74,12 +75,23 @@ pub struct Options {
 
 /// Serve one NBD connection on stdin/stdout (the captive-server pattern).
 pub fn serve_stdio(store: Arc<Store>, default_export: Option<&str>) -> Result<()> {
-    serve_connection(store.clone(), Box::new(std::io::stdin()), Box::new(std::io::stdout()), "stdio", default_export);
+    serve_connection(
+        store.clone(),
+        Box::new(std::io::stdin()),
+        Box::new(std::io::stdout()),
+        "stdio",
+        default_export,
+    );
     store.close()
 }
 
-fn accept_loop<L, S>(stop: Arc<AtomicBool>, what: String, accept: L, store: Arc<Store>, default: Option<String>)
-where
+fn accept_loop<L, S>(
+    stop: Arc<AtomicBool>,
+    what: String,
+    accept: L,
+    store: Arc<Store>,
+    default: Option<String>,
+) where
     L: Fn() -> std::io::Result<Option<(S, String)>> + Send + 'static,
     S: Read + Write + Send + 'static + TryCloneStream,
 {
@@ -90,7 +102,13 @@ where
                     let store = store.clone();
                     let default = default.clone();
                     std::thread::spawn(move || match stream.try_clone_stream() {
-                        Ok(r) => serve_connection(store, Box::new(r), Box::new(stream), &peer, default.as_deref()),
+                        Ok(r) => serve_connection(
+                            store,
+                            Box::new(r),
+                            Box::new(stream),
+                            &peer,
+                            default.as_deref(),
+                        ),
                         Err(e) => log::warn!("nbd {peer}: {e}"),
                     });
                 }
@@ -147,10 +165,16 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 }
 
 /// Run the daemon until SIGTERM/SIGINT.  `ready` is called once every socket listens.
-pub fn run(store: Arc<Store>, opts: Options, handler: Arc<Handler>, ready: impl FnOnce(&[String])) -> Result<()> {
+pub fn run(
+    store: Arc<Store>,
+    opts: Options,
+    handler: Arc<Handler>,
+    ready: impl FnOnce(&[String]),
+) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::io("signal handler", e))?;
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Error::io("signal handler", e))?;
     }
     let ctl_path = control_path(store.dir());
     let ctl = bind_unix(&ctl_path)?;
@@ -158,7 +182,12 @@ pub fn run(store: Arc<Store>, opts: Options, handler: Arc<Handler>, ready: impl 
     if let Some(addr) = &opts.listen {
         let l = TcpListener::bind(addr).map_err(|e| Error::io(format!("listen {addr}"), e))?;
         l.set_nonblocking(true).map_err(|e| Error::io(addr, e))?;
-        endpoints.push(format!("nbd://{}", l.local_addr().map(|a| a.to_string()).unwrap_or(addr.clone())));
+        endpoints.push(format!(
+            "nbd://{}",
+            l.local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or(addr.clone())
+        ));
         accept_loop(
             stop.clone(),
             addr.clone(),
@@ -195,12 +224,19 @@ pub fn run(store: Arc<Store>, opts: Options, handler: Arc<Handler>, ready: impl 
             }
         });
     }
-    log::info!("serving store {} on {}", store.dir().display(), endpoints.join(", "));
+    log::info!(
+        "serving store {} on {}",
+        store.dir().display(),
+        endpoints.join(", ")
+    );
     ready(&endpoints);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    log::info!("shutting down: unmounting, flushing store {}", store.dir().display());
+    log::info!(
+        "shutting down: unmounting, flushing store {}",
+        store.dir().display()
+    );
     crate::fuse::unmount_all();
     let _ = std::fs::remove_file(&ctl_path);
     if let Some(p) = &opts.socket {
@@ -216,9 +252,17 @@ fn control_connection(store: Arc<Store>, s: UnixStream, handler: &Handler) {
     let resp = match r.read_line(&mut line) {
         Ok(_) => match serde_json::from_str::<ControlRequest>(&line) {
             Ok(req) => handler(&store, req),
-            Err(e) => ControlResponse { code: 2, stderr: format!("drclone: bad control request: {e}\n"), ..Default::default() },
+            Err(e) => ControlResponse {
+                code: 2,
+                stderr: format!("drclone: bad control request: {e}\n"),
+                ..Default::default()
+            },
         },
-        Err(e) => ControlResponse { code: 2, stderr: format!("drclone: control socket read failed: {e}\n"), ..Default::default() },
+        Err(e) => ControlResponse {
+            code: 2,
+            stderr: format!("drclone: control socket read failed: {e}\n"),
+            ..Default::default()
+        },
     };
     let mut w = &s;
     let _ = w.write_all(&serde_json::to_vec(&resp).expect("response serializes"));

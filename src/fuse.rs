@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -67,7 +67,10 @@ fn errno(e: &Error) -> Errno {
 
 impl DrFs {
     pub fn new(store: Arc<Store>) -> DrFs {
-        let mut inodes = Inodes { next: 2, ..Default::default() };
+        let mut inodes = Inodes {
+            next: 2,
+            ..Default::default()
+        };
         inodes.by_ino.insert(1, Node::Root);
         inodes.by_node.insert(Node::Root, 1);
         DrFs {
@@ -161,10 +164,20 @@ impl DrFs {
                     .volumes(Some(g))
                     .map_err(map)?
                     .into_iter()
-                    .map(|v| (v.disk.clone(), Node::Head(g.clone(), v.disk), FileType::RegularFile))
+                    .map(|v| {
+                        (
+                            v.disk.clone(),
+                            Node::Head(g.clone(), v.disk),
+                            FileType::RegularFile,
+                        )
+                    })
                     .collect();
                 for p in s.points(g).map_err(map)? {
-                    v.push((format!("@{}", p.id), Node::PointDir(g.clone(), p.id), FileType::Directory));
+                    v.push((
+                        format!("@{}", p.id),
+                        Node::PointDir(g.clone(), p.id),
+                        FileType::Directory,
+                    ));
                 }
                 v
             }
@@ -173,14 +186,25 @@ impl DrFs {
                 .map_err(map)?
                 .volumes
                 .into_iter()
-                .map(|v| (v.disk.clone(), Node::PointFile(g.clone(), *id, v.disk), FileType::RegularFile))
+                .map(|v| {
+                    (
+                        v.disk.clone(),
+                        Node::PointFile(g.clone(), *id, v.disk),
+                        FileType::RegularFile,
+                    )
+                })
                 .collect(),
             _ => return Err(Errno::ENOTDIR),
         })
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<View>, Errno> {
-        self.handles.lock().unwrap().get(&fh.0).cloned().ok_or(Errno::EBADF)
+        self.handles
+            .lock()
+            .unwrap()
+            .get(&fh.0)
+            .cloned()
+            .ok_or(Errno::EBADF)
     }
 }
 
@@ -192,7 +216,9 @@ impl Filesystem for DrFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(p) = self.node(parent) else { return reply.error(Errno::ENOENT) };
+        let Some(p) = self.node(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
         let name = name.to_string_lossy();
         let found = match self.children(&p) {
             Ok(c) => c.into_iter().find(|(n, _, _)| *n == name),
@@ -211,7 +237,11 @@ impl Filesystem for DrFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino).ok_or(Errno::ENOENT).and_then(|n| self.attr(ino.0, &n)) {
+        match self
+            .node(ino)
+            .ok_or(Errno::ENOENT)
+            .and_then(|n| self.attr(ino.0, &n))
+        {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
         }
@@ -235,7 +265,9 @@ impl Filesystem for DrFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(n) = self.node(ino) else { return reply.error(Errno::ENOENT) };
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
         match self.attr(ino.0, &n) {
             // A volume's size changes only with `drclone volume resize`; truncating to
             // the current size (as `O_TRUNC`-free tools do) is accepted.
@@ -246,7 +278,9 @@ impl Filesystem for DrFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let Some(n) = self.node(ino) else { return reply.error(Errno::ENOENT) };
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
         let view = match self.view(&n) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -255,7 +289,11 @@ impl Filesystem for DrFs {
         if writing && !view.writable {
             return reply.error(Errno::EROFS);
         }
-        let fopen = if view.writable { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::FOPEN_KEEP_CACHE };
+        let fopen = if view.writable {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, Arc::new(view));
         reply.opened(FileHandle(fh), fopen);
@@ -306,17 +344,33 @@ impl Filesystem for DrFs {
             Ok(v) => v,
             Err(e) => return reply.error(e),
         };
-        if offset.checked_add(data.len() as u64).is_none_or(|e| e > v.size) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > v.size)
+        {
             return reply.error(Errno::ENOSPC);
         }
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        match self.store.write(&v, offset, data).and_then(|_| if sync { self.store.flush() } else { Ok(()) }) {
+        match self.store.write(&v, offset, data).and_then(|_| {
+            if sync {
+                self.store.flush()
+            } else {
+                Ok(())
+            }
+        }) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -334,20 +388,39 @@ impl Filesystem for DrFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.store.flush() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(n) = self.node(ino) else { return reply.error(Errno::ENOENT) };
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
         let kids = match self.children(&n) {
             Ok(k) => k,
             Err(e) => return reply.error(e),
         };
-        let mut all = vec![(".".to_string(), ino.0, FileType::Directory), ("..".to_string(), 1, FileType::Directory)];
+        let mut all = vec![
+            (".".to_string(), ino.0, FileType::Directory),
+            ("..".to_string(), 1, FileType::Directory),
+        ];
         for (name, node, kind) in kids {
             all.push((name, self.ino(node), kind));
         }
@@ -360,12 +433,34 @@ impl Filesystem for DrFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.store.volumes(None).map(|v| v.iter().map(|x| x.size).sum()).unwrap_or(0);
+        let total: u64 = self
+            .store
+            .volumes(None)
+            .map(|v| v.iter().map(|x| x.size).sum())
+            .unwrap_or(0);
         let bs = 4096u64;
-        reply.statfs(total / bs, total / bs, total / bs, 0, 0, bs as u32, 255, bs as u32);
+        reply.statfs(
+            total / bs,
+            total / bs,
+            total / bs,
+            0,
+            0,
+            bs as u32,
+            255,
+            bs as u32,
+        );
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let v = match self.handle(fh) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -378,7 +473,11 @@ impl Filesystem for DrFs {
             self.store.zero(&v, offset, end - offset)
         } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
             // Preallocation: the store is thin, nothing to reserve.
-            if v.writable { Ok(()) } else { Err(Error::ReadOnly(v.name.clone())) }
+            if v.writable {
+                Ok(())
+            } else {
+                Err(Error::ReadOnly(v.name.clone()))
+            }
         } else {
             return reply.error(Errno::EOPNOTSUPP);
         };
@@ -388,7 +487,15 @@ impl Filesystem for DrFs {
         }
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let v = match self.handle(fh) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -438,12 +545,18 @@ pub fn config() -> fuser::Config {
 
 /// Is `dir` a mount point of a drclone FUSE file system (live or stale)?
 pub fn is_drclone_mount(dir: &std::path::Path) -> bool {
-    let Ok(abs) = std::path::absolute(dir) else { return false };
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
+    let Ok(abs) = std::path::absolute(dir) else {
+        return false;
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
     mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         let (src, mp, ty) = (f.next(), f.next(), f.next());
-        src == Some("drclone") && mp.map(|m| m.replace("\\040", " ")) == Some(abs.display().to_string()) && ty.is_some_and(|t| t.starts_with("fuse"))
+        src == Some("drclone")
+            && mp.map(|m| m.replace("\\040", " ")) == Some(abs.display().to_string())
+            && ty.is_some_and(|t| t.starts_with("fuse"))
     })
 }
 
@@ -457,7 +570,10 @@ pub fn spawn(store: Arc<Store>, dir: &std::path::Path) -> crate::Result<fuser::B
         )));
     }
     if !dir.is_dir() {
-        return Err(Error::invalid(format!("mount point {} is not a directory", dir.display())));
+        return Err(Error::invalid(format!(
+            "mount point {} is not a directory",
+            dir.display()
+        )));
     }
     fuser::spawn_mount(DrFs::new(store), dir, &config()).map_err(|e| Error::io(dir, e))
 }
@@ -475,7 +591,9 @@ pub fn mount_hosted(store: Arc<Store>, dir: &std::path::Path) -> crate::Result<(
 
 /// Unmount a mount hosted by this process; false if it hosts none there.
 pub fn unmount_hosted(dir: &std::path::Path) -> bool {
-    let Ok(abs) = std::path::absolute(dir) else { return false };
+    let Ok(abs) = std::path::absolute(dir) else {
+        return false;
+    };
     let mut m = MOUNTS.lock().unwrap();
     match m.iter().position(|(p, _)| *p == abs) {
         Some(i) => {
@@ -511,7 +629,11 @@ pub fn fusermount_unmount(dir: &std::path::Path) -> crate::Result<()> {
         return Ok(());
     }
     // A stale mount whose process died: detach it lazily.
-    let lazy = std::process::Command::new("fusermount3").arg("-uz").arg(dir).output().map_err(|e| Error::io("fusermount3", e))?;
+    let lazy = std::process::Command::new("fusermount3")
+        .arg("-uz")
+        .arg(dir)
+        .output()
+        .map_err(|e| Error::io("fusermount3", e))?;
     if lazy.status.success() {
         Ok(())
     } else {
@@ -527,7 +649,8 @@ pub fn fusermount_unmount(dir: &std::path::Path) -> crate::Result<()> {
 pub fn wait_until_unmounted(dir: &std::path::Path) -> crate::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::io("signal handler", e))?;
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Error::io("signal handler", e))?;
     }
     while !stop.load(Ordering::Relaxed) && is_drclone_mount(dir) {
         std::thread::sleep(Duration::from_millis(100));

@@ -159,7 +159,11 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
             rep.packs_deleted += 1;
         }
     }
-    let mut ids: Vec<u64> = known.into_iter().filter(|&(id, sealed)| sealed && Some(id) != open).map(|(id, _)| id).collect();
+    let mut ids: Vec<u64> = known
+        .into_iter()
+        .filter(|&(id, sealed)| sealed && Some(id) != open)
+        .map(|(id, _)| id)
+        .collect();
     ids.sort_unstable();
     for id in ids {
         let total = store.chunks.backend.len(id)?.unwrap_or(0);
@@ -176,12 +180,17 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
         })?;
         if live_bytes == 0 {
             let mut b = WriteBatch::default();
-            b.delete_range(keys::reverse_prefix(id), keys::prefix_end(&keys::reverse_prefix(id)));
+            b.delete_range(
+                keys::reverse_prefix(id).to_vec(),
+                keys::prefix_end(&keys::reverse_prefix(id)),
+            );
             b.delete(keys::pack(id));
             db.write(b, true)?;
             store.chunks.backend.delete(id)?;
             rep.packs_deleted += 1;
-        } else if total > 0 && (total - live_bytes.min(total)) as f64 >= COMPACT_DEAD_FRACTION * total as f64 {
+        } else if total > 0
+            && (total - live_bytes.min(total)) as f64 >= COMPACT_DEAD_FRACTION * total as f64
+        {
             rep.bytes_moved += store.chunks.compact(id)?;
             rep.packs_compacted += 1;
         }

@@ -47,7 +47,11 @@ pub fn data_extents(f: &File, len: u64) -> Vec<(u64, u64)> {
             break;
         }
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { len } else { (hole as u64).min(len) };
+        let hole = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
         out.push((data, hole - data));
         pos = hole;
     }
@@ -73,6 +77,9 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
 
 /// Import a raw image into a head.
 pub fn import(store: &Store, view: &View, path: &Path, pb: &ProgressBar) -> Result<TransferReport> {
+    if !view.writable {
+        return Err(Error::ReadOnly(format!("recovery point {}", view.name)));
+    }
     let f = File::open(path).at(path)?;
     let meta = f.metadata().at(path)?;
     let len = if meta.file_type().is_file() {
@@ -91,13 +98,18 @@ pub fn import(store: &Store, view: &View, path: &Path, pb: &ProgressBar) -> Resu
             view.size
         )));
     }
-    if !view.writable {
-        return Err(Error::ReadOnly(format!("recovery point {}", view.name)));
-    }
     let cs = store.chunk_size();
-    let extents = if meta.file_type().is_file() { data_extents(&f, len) } else { vec![(0, len)] };
+    let extents = if meta.file_type().is_file() {
+        data_extents(&f, len)
+    } else {
+        vec![(0, len)]
+    };
     pb.set_length(len);
-    let mut rep = TransferReport { bytes: len, data_bytes: 0, hole_bytes: 0 };
+    let mut rep = TransferReport {
+        bytes: len,
+        data_bytes: 0,
+        hole_bytes: 0,
+    };
     let mut buf = vec![0u8; STEP as usize];
     let mut pos = 0u64; // everything below pos is done
     for (doff, dlen) in extents {
@@ -145,7 +157,11 @@ pub fn export(store: &Store, view: &View, path: &Path, pb: &ProgressBar) -> Resu
     let cs = store.chunk_size();
     let blocks = view.size.div_ceil(cs);
     pb.set_length(view.size);
-    let mut rep = TransferReport { bytes: view.size, data_bytes: 0, hole_bytes: 0 };
+    let mut rep = TransferReport {
+        bytes: view.size,
+        data_bytes: 0,
+        hole_bytes: 0,
+    };
     let mut b = 0u64;
     while b < blocks {
         let n = (blocks - b).min(STEP / cs);

@@ -18,7 +18,12 @@ use drclone::util::{human, parse_size, parse_volume_ref};
 #[command(version, about, long_about = None)]
 struct Cli {
     /// Store directory.
-    #[arg(long, global = true, env = "DRCLONE_STORE", default_value = "./drclone-store")]
+    #[arg(
+        long,
+        global = true,
+        env = "DRCLONE_STORE",
+        default_value = "./drclone-store"
+    )]
     store: PathBuf,
     /// Key file of an encrypted store (default: the path recorded at init).
     #[arg(long, global = true, env = "DRCLONE_KEY_FILE")]
@@ -201,7 +206,12 @@ fn check_retention(policy: &str) -> Result<()> {
 fn run(cli: Cli) -> Result<i32> {
     let json = cli.json;
     match &cli.cmd {
-        Cmd::Init { chunk_size, compression, encrypt, pack_size } => {
+        Cmd::Init {
+            chunk_size,
+            compression,
+            encrypt,
+            pack_size,
+        } => {
             let cs = parse_size(chunk_size)?;
             let opts = InitOptions {
                 chunk_size: u32::try_from(cs).context("chunk size too large")?,
@@ -225,9 +235,18 @@ fn run(cli: Cli) -> Result<i32> {
             print!("{out}");
             return Ok(0);
         }
-        Cmd::Serve { listen, no_tcp, socket, stdio, default_export } => {
+        Cmd::Serve {
+            listen,
+            no_tcp,
+            socket,
+            stdio,
+            default_export,
+        } => {
             if daemon::connect(&cli.store).is_some() {
-                bail!("drclone serve is already running on store {}", cli.store.display());
+                bail!(
+                    "drclone serve is already running on store {}",
+                    cli.store.display()
+                );
             }
             let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
             if *stdio {
@@ -251,7 +270,13 @@ fn run(cli: Cli) -> Result<i32> {
     if let Some(conn) = daemon::connect(&cli.store) {
         if let Cmd::Mount { dir } = &cli.cmd {
             // The daemon hosts the mount; this process holds the foreground.
-            let resp = daemon::forward(conn, &ControlRequest { argv: std::env::args().collect(), cwd: std::env::current_dir()? })?;
+            let resp = daemon::forward(
+                conn,
+                &ControlRequest {
+                    argv: std::env::args().collect(),
+                    cwd: std::env::current_dir()?,
+                },
+            )?;
             print!("{}", resp.stdout);
             eprint!("{}", resp.stderr);
             if resp.code != 0 {
@@ -259,8 +284,18 @@ fn run(cli: Cli) -> Result<i32> {
             }
             drclone::fuse::wait_until_unmounted(dir)?;
             if let Some(conn) = daemon::connect(&cli.store) {
-                let argv = vec!["drclone".to_string(), "unmount".to_string(), std::path::absolute(dir)?.display().to_string()];
-                let _ = daemon::forward(conn, &ControlRequest { argv, cwd: std::env::current_dir()? });
+                let argv = vec![
+                    "drclone".to_string(),
+                    "unmount".to_string(),
+                    std::path::absolute(dir)?.display().to_string(),
+                ];
+                let _ = daemon::forward(
+                    conn,
+                    &ControlRequest {
+                        argv,
+                        cwd: std::env::current_dir()?,
+                    },
+                );
             }
             return Ok(0);
         }
@@ -280,7 +315,11 @@ fn run(cli: Cli) -> Result<i32> {
     if let Cmd::Mount { dir } = &cli.cmd {
         let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
         let session = drclone::fuse::spawn(store.clone(), dir)?;
-        println!("drclone: mounted {} on {}", cli.store.display(), dir.display());
+        println!(
+            "drclone: mounted {} on {}",
+            cli.store.display(),
+            dir.display()
+        );
         drclone::fuse::wait_until_unmounted(dir)?;
         drop(session);
         store.close()?;
@@ -298,19 +337,36 @@ fn run(cli: Cli) -> Result<i32> {
 fn handle_forwarded(store: &Arc<Store>, req: ControlRequest) -> ControlResponse {
     let cli = match Cli::try_parse_from(&req.argv) {
         Ok(c) => c,
-        Err(e) => return ControlResponse { code: 2, stdout: String::new(), stderr: e.to_string() },
+        Err(e) => {
+            return ControlResponse {
+                code: 2,
+                stdout: String::new(),
+                stderr: e.to_string(),
+            }
+        }
     };
     if matches!(cli.cmd, Cmd::Init { .. } | Cmd::Serve { .. }) {
         return ControlResponse {
             code: 1,
             stdout: String::new(),
-            stderr: format!("drclone: error: drclone serve is already running on store {}\n", store.dir().display()),
+            stderr: format!(
+                "drclone: error: drclone serve is already running on store {}\n",
+                store.dir().display()
+            ),
         };
     }
     let mut out = String::new();
     match dispatch(store, cli.cmd, cli.json, &mut out, Some(&req.cwd)) {
-        Ok(()) => ControlResponse { code: 0, stdout: out, stderr: String::new() },
-        Err(e) => ControlResponse { code: 1, stdout: out, stderr: format!("drclone: error: {e:#}\n") },
+        Ok(()) => ControlResponse {
+            code: 0,
+            stdout: out,
+            stderr: String::new(),
+        },
+        Err(e) => ControlResponse {
+            code: 1,
+            stdout: out,
+            stderr: format!("drclone: error: {e:#}\n"),
+        },
     }
 }
 
@@ -331,30 +387,48 @@ fn bar(len: u64, what: &str, forwarded: bool) -> indicatif::ProgressBar {
     }
 }
 
-fn dispatch(store: &Arc<Store>, cmd: Cmd, json: bool, out: &mut String, cwd: Option<&Path>) -> Result<()> {
+fn dispatch(
+    store: &Arc<Store>,
+    cmd: Cmd,
+    json: bool,
+    out: &mut String,
+    cwd: Option<&Path>,
+) -> Result<()> {
     let fwd = cwd.is_some();
     match cmd {
         Cmd::Mount { dir } => {
             let dir = user_path(&dir, cwd);
             drclone::fuse::mount_hosted(store.clone(), &dir)?;
-            print(out, json, json!({"mounted": dir}), || format!("drclone: mounted on {} (hosted by the daemon)", dir.display()));
+            print(out, json, json!({"mounted": dir}), || {
+                format!(
+                    "drclone: mounted on {} (hosted by the daemon)",
+                    dir.display()
+                )
+            });
         }
         Cmd::Unmount { dir } => {
             let dir = user_path(&dir, cwd);
             if !drclone::fuse::unmount_hosted(&dir) {
                 drclone::fuse::fusermount_unmount(&dir)?;
             }
-            print(out, json, json!({"unmounted": dir}), || format!("unmounted {}", dir.display()));
+            print(out, json, json!({"unmounted": dir}), || {
+                format!("unmounted {}", dir.display())
+            });
         }
         Cmd::Init { .. } | Cmd::Serve { .. } => unreachable!("handled before opening"),
         Cmd::Group(GroupCmd::Create { group }) => {
             let g = store.create_group(&group)?;
-            print(out, json, serde_json::to_value(&g)?, || format!("created group {group}"));
+            print(out, json, serde_json::to_value(&g)?, || {
+                format!("created group {group}")
+            });
         }
         Cmd::Group(GroupCmd::List) => {
             let gs = store.groups()?;
             print(out, json, serde_json::to_value(&gs)?, || {
-                gs.iter().map(|g| g.name.clone()).collect::<Vec<_>>().join("\n")
+                gs.iter()
+                    .map(|g| g.name.clone())
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         Cmd::Volume(VolumeCmd::Create { volume, size }) => {
@@ -372,7 +446,11 @@ fn dispatch(store: &Arc<Store>, cmd: Cmd, json: bool, out: &mut String, cwd: Opt
             print(out, json, serde_json::to_value(&vs)?, || {
                 let mut s = format!("{:<32} {:>12}", "VOLUME", "SIZE");
                 for v in &vs {
-                    s += &format!("\n{:<32} {:>12}", format!("{}/{}", v.group, v.disk), human(v.size));
+                    s += &format!(
+                        "\n{:<32} {:>12}",
+                        format!("{}/{}", v.group, v.disk),
+                        human(v.size)
+                    );
                 }
                 s
             });
@@ -380,12 +458,16 @@ fn dispatch(store: &Arc<Store>, cmd: Cmd, json: bool, out: &mut String, cwd: Opt
         Cmd::Volume(VolumeCmd::Resize { volume, size }) => {
             let (g, d, _) = parse_volume_ref(&volume)?;
             let v = store.resize_volume(&g, &d, parse_size(&size)?)?;
-            print(out, json, serde_json::to_value(&v)?, || format!("{volume} is now {}", human(v.size)));
+            print(out, json, serde_json::to_value(&v)?, || {
+                format!("{volume} is now {}", human(v.size))
+            });
         }
         Cmd::Volume(VolumeCmd::Rm { volume }) => {
             let (g, d, _) = parse_volume_ref(&volume)?;
             store.remove_volume(&g, &d)?;
-            print(out, json, json!({"removed": volume}), || format!("removed volume {volume}"));
+            print(out, json, json!({"removed": volume}), || {
+                format!("removed volume {volume}")
+            });
         }
         Cmd::Import { volume, file } => {
             let view = store.view_ref(&volume)?;
@@ -395,49 +477,88 @@ fn dispatch(store: &Arc<Store>, cmd: Cmd, json: bool, out: &mut String, cwd: Opt
             let rep = imex::import(store, &view, &file, &pb)?;
             store.flush()?;
             let secs = t.elapsed().as_secs_f64();
-            print(out, json, json!({"volume": volume, "bytes": rep.bytes, "data_bytes": rep.data_bytes,
-                               "hole_bytes": rep.hole_bytes, "seconds": secs}), || {
-                format!("imported {} into {volume} ({} data, {} holes) in {secs:.2}s",
-                    file.display(), human(rep.data_bytes), human(rep.hole_bytes))
-            });
+            print(
+                out,
+                json,
+                json!({"volume": volume, "bytes": rep.bytes, "data_bytes": rep.data_bytes,
+                               "hole_bytes": rep.hole_bytes, "seconds": secs}),
+                || {
+                    format!(
+                        "imported {} into {volume} ({} data, {} holes) in {secs:.2}s",
+                        file.display(),
+                        human(rep.data_bytes),
+                        human(rep.hole_bytes)
+                    )
+                },
+            );
         }
         Cmd::Export { volume, file } => {
             let view = store.view_ref(&volume)?;
             let pb = bar(view.size, &format!("export {volume}"), fwd);
             let file = user_path(&file, cwd);
             let rep = imex::export(store, &view, &file, &pb)?;
-            print(out, json, json!({"volume": view.name, "bytes": rep.bytes, "data_bytes": rep.data_bytes}), || {
-                format!("exported {} to {} ({} data)", view.name, file.display(), human(rep.data_bytes))
-            });
+            print(
+                out,
+                json,
+                json!({"volume": view.name, "bytes": rep.bytes, "data_bytes": rep.data_bytes}),
+                || {
+                    format!(
+                        "exported {} to {} ({} data)",
+                        view.name,
+                        file.display(),
+                        human(rep.data_bytes)
+                    )
+                },
+            );
         }
-        Cmd::Point(PointCmd::Create { group, label, app_consistent }) => {
+        Cmd::Point(PointCmd::Create {
+            group,
+            label,
+            app_consistent,
+        }) => {
             let p = store.create_point(&group, app_consistent, label)?;
-            print(out, json, serde_json::to_value(&p)?, || format!("created point {} of {group}", p.id));
+            print(out, json, serde_json::to_value(&p)?, || {
+                format!("created point {} of {group}", p.id)
+            });
         }
         Cmd::Point(PointCmd::List { group }) => {
             let ps = store.points(&group)?;
             let arr: Vec<_> = ps
                 .iter()
-                .map(|p| json!({"id": p.id.to_string(), "time": p.time, "kind": p.kind, "label": p.label,
-                                "volumes": p.volumes.iter().map(|v| &v.disk).collect::<Vec<_>>()}))
+                .map(|p| {
+                    json!({"id": p.id.to_string(), "time": p.time, "kind": p.kind, "label": p.label,
+                                "volumes": p.volumes.iter().map(|v| &v.disk).collect::<Vec<_>>()})
+                })
                 .collect();
             print(out, json, json!(arr), || {
                 let mut s = format!("{:>6}  {:<20}  {:<5}  LABEL", "ID", "TIME (UTC)", "KIND");
                 for p in &ps {
-                    s += &format!("\n{:>6}  {:<20}  {:<5}  {}", p.id, fmt_time(p.time), p.kind,
-                        p.label.as_deref().unwrap_or(""));
+                    s += &format!(
+                        "\n{:>6}  {:<20}  {:<5}  {}",
+                        p.id,
+                        fmt_time(p.time),
+                        p.kind,
+                        p.label.as_deref().unwrap_or("")
+                    );
                 }
                 s
             });
         }
         Cmd::Point(PointCmd::Rm { group, point }) => {
             let p = store.remove_point(&group, &point)?;
-            print(out, json, json!({"removed": p.id.to_string()}), || format!("removed point {} of {group}", p.id));
+            print(out, json, json!({"removed": p.id.to_string()}), || {
+                format!("removed point {} of {group}", p.id)
+            });
         }
         Cmd::Retention(RetentionCmd::Set { group, policy }) => {
             check_retention(&policy)?;
             store.set_retention(&group, Some(policy.clone()))?;
-            print(out, json, json!({"group": group, "retention": policy}), || format!("retention of {group}: {policy}"));
+            print(
+                out,
+                json,
+                json!({"group": group, "retention": policy}),
+                || format!("retention of {group}: {policy}"),
+            );
         }
         Cmd::Clone { source, target } => {
             let (sg, sd, sp) = parse_volume_ref(&source)?;
@@ -449,9 +570,12 @@ fn dispatch(store: &Arc<Store>, cmd: Cmd, json: bool, out: &mut String, cwd: Opt
             let t = std::time::Instant::now();
             let v = store.clone_volume(&sg, &sd, &sp, &tg, &td)?;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
-            print(out, json, json!({"volume": target, "size": v.size, "time_ms": ms}), || {
-                format!("cloned {source} to {target} in {ms:.1} ms")
-            });
+            print(
+                out,
+                json,
+                json!({"volume": target, "size": v.size, "time_ms": ms}),
+                || format!("cloned {source} to {target} in {ms:.1} ms"),
+            );
         }
         Cmd::Df => {
             let r = drclone::maint::df(store)?;
@@ -468,26 +592,48 @@ fn dispatch(store: &Arc<Store>, cmd: Cmd, json: bool, out: &mut String, cwd: Opt
             print(out, json, serde_json::to_value(&r)?, || {
                 format!(
                     "gc: freed {} chunks, deleted {} packs, compacted {}; packs {} -> {}",
-                    r.chunks_freed, r.packs_deleted, r.packs_compacted,
-                    human(r.pack_bytes_before), human(r.pack_bytes_after)
+                    r.chunks_freed,
+                    r.packs_deleted,
+                    r.packs_compacted,
+                    human(r.pack_bytes_before),
+                    human(r.pack_bytes_after)
                 )
             });
         }
         Cmd::Verify => {
             let pb = bar(0, "verify", fwd);
-            pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} chunks")?);
+            pb.set_style(indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} chunks",
+            )?);
             let r = drclone::maint::verify(store, &pb)?;
             print(out, json, serde_json::to_value(&r)?, || {
-                let mut s = format!("checked {} chunks ({})", r.chunks_checked, human(r.bytes_checked));
+                let mut s = format!(
+                    "checked {} chunks ({})",
+                    r.chunks_checked,
+                    human(r.bytes_checked)
+                );
                 for b in &r.bad {
-                    s += &format!("\nBAD chunk {} (pack {} offset {}): {}\n    used by: {}",
-                        b.chunk, b.pack, b.offset, b.error,
-                        if b.used_by.is_empty() { "nothing (garbage)".into() } else { b.used_by.join(", ") });
+                    s += &format!(
+                        "\nBAD chunk {} (pack {} offset {}): {}\n    used by: {}",
+                        b.chunk,
+                        b.pack,
+                        b.offset,
+                        b.error,
+                        if b.used_by.is_empty() {
+                            "nothing (garbage)".into()
+                        } else {
+                            b.used_by.join(", ")
+                        }
+                    );
                 }
                 s
             });
             if !r.ok {
-                bail!("verify found {} bad chunk(s) in store {}", r.bad.len(), store.dir().display());
+                bail!(
+                    "verify found {} bad chunk(s) in store {}",
+                    r.bad.len(),
+                    store.dir().display()
+                );
             }
         }
     }
@@ -509,5 +655,10 @@ fn fmt_time(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

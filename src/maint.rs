@@ -147,18 +147,27 @@ pub fn verify(store: &Store, progress: &indicatif::ProgressBar) -> Result<Verify
     let vis = Store::visible_epochs(&lineages, &points);
     let mut names: HashMap<(u64, u64), Vec<String>> = HashMap::new();
     for v in store.volumes(None)? {
-        names.entry((v.lineage, HEAD_EPOCH)).or_default().push(format!("{}/{}", v.group, v.disk));
+        names
+            .entry((v.lineage, HEAD_EPOCH))
+            .or_default()
+            .push(format!("{}/{}", v.group, v.disk));
     }
     for p in &points {
         for v in &p.volumes {
-            names.entry((v.lineage, v.epoch)).or_default().push(format!("{}/{}@{}", p.group, v.disk, p.id));
+            names
+                .entry((v.lineage, v.epoch))
+                .or_default()
+                .push(format!("{}/{}@{}", p.group, v.disk, p.id));
         }
     }
     let vols = store.volumes(None)?;
     for l in lineages.values() {
         if let Some((pl, pe)) = l.parent {
             if let Some(v) = vols.iter().find(|v| v.lineage == l.id) {
-                names.entry((pl, pe)).or_default().push(format!("{}/{} (clone)", v.group, v.disk));
+                names
+                    .entry((pl, pe))
+                    .or_default()
+                    .push(format!("{}/{} (clone)", v.group, v.disk));
             }
         }
     }
@@ -185,7 +194,11 @@ pub fn verify(store: &Store, progress: &indicatif::ProgressBar) -> Result<Verify
                 );
             }
             if let Some(bc) = bad.get_mut(id) {
-                let upper = if i == 0 { None } else { Some(versions[i - 1].0) };
+                let upper = if i == 0 {
+                    None
+                } else {
+                    Some(versions[i - 1].0)
+                };
                 for &ve in visible {
                     if ve >= *e && upper.is_none_or(|u| ve < u) {
                         for n in names.get(&(l, ve)).into_iter().flatten() {

@@ -230,7 +230,10 @@ impl Db {
         match v.split_first() {
             Some((&VALUE_V1, body)) => serde_json::from_slice(body).map_err(|e| Error::Format {
                 store: self.path.clone(),
-                what: format!("record {:?} does not decode: {e}", String::from_utf8_lossy(key)),
+                what: format!(
+                    "record {:?} does not decode: {e}",
+                    String::from_utf8_lossy(key)
+                ),
             }),
             _ => Err(Error::Format {
                 store: self.path.clone(),

@@ -38,9 +38,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::keys::ChunkId;
 
 /// `BLAKE3("drclone pack file v1")[0..8]`; never change it.
-pub const PACK_MAGIC: [u8; 8] = [0x5e, 0x2a, 0x43, 0x2d, 0xd6, 0x84, 0x1c, 0x41];
+pub const PACK_MAGIC: [u8; 8] = [0x5b, 0x09, 0x66, 0xde, 0x39, 0xa9, 0xb9, 0x1e];
 /// `BLAKE3("drclone pack record v1")[0..4]`; never change it.
-pub const RECORD_MAGIC: [u8; 4] = [0x9b, 0x8b, 0x2c, 0x4e];
+pub const RECORD_MAGIC: [u8; 4] = [0xe4, 0x64, 0x6c, 0xcd];
 pub const PACK_VERSION: u32 = 1;
 pub const PACK_HEADER_LEN: usize = 32;
 pub const RECORD_HEADER_LEN: usize = 56;
@@ -204,8 +204,8 @@ impl PackWriter for LocalWriter {
 impl PackBackend for LocalPacks {
     fn create(&self, id: u64) -> Result<Box<dyn PackWriter>> {
         let path = self.path(id);
-        let parent = path.parent().unwrap();
-        std::fs::create_dir_all(parent).at(parent)?;
+        let parent = path.parent().unwrap().to_path_buf();
+        std::fs::create_dir_all(&parent).at(&parent)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -216,7 +216,7 @@ impl PackBackend for LocalPacks {
         let mut w = LocalWriter { file, path, len: 0 };
         w.append(&pack_header(id))?;
         // The directory entry must be durable before anything points into the pack.
-        File::open(parent).and_then(|d| d.sync_all()).at(parent)?;
+        File::open(&parent).and_then(|d| d.sync_all()).at(&parent)?;
         Ok(Box::new(w))
     }
 
@@ -311,7 +311,10 @@ mod tests {
         b.read_at(300, off, &mut buf).unwrap();
         assert_eq!(&buf, b"abc");
         assert_eq!(b.list().unwrap(), vec![300]);
-        assert!(b.read_at(300, off + 1, &mut buf).is_err(), "short read errors");
+        assert!(
+            b.read_at(300, off + 1, &mut buf).is_err(),
+            "short read errors"
+        );
         b.delete(300).unwrap();
         assert_eq!(b.len(300).unwrap(), None);
         assert!(b.list().unwrap().is_empty());

@@ -32,9 +32,7 @@ use crate::chunks::ChunkStore;
 use crate::codec::{Codec, Compression, MasterKey};
 use crate::error::{Error, IoContext, Result};
 use crate::keys::{self, ChunkId};
-use crate::meta::{
-    encode_rec, Db, GroupRec, LineageRec, MapVal, PointRec, PointVolume, VolumeRec,
-};
+use crate::meta::{encode_rec, Db, GroupRec, LineageRec, MapVal, PointRec, PointVolume, VolumeRec};
 use crate::pack::LocalPacks;
 use crate::util::{check_name, now_secs};
 
@@ -130,7 +128,10 @@ impl Store {
         }
         let cfg_path = dir.join(CONFIG_FILE);
         if cfg_path.exists() {
-            return Err(Error::Exists(format!("a drclone store in {}", dir.display())));
+            return Err(Error::Exists(format!(
+                "a drclone store in {}",
+                dir.display()
+            )));
         }
         if dir.exists() && std::fs::read_dir(dir).at(dir)?.next().is_some() {
             return Err(Error::invalid(format!(
@@ -140,7 +141,10 @@ impl Store {
         }
         let (key_file, key_check) = if opts.encrypt {
             let path = opts.key_file.clone().ok_or_else(|| {
-                Error::Key("--encrypt needs --key-file F (an existing key, or where to write a new one)".into())
+                Error::Key(
+                    "--encrypt needs --key-file F (an existing key, or where to write a new one)"
+                        .into(),
+                )
             })?;
             let path = std::path::absolute(&path).at(&path)?;
             let key = if path.exists() {
@@ -148,7 +152,10 @@ impl Store {
             } else {
                 let k = MasterKey::generate();
                 k.save(&path)?;
-                log::info!("wrote a new key to {}; keep a copy off this host", path.display());
+                log::info!(
+                    "wrote a new key to {}; keep a copy off this host",
+                    path.display()
+                );
                 k
             };
             (Some(path), Some(key.check_value()))
@@ -177,7 +184,9 @@ impl Store {
             .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
             .at(&tmp)?;
         std::fs::rename(&tmp, &cfg_path).at(&cfg_path)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .at(dir)?;
         Ok(())
     }
 
@@ -350,7 +359,11 @@ impl Store {
         Ok(())
     }
 
-    fn new_lineage(&self, parent: Option<(u64, u64)>, batch: &mut WriteBatch) -> Result<LineageRec> {
+    fn new_lineage(
+        &self,
+        parent: Option<(u64, u64)>,
+        batch: &mut WriteBatch,
+    ) -> Result<LineageRec> {
         let id = self.db.next_counter("lineage", batch)?;
         let rec = LineageRec {
             id,
@@ -474,10 +487,9 @@ impl Store {
         let mut pvs = Vec::with_capacity(vols.len());
         let mut updated = Vec::with_capacity(vols.len());
         for v in &vols {
-            let mut lin = lins
-                .get(&v.lineage)
-                .cloned()
-                .ok_or_else(|| Error::NotFound(format!("lineage {} of {}/{}", v.lineage, v.group, v.disk)))?;
+            let mut lin = lins.get(&v.lineage).cloned().ok_or_else(|| {
+                Error::NotFound(format!("lineage {} of {}/{}", v.lineage, v.group, v.disk))
+            })?;
             pvs.push(PointVolume {
                 disk: v.disk.clone(),
                 lineage: lin.id,
@@ -501,7 +513,10 @@ impl Store {
         for l in updated {
             lins.insert(l.id, l);
         }
-        log::info!("point {id} of group {group}: {} volume(s)", rec.volumes.len());
+        log::info!(
+            "point {id} of group {group}: {} volume(s)",
+            rec.volumes.len()
+        );
         Ok(rec)
     }
 
@@ -667,7 +682,13 @@ impl Store {
         Ok(out.into_iter().map(|b| b.unwrap_or(Block::Hole)).collect())
     }
 
-    fn resolve_one_lineage(&self, lin: u64, epoch: u64, first: u64, out: &mut [Option<Block>]) -> Result<()> {
+    fn resolve_one_lineage(
+        &self,
+        lin: u64,
+        epoch: u64,
+        first: u64,
+        out: &mut [Option<Block>],
+    ) -> Result<()> {
         let end = first + out.len() as u64;
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(keys::map(lin, end, HEAD_EPOCH).to_vec());
@@ -682,7 +703,9 @@ impl Store {
         }
         it.seek(keys::map(lin, b, epoch));
         while it.valid() {
-            let Some((_, kb, ke)) = keys::parse_map(it.key().unwrap()) else { break };
+            let Some((_, kb, ke)) = keys::parse_map(it.key().unwrap()) else {
+                break;
+            };
             let slot = (kb - first) as usize;
             if out[slot].is_some() {
                 // Resolved by a child; jump to the next unresolved block.
@@ -773,7 +796,9 @@ impl Store {
             .collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| self.stripes[i].lock().unwrap()).collect()
+        idx.into_iter()
+            .map(|i| self.stripes[i].lock().unwrap())
+            .collect()
     }
 
     fn check_writable(&self, view: &View) -> Result<()> {
@@ -811,12 +836,16 @@ impl Store {
         let count = last - first + 1;
         let _locks = self.lock_blocks(view.lineage, first, count);
         let _g = self.gate.read().unwrap();
-        let lin = self.lineage(view.lineage).filter(|l| l.has_head).ok_or_else(|| {
-            Error::NotFound(format!("volume {} (removed while in use)", view.name))
-        })?;
+        let lin = self
+            .lineage(view.lineage)
+            .filter(|l| l.has_head)
+            .ok_or_else(|| {
+                Error::NotFound(format!("volume {} (removed while in use)", view.name))
+            })?;
         let current = self.resolve(view.lineage, HEAD_EPOCH, first, count)?;
         // Build each block's new content: None = zeros.
-        let mut blocks: Vec<(u64, Option<std::borrow::Cow<'_, [u8]>>)> = Vec::with_capacity(count as usize);
+        let mut blocks: Vec<(u64, Option<std::borrow::Cow<'_, [u8]>>)> =
+            Vec::with_capacity(count as usize);
         let mut pos = 0usize;
         for i in 0..count {
             let b = first + i;
@@ -859,9 +888,15 @@ impl Store {
             }
         };
         let vals: Vec<MapVal> = if blocks.len() >= PARALLEL_BLOCKS {
-            blocks.par_iter().map(|(_, c)| store_one(c)).collect::<Result<_>>()?
+            blocks
+                .par_iter()
+                .map(|(_, c)| store_one(c))
+                .collect::<Result<_>>()?
         } else {
-            blocks.iter().map(|(_, c)| store_one(c)).collect::<Result<_>>()?
+            blocks
+                .iter()
+                .map(|(_, c)| store_one(c))
+                .collect::<Result<_>>()?
         };
         let mut batch = WriteBatch::default();
         for (i, ((b, _), val)) in blocks.iter().zip(vals).enumerate() {
@@ -942,7 +977,8 @@ impl Store {
     }
 
     /// Epochs at which each lineage is visible: its retained points, the parent
-    /// epochs of clones made from it, and `HEAD_EPOCH` while it has a head.
+    /// epochs of *visible* clones made from it, and `HEAD_EPOCH` while it has a head.
+    /// A clone lineage with no head and no point pins nothing.
     pub(crate) fn visible_epochs(
         lineages: &HashMap<u64, LineageRec>,
         points: &[PointRec],
@@ -952,13 +988,22 @@ impl Store {
             if l.has_head {
                 vis.entry(l.id).or_default().push(HEAD_EPOCH);
             }
-            if let Some((pl, pe)) = l.parent {
-                vis.entry(pl).or_default().push(pe);
-            }
         }
         for p in points {
             for v in &p.volumes {
                 vis.entry(v.lineage).or_default().push(v.epoch);
+            }
+        }
+        // Visible lineages pin their parents, transitively.
+        let mut work: Vec<u64> = vis.keys().copied().collect();
+        let mut pinned = std::collections::HashSet::new();
+        while let Some(id) = work.pop() {
+            if !pinned.insert(id) {
+                continue;
+            }
+            if let Some((pl, pe)) = lineages.get(&id).and_then(|l| l.parent) {
+                vis.entry(pl).or_default().push(pe);
+                work.push(pl);
             }
         }
         for e in vis.values_mut() {
@@ -970,11 +1015,18 @@ impl Store {
 
     /// Which versions of one (lineage, block) some visible epoch sees.  `versions`
     /// is newest first; returns a parallel vector of "live" flags.
-    pub(crate) fn live_versions(versions: &[(u64, MapVal, Box<[u8]>)], visible: &[u64]) -> Vec<bool> {
+    pub(crate) fn live_versions(
+        versions: &[(u64, MapVal, Box<[u8]>)],
+        visible: &[u64],
+    ) -> Vec<bool> {
         let mut live = vec![false; versions.len()];
         // Version i is seen by epochs in [e_i, e_{i-1}); e_{-1} = infinity.
         for (i, (e, _, _)) in versions.iter().enumerate() {
-            let upper = if i == 0 { None } else { Some(versions[i - 1].0) };
+            let upper = if i == 0 {
+                None
+            } else {
+                Some(versions[i - 1].0)
+            };
             live[i] = visible
                 .iter()
                 .any(|&v| v >= *e && upper.is_none_or(|u| v < u));
@@ -986,14 +1038,15 @@ impl Store {
     /// every block with a version in `(base, epoch]` of this lineage.  Used by failback.
     pub fn changed_blocks(&self, lineage: u64, base: u64, epoch: u64) -> Result<Vec<u64>> {
         let mut out = BTreeMap::new();
-        self.db.for_prefix(&keys::map_lineage_prefix(lineage), |k, _| {
-            if let Some((_, b, e)) = keys::parse_map(k) {
-                if e > base && e <= epoch {
-                    out.insert(b, ());
+        self.db
+            .for_prefix(&keys::map_lineage_prefix(lineage), |k, _| {
+                if let Some((_, b, e)) = keys::parse_map(k) {
+                    if e > base && e <= epoch {
+                        out.insert(b, ());
+                    }
                 }
-            }
-            true
-        })?;
+                true
+            })?;
         Ok(out.into_keys().collect())
     }
 }

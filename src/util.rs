@@ -16,10 +16,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
         Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| Error::invalid(format!("invalid size {s:?}: use a number with an optional K, M, G or T suffix")))?;
+    let n: u64 = num.trim().parse().map_err(|_| {
+        Error::invalid(format!(
+            "invalid size {s:?}: use a number with an optional K, M, G or T suffix"
+        ))
+    })?;
     n.checked_mul(mult)
         .ok_or_else(|| Error::invalid(format!("size {s:?} is too large")))
 }
@@ -30,8 +31,7 @@ pub fn check_name(what: &str, s: &str) -> Result<()> {
         && s.len() <= 128
         && !s.starts_with('.')
         && !s.starts_with('-')
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
     if ok {
         Ok(())
@@ -56,7 +56,9 @@ pub fn parse_volume_ref(s: &str) -> Result<(String, String, Option<String>)> {
     check_name("disk", d)?;
     if let Some(p) = &point {
         if p.is_empty() {
-            return Err(Error::invalid(format!("invalid volume {s:?}: empty point after '@'")));
+            return Err(Error::invalid(format!(
+                "invalid volume {s:?}: empty point after '@'"
+            )));
         }
     }
     Ok((g.to_string(), d.to_string(), point))
@@ -96,7 +98,10 @@ mod tests {
         assert_eq!(parse_size("10G").unwrap(), 10 << 30);
         assert_eq!(parse_size("1TiB").unwrap(), 1 << 40);
         assert_eq!(parse_size("2MB").unwrap(), 2 << 20);
-        assert!(parse_size("ten").unwrap_err().to_string().contains("invalid size"));
+        assert!(parse_size("ten")
+            .unwrap_err()
+            .to_string()
+            .contains("invalid size"));
         assert!(parse_size("99999999999T").is_err());
         assert!(parse_size("").is_err());
     }

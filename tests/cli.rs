@@ -33,7 +33,10 @@ fn dedup_and_thin_provisioning_store_unique_bytes_once() {
     let du = du_bytes(&env.store);
     let limit = (64 * MIB) as f64 * 1.25;
     println!("store du -sb = {du} bytes; limit {limit}");
-    assert!((du as f64) <= limit, "store takes {du} bytes, more than 1.25 x 64 MiB");
+    assert!(
+        (du as f64) <= limit,
+        "store takes {du} bytes, more than 1.25 x 64 MiB"
+    );
     let df = env.json(&["df"]);
     assert_eq!(df["logical_bytes"].as_u64().unwrap(), 2 * 128 * MIB as u64);
     assert_eq!(df["unique_bytes"].as_u64().unwrap(), 64 * MIB as u64);
@@ -43,7 +46,11 @@ fn dedup_and_thin_provisioning_store_unique_bytes_once() {
     env.ok(&["export", "app1/disk1", out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
     let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&out).unwrap());
-    assert!(blocks * 512 <= 130 * MIB as u64, "export keeps zeros sparse ({} bytes allocated)", blocks * 512);
+    assert!(
+        blocks * 512 <= 130 * MIB as u64,
+        "export keeps zeros sparse ({} bytes allocated)",
+        blocks * 512
+    );
 }
 
 #[test]
@@ -55,7 +62,10 @@ fn compressible_text_takes_under_40_percent() {
     env.ok(&["volume", "create", "app1/docs", "--size", "64M"]);
     env.ok(&["import", "app1/docs", img.to_str().unwrap()]);
     let du = du_bytes(&env.store);
-    println!("64 MiB of text stores as {du} bytes ({:.1}%)", du as f64 * 100.0 / (64 * MIB) as f64);
+    println!(
+        "64 MiB of text stores as {du} bytes ({:.1}%)",
+        du as f64 * 100.0 / (64 * MIB) as f64
+    );
     assert!((du as f64) < 0.40 * (64 * MIB) as f64);
     let df = env.json(&["df"]);
     assert!(df["compression_ratio"].as_f64().unwrap() > 2.5);
@@ -78,11 +88,17 @@ fn point_stays_identical_after_head_is_overwritten_and_clone_is_writable() {
     env.ok(&["import", "app1/disk0", b.to_str().unwrap()]);
     let out = env.path("out.img");
     env.ok(&["export", &format!("app1/disk0@{id}"), out.to_str().unwrap()]);
-    assert!(std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap(), "point changed");
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap(),
+        "point changed"
+    );
     env.ok(&["export", "app1/disk0@latest", out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap());
     env.ok(&["export", "app1/disk0", out.to_str().unwrap()]);
-    assert!(std::fs::read(&out).unwrap() == std::fs::read(&b).unwrap(), "head wrong");
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&b).unwrap(),
+        "head wrong"
+    );
     // Listing is oldest first with the contract's fields.
     env.ok(&["point", "create", "app1", "--app-consistent"]);
     let list = env.json(&["point", "list", "app1"]);
@@ -99,7 +115,10 @@ fn point_stays_identical_after_head_is_overwritten_and_clone_is_writable() {
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap());
     env.ok(&["import", "drill/disk0", b.to_str().unwrap()]);
     env.ok(&["export", &format!("app1/disk0@{id}"), out.to_str().unwrap()]);
-    assert!(std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap(), "clone writes leaked into the point");
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap(),
+        "clone writes leaked into the point"
+    );
     // Removing the point keeps the clone readable (it pins its parent).
     env.ok(&["point", "rm", "app1", &id]);
     env.ok(&["gc"]);
@@ -123,7 +142,13 @@ fn clone_cost_does_not_depend_on_volume_size() {
             f.write_all(&block).unwrap();
         }
         drop(f);
-        env.ok(&["volume", "create", &format!("app1/{disk}"), "--size", &format!("{mib}M")]);
+        env.ok(&[
+            "volume",
+            "create",
+            &format!("app1/{disk}"),
+            "--size",
+            &format!("{mib}M"),
+        ]);
         env.ok(&["import", &format!("app1/{disk}"), img.to_str().unwrap()]);
         std::fs::remove_file(&img).unwrap();
     }
@@ -132,11 +157,18 @@ fn clone_cost_does_not_depend_on_volume_size() {
     let mut key_deltas = vec![];
     for disk in ["small", "large"] {
         let before = drclone_keys(&env);
-        let r = env.json(&["clone", &format!("app1/{disk}@latest"), &format!("drill/{disk}")]);
+        let r = env.json(&[
+            "clone",
+            &format!("app1/{disk}@latest"),
+            &format!("drill/{disk}"),
+        ]);
         times.push(r["time_ms"].as_f64().unwrap());
         key_deltas.push(drclone_keys(&env) - before);
     }
-    println!("clone of 16 MiB: {:.2} ms, of 1 GiB: {:.2} ms; metadata keys added: {key_deltas:?}", times[0], times[1]);
+    println!(
+        "clone of 16 MiB: {:.2} ms, of 1 GiB: {:.2} ms; metadata keys added: {key_deltas:?}",
+        times[0], times[1]
+    );
     // The clone writes the same, constant number of metadata records whatever the size.
     assert_eq!(key_deltas[0], key_deltas[1]);
     assert!(key_deltas[0] <= 4, "clone wrote {} keys", key_deltas[0]);
@@ -156,7 +188,14 @@ fn encrypted_store_hides_plaintext_and_refuses_wrong_key() {
     let key = env.path("key");
     let k = key.to_str().unwrap();
     // No compression, so only encryption can hide the plaintext.
-    env.ok(&["init", "--encrypt", "--key-file", k, "--compression", "none"]);
+    env.ok(&[
+        "init",
+        "--encrypt",
+        "--key-file",
+        k,
+        "--compression",
+        "none",
+    ]);
     assert!(key.exists(), "init writes a new key");
     env.ok(&["group", "create", "app1"]);
     env.ok(&["volume", "create", "app1/disk0", "--size", "4M"]);
@@ -181,7 +220,11 @@ fn encrypted_store_hides_plaintext_and_refuses_wrong_key() {
             } else {
                 files += 1;
                 let bytes = std::fs::read(&e).unwrap();
-                assert!(!bytes.windows(16).any(|w| w == &marker[..16]), "plaintext in {}", e.display());
+                assert!(
+                    !bytes.windows(16).any(|w| w == &marker[..16]),
+                    "plaintext in {}",
+                    e.display()
+                );
             }
         }
     }
@@ -194,10 +237,23 @@ fn encrypted_store_hides_plaintext_and_refuses_wrong_key() {
     let wrong = env.path("wrong");
     std::fs::write(&wrong, "ab".repeat(32)).unwrap();
     let before = du_bytes(&env.store);
-    let err = env.fails(&["--key-file", wrong.to_str().unwrap(), "volume", "create", "app1/x", "--size", "1M"]);
+    let err = env.fails(&[
+        "--key-file",
+        wrong.to_str().unwrap(),
+        "volume",
+        "create",
+        "app1/x",
+        "--size",
+        "1M",
+    ]);
     assert!(err.contains("wrong key"), "{err}");
     assert_eq!(du_bytes(&env.store), before);
-    let err = env.fails(&["--key-file", env.path("nokey").to_str().unwrap(), "volume", "list"]);
+    let err = env.fails(&[
+        "--key-file",
+        env.path("nokey").to_str().unwrap(),
+        "volume",
+        "list",
+    ]);
     assert!(err.contains("cannot read key file"), "{err}");
     env.ok(&["verify"]);
 }
@@ -226,9 +282,20 @@ fn verify_names_corrupt_chunks_and_their_users() {
     let bad = rep["bad"].as_array().unwrap();
     assert_eq!(bad.len(), 1, "{rep}");
     assert_eq!(bad[0]["chunk"].as_str().unwrap().len(), 64);
-    let users: Vec<&str> = bad[0]["used_by"].as_array().unwrap().iter().map(|u| u.as_str().unwrap()).collect();
-    assert!(users.iter().any(|u| u.starts_with("app1/disk0 (offset")), "{users:?}");
-    assert!(users.iter().any(|u| u.starts_with("app1/disk0@1 (offset")), "{users:?}");
+    let users: Vec<&str> = bad[0]["used_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    assert!(
+        users.iter().any(|u| u.starts_with("app1/disk0 (offset")),
+        "{users:?}"
+    );
+    assert!(
+        users.iter().any(|u| u.starts_with("app1/disk0@1 (offset")),
+        "{users:?}"
+    );
     let text = env.fails(&["verify"]);
     assert!(text.contains("bad chunk"), "{text}");
     // Reading the bad chunk is an error, not wrong data.
@@ -273,7 +340,10 @@ fn gc_reclaims_overwritten_trimmed_and_removed_data() {
     env.ok(&["point", "rm", "app1", "latest"]);
     env.ok(&["gc"]);
     let after = env.json(&["df"])["pack_bytes"].as_u64().unwrap();
-    assert!(after < 17 * MIB as u64 && after >= 16 * MIB as u64, "{after}");
+    assert!(
+        after < 17 * MIB as u64 && after >= 16 * MIB as u64,
+        "{after}"
+    );
     env.ok(&["volume", "rm", "app1/disk0"]);
     env.ok(&["gc"]);
     assert_eq!(env.json(&["df"])["pack_bytes"].as_u64().unwrap(), 0);
@@ -283,30 +353,63 @@ fn gc_reclaims_overwritten_trimmed_and_removed_data() {
 fn bad_input_gets_clear_errors_and_harms_nothing() {
     let env = Env::new();
     let err = env.fails(&["volume", "list"]);
-    assert!(err.contains("no store.json") && err.contains("drclone init"), "{err}");
+    assert!(
+        err.contains("no store.json") && err.contains("drclone init"),
+        "{err}"
+    );
     setup(&env, &[]);
     assert!(env.fails(&["init"]).contains("already exists"));
-    assert!(env.fails(&["group", "create", "app1"]).contains("already exists"));
-    assert!(env.fails(&["group", "create", "bad/name"]).contains("invalid group name"));
-    assert!(env.fails(&["volume", "create", "app1/d", "--size", "12x"]).contains("invalid size"));
-    assert!(env.fails(&["volume", "create", "app1/d", "--size", "1000"]).contains("multiple of 512"));
-    assert!(env.fails(&["volume", "create", "nope/d", "--size", "1M"]).contains("group nope not found"));
+    assert!(env
+        .fails(&["group", "create", "app1"])
+        .contains("already exists"));
+    assert!(env
+        .fails(&["group", "create", "bad/name"])
+        .contains("invalid group name"));
+    assert!(env
+        .fails(&["volume", "create", "app1/d", "--size", "12x"])
+        .contains("invalid size"));
+    assert!(env
+        .fails(&["volume", "create", "app1/d", "--size", "1000"])
+        .contains("multiple of 512"));
+    assert!(env
+        .fails(&["volume", "create", "nope/d", "--size", "1M"])
+        .contains("group nope not found"));
     env.ok(&["volume", "create", "app1/d", "--size", "1M"]);
     let big = env.path("big.img");
     std::fs::write(&big, vec![1u8; 2 * MIB]).unwrap();
-    assert!(env.fails(&["import", "app1/d", big.to_str().unwrap()]).contains("grow the volume"));
-    assert!(env.fails(&["import", "app1/d", "/nonexistent"]).contains("/nonexistent"));
-    assert!(env.fails(&["export", "app1/d@latest", "/tmp/x"]).contains("point latest of group app1 not found"));
+    assert!(env
+        .fails(&["import", "app1/d", big.to_str().unwrap()])
+        .contains("grow the volume"));
+    assert!(env
+        .fails(&["import", "app1/d", "/nonexistent"])
+        .contains("/nonexistent"));
+    assert!(env
+        .fails(&["export", "app1/d@latest", "/tmp/x"])
+        .contains("point latest of group app1 not found"));
     env.ok(&["point", "create", "app1"]);
-    assert!(env.fails(&["import", "app1/d@1", big.to_str().unwrap()]).contains("read-only"));
-    assert!(env.fails(&["clone", "app1/d", "app1/e"]).contains("must name a point"));
-    assert!(env.fails(&["clone", "app1/d@9", "app1/e"]).contains("not found"));
-    assert!(env.fails(&["volume", "resize", "app1/d", "--size", "512K"]).contains("shrinking"));
-    assert!(env.fails(&["retention", "set", "app1", "5x"]).contains("EVERY:KEEP"));
+    assert!(env
+        .fails(&["import", "app1/d@1", big.to_str().unwrap()])
+        .contains("read-only"));
+    assert!(env
+        .fails(&["clone", "app1/d", "app1/e"])
+        .contains("must name a point"));
+    assert!(env
+        .fails(&["clone", "app1/d@9", "app1/e"])
+        .contains("not found"));
+    assert!(env
+        .fails(&["volume", "resize", "app1/d", "--size", "512K"])
+        .contains("shrinking"));
+    assert!(env
+        .fails(&["retention", "set", "app1", "5x"])
+        .contains("EVERY:KEEP"));
     env.ok(&["retention", "set", "app1", "5m:24h,1h:7d"]);
     let other = Env::new();
-    assert!(other.fails(&["init", "--chunk-size", "3000"]).contains("power of two"));
-    assert!(other.fails(&["init", "--compression", "brotli"]).contains("unknown compression"));
+    assert!(other
+        .fails(&["init", "--chunk-size", "3000"])
+        .contains("power of two"));
+    assert!(other
+        .fails(&["init", "--compression", "brotli"])
+        .contains("unknown compression"));
     assert!(other.fails(&["init", "--encrypt"]).contains("--key-file"));
     // Everything stored before is intact.
     env.ok(&["verify"]);

@@ -27,7 +27,10 @@ impl Mount {
             .spawn()
             .unwrap();
         for _ in 0..500 {
-            if std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&format!(" {} fuse", dir.display())) {
+            if std::fs::read_to_string("/proc/self/mounts")
+                .unwrap()
+                .contains(&format!(" {} fuse", dir.display()))
+            {
                 return Mount { child, dir };
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -39,7 +42,9 @@ impl Mount {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let st = self.child.wait().unwrap();
         assert!(st.success(), "drclone mount exited with {st}");
-        assert!(!std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&format!(" {} fuse", self.dir.display())));
+        assert!(!std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(&format!(" {} fuse", self.dir.display())));
         std::mem::forget(self);
     }
 }
@@ -48,7 +53,10 @@ impl Drop for Mount {
     fn drop(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
-        let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.dir)
+            .status();
     }
 }
 
@@ -71,7 +79,11 @@ fn ext4_in_a_volume_file_loop_mounts_and_checks_clean() {
     sh(&format!("mkfs.ext4 -q -F {}", file.display()));
     let lo = env.path("lo");
     std::fs::create_dir_all(&lo).unwrap();
-    sh(&format!("mount -o loop {} {}", file.display(), lo.display()));
+    sh(&format!(
+        "mount -o loop {} {}",
+        file.display(),
+        lo.display()
+    ));
     let payload = random_bytes(11, 8 * MIB);
     std::fs::write(lo.join("payload.bin"), &payload).unwrap();
     std::fs::create_dir_all(lo.join("etc")).unwrap();
@@ -93,10 +105,20 @@ fn ext4_in_a_volume_file_loop_mounts_and_checks_clean() {
     }
     assert!(std::fs::read(&pfile).unwrap() == std::fs::read(&out).unwrap());
     sh(&format!("e2fsck -fn {}", pfile.display()));
-    let err = std::fs::OpenOptions::new().write(true).open(&pfile).unwrap_err();
-    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)), "{err}");
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pfile)
+        .unwrap_err();
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "{err}"
+    );
     // Loop-mount the point read-only and read the file back.
-    sh(&format!("mount -o loop,ro,noload {} {}", pfile.display(), lo.display()));
+    sh(&format!(
+        "mount -o loop,ro,noload {} {}",
+        pfile.display(),
+        lo.display()
+    ));
     assert!(std::fs::read(lo.join("payload.bin")).unwrap() == payload);
     sh(&format!("umount {}", lo.display()));
     m.stop();
@@ -123,7 +145,11 @@ fn punch_hole_then_gc_frees_space_and_seek_hole_works() {
     assert_eq!(out.trim(), format!("{} 5", 32 * MIB));
     let before = env.json(&["df"])["pack_bytes"].as_u64().unwrap();
     // Punch a 16 MiB hole with an unaligned start: the edge chunk is zero-filled.
-    sh(&format!("fallocate --punch-hole --keep-size --offset 1000 --length {} {}", 16 * MIB, file.display()));
+    sh(&format!(
+        "fallocate --punch-hole --keep-size --offset 1000 --length {} {}",
+        16 * MIB,
+        file.display()
+    ));
     let data = std::fs::read(&file).unwrap();
     assert!(data[1000..1000 + 16 * MIB].iter().all(|&b| b == 0));
     assert!(data[..1000] == std::fs::read(&img).unwrap()[..1000]);
@@ -138,7 +164,11 @@ fn punch_hole_then_gc_frees_space_and_seek_hole_works() {
     assert!(after + 15 * MIB as u64 <= before, "{before} -> {after}");
     // cp --sparse through the mount keeps the hole.
     let copy = env.path("copy.img");
-    sh(&format!("cp --sparse=always {} {}", file.display(), copy.display()));
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        file.display(),
+        copy.display()
+    ));
     let alloc = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&copy).unwrap()) * 512;
     assert!(alloc <= 17 * MIB as u64, "copy allocates {alloc}");
     m.stop();
@@ -160,15 +190,64 @@ fn qemu_img_info_and_convert_on_mounted_files() {
     // Without the daemon: the mount opens the store itself.
     let m = Mount::start(&env);
     let file = m.dir.join("app1/disk0");
-    let info: serde_json::Value = serde_json::from_str(&run("qemu-img", &["info", "--output=json", "-f", "raw", file.to_str().unwrap()])).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&run(
+        "qemu-img",
+        &["info", "--output=json", "-f", "raw", file.to_str().unwrap()],
+    ))
+    .unwrap();
     assert_eq!(info["virtual-size"], 16 * MIB as u64);
     let q = env.path("out.qcow2");
-    run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", file.to_str().unwrap(), q.to_str().unwrap()]);
-    run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", q.to_str().unwrap(), img.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            file.to_str().unwrap(),
+            q.to_str().unwrap(),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            q.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
     // convert into the mount too
     let back = env.path("back.raw");
-    run("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", q.to_str().unwrap(), back.to_str().unwrap()]);
-    run("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", back.to_str().unwrap(), file.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            q.to_str().unwrap(),
+            back.to_str().unwrap(),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            back.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ],
+    );
     m.stop();
     let out = env.path("o.img");
     env.ok(&["export", "app1/disk0", out.to_str().unwrap()]);
@@ -187,7 +266,10 @@ fn stale_mount_gets_a_clear_message_and_a_way_out() {
     let dir = m.dir.clone();
     std::mem::forget(m);
     let err = env.fails(&["mount", dir.to_str().unwrap()]);
-    assert!(err.contains("drclone unmount") && err.contains("fusermount3 -u"), "{err}");
+    assert!(
+        err.contains("drclone unmount") && err.contains("fusermount3 -u"),
+        "{err}"
+    );
     env.ok(&["unmount", dir.to_str().unwrap()]);
     let m = Mount::start(&env);
     assert!(Path::new(&m.dir).join("app1").is_dir());

@@ -13,12 +13,28 @@ const VOL: u64 = 16 * CS;
 enum Op {
     /// Write `len` bytes of a pattern seeded by `seed` (seed % 4 == 0: zeros,
     /// seed % 4 == 1: one of 4 repeated blocks, else unique) at `off` of volume `v`.
-    Write { v: usize, off: u64, len: u64, seed: u32 },
-    Trim { v: usize, off: u64, len: u64 },
+    Write {
+        v: usize,
+        off: u64,
+        len: u64,
+        seed: u32,
+    },
+    Trim {
+        v: usize,
+        off: u64,
+        len: u64,
+    },
     Point,
-    Clone { point: usize, disk: usize },
-    RemovePoint { point: usize },
-    RemoveVolume { v: usize },
+    Clone {
+        point: usize,
+        disk: usize,
+    },
+    RemovePoint {
+        point: usize,
+    },
+    RemoveVolume {
+        v: usize,
+    },
     Gc,
     Reopen,
 }
@@ -41,7 +57,9 @@ fn pattern(seed: u32, len: usize, off: u64) -> Vec<u8> {
         0 => vec![0u8; len],
         1 => {
             // Block-aligned repeated content so dedup kicks in.
-            (0..len as u64).map(|i| (((off + i) % CS) as u8) ^ (seed as u8 & 3)).collect()
+            (0..len as u64)
+                .map(|i| (((off + i) % CS) as u8) ^ (seed as u8 & 3))
+                .collect()
         }
         _ => {
             let mut x = seed as u64 | 1;
@@ -73,7 +91,11 @@ fn check_all(s: &Store, m: &Model) {
     for (id, disks) in &m.points {
         for (d, want) in disks {
             let v = s.view("app", d, Some(&id.to_string())).unwrap();
-            assert_eq!(&s.read(&v, 0, VOL as usize).unwrap(), want, "point {id} disk {d}");
+            assert_eq!(
+                &s.read(&v, 0, VOL as usize).unwrap(),
+                want,
+                "point {id} disk {d}"
+            );
         }
     }
 }
@@ -94,14 +116,19 @@ fn run(ops: Vec<Op>, encrypt: bool) {
     )
     .unwrap();
     let mut s = Some(Store::open(&path, None).unwrap());
-    let mut m = Model { vols: BTreeMap::new(), points: BTreeMap::new(), clones: 0 };
+    let mut m = Model {
+        vols: BTreeMap::new(),
+        points: BTreeMap::new(),
+        clones: 0,
+    };
     {
         let s = s.as_ref().unwrap();
         s.create_group("app").unwrap();
         s.create_group("drill").unwrap();
         for d in ["d0", "d1"] {
             s.create_volume("app", d, VOL).unwrap();
-            m.vols.insert(("app".into(), d.into()), vec![0u8; VOL as usize]);
+            m.vols
+                .insert(("app".into(), d.into()), vec![0u8; VOL as usize]);
         }
     }
     for op in ops {
@@ -109,21 +136,29 @@ fn run(ops: Vec<Op>, encrypt: bool) {
         let keys: Vec<(String, String)> = m.vols.keys().cloned().collect();
         match op {
             Op::Write { v, off, len, seed } => {
-                if keys.is_empty() { continue; }
+                if keys.is_empty() {
+                    continue;
+                }
                 let (g, d) = &keys[v % keys.len()];
                 let len = len.min(VOL - off);
                 let data = pattern(seed, len as usize, off);
                 let view = store.view(g, d, None).unwrap();
                 store.write(&view, off, &data).unwrap();
-                m.vols.get_mut(&(g.clone(), d.clone())).unwrap()[off as usize..(off + len) as usize].copy_from_slice(&data);
+                m.vols.get_mut(&(g.clone(), d.clone())).unwrap()
+                    [off as usize..(off + len) as usize]
+                    .copy_from_slice(&data);
             }
             Op::Trim { v, off, len } => {
-                if keys.is_empty() { continue; }
+                if keys.is_empty() {
+                    continue;
+                }
                 let (g, d) = &keys[v % keys.len()];
                 let len = len.min(VOL - off);
                 let view = store.view(g, d, None).unwrap();
                 store.zero(&view, off, len).unwrap();
-                m.vols.get_mut(&(g.clone(), d.clone())).unwrap()[off as usize..(off + len) as usize].fill(0);
+                m.vols.get_mut(&(g.clone(), d.clone())).unwrap()
+                    [off as usize..(off + len) as usize]
+                    .fill(0);
             }
             Op::Point => {
                 let p = store.create_point("app", false, None).unwrap();
@@ -138,28 +173,39 @@ fn run(ops: Vec<Op>, encrypt: bool) {
             }
             Op::Clone { point, disk } => {
                 let ids: Vec<u64> = m.points.keys().copied().collect();
-                if ids.is_empty() { continue; }
+                if ids.is_empty() {
+                    continue;
+                }
                 let id = ids[point % ids.len()];
                 let disks: Vec<String> = m.points[&id].keys().cloned().collect();
-                if disks.is_empty() { continue; }
+                if disks.is_empty() {
+                    continue;
+                }
                 let d = &disks[disk % disks.len()];
                 m.clones += 1;
                 let name = format!("c{}", m.clones);
-                store.clone_volume("app", d, &id.to_string(), "drill", &name).unwrap();
+                store
+                    .clone_volume("app", d, &id.to_string(), "drill", &name)
+                    .unwrap();
                 let content = m.points[&id][d].clone();
                 m.vols.insert(("drill".into(), name), content);
             }
             Op::RemovePoint { point } => {
                 let ids: Vec<u64> = m.points.keys().copied().collect();
-                if ids.is_empty() { continue; }
+                if ids.is_empty() {
+                    continue;
+                }
                 let id = ids[point % ids.len()];
                 store.remove_point("app", &id.to_string()).unwrap();
                 m.points.remove(&id);
             }
             Op::RemoveVolume { v } => {
                 // Keep app's disks (points need a group with volumes to be useful).
-                let drills: Vec<&(String, String)> = keys.iter().filter(|(g, _)| g == "drill").collect();
-                if drills.is_empty() { continue; }
+                let drills: Vec<&(String, String)> =
+                    keys.iter().filter(|(g, _)| g == "drill").collect();
+                if drills.is_empty() {
+                    continue;
+                }
                 let (g, d) = drills[v % drills.len()].clone();
                 store.remove_volume(&g, &d).unwrap();
                 m.vols.remove(&(g, d));
@@ -187,7 +233,11 @@ fn run(ops: Vec<Op>, encrypt: bool) {
     drclone::gc::gc(&s).unwrap();
     let st = s.chunks.stats().unwrap();
     assert_eq!(st.chunks, 0, "every chunk is reclaimed");
-    assert_eq!(s.chunks.backend.bytes().unwrap(), 0, "every pack is deleted");
+    assert_eq!(
+        s.chunks.backend.bytes().unwrap(),
+        0,
+        "every pack is deleted"
+    );
 }
 
 proptest! {

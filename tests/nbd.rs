@@ -23,27 +23,54 @@ fn nbdinfo_lists_exports_and_reports_capabilities() {
     let srv = Server::start(&env);
     let list = run("nbdinfo", &["--list", "--json", &srv.tcp("")]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let names: Vec<&str> = v["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
     for want in ["app1/disk0", "app1/disk1", "app1/disk0@1", "app1/disk1@1"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
-    let info: serde_json::Value = serde_json::from_str(&run("nbdinfo", &["--json", &srv.unix("app1/disk0")])).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&run("nbdinfo", &["--json", &srv.unix("app1/disk0")])).unwrap();
     let e = &info["exports"][0];
     assert_eq!(e["export-size"], 64 * MIB as u64);
-    for flag in ["can_multi_conn", "can_trim", "can_zero", "can_fast_zero", "can_fua", "can_flush", "can_cache"] {
+    for flag in [
+        "can_multi_conn",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_fua",
+        "can_flush",
+        "can_cache",
+    ] {
         assert_eq!(e[flag], true, "{flag} in {e}");
     }
     assert_eq!(e["is_read_only"], false);
     assert_eq!(e["block_size_preferred"], 65536);
-    let ctx: Vec<&str> = e["contexts"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let ctx: Vec<&str> = e["contexts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
     assert!(ctx.contains(&"base:allocation"), "{ctx:?}");
     // A point is read-only.
-    let info: serde_json::Value = serde_json::from_str(&run("nbdinfo", &["--json", &srv.tcp("app1/disk0@latest")])).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&run("nbdinfo", &["--json", &srv.tcp("app1/disk0@latest")])).unwrap();
     assert_eq!(info["exports"][0]["is_read_only"], true);
     // Unknown exports get an error, not a dropped server.
-    let out = std::process::Command::new("nbdinfo").arg(srv.tcp("app1/nope")).output().unwrap();
+    let out = std::process::Command::new("nbdinfo")
+        .arg(srv.tcp("app1/nope"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     run("nbdinfo", &[&srv.tcp("app1/disk1")]);
 }
 
@@ -52,21 +79,34 @@ fn sparse_image(path: &std::path::Path, size: usize) -> Vec<(usize, usize)> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::create(path).unwrap();
     f.set_len(size as u64).unwrap();
-    let ranges = vec![(0, 256 << 10), (MIB, 64 << 10), (3 * MIB, 2 * MIB), (size - (128 << 10), 128 << 10)];
+    let ranges = vec![
+        (0, 256 << 10),
+        (MIB, 64 << 10),
+        (3 * MIB, 2 * MIB),
+        (size - (128 << 10), 128 << 10),
+    ];
     for (i, (o, l)) in ranges.iter().enumerate() {
-        f.write_all_at(&random_bytes(i as u64 + 10, *l), *o as u64).unwrap();
+        f.write_all_at(&random_bytes(i as u64 + 10, *l), *o as u64)
+            .unwrap();
     }
     ranges
 }
 
 /// Data ranges of a `qemu-img map --output=json` or `nbdinfo --map --json` listing.
-fn data_ranges(v: &serde_json::Value, start_key: &str, is_data: impl Fn(&serde_json::Value) -> bool) -> Vec<(u64, u64)> {
+fn data_ranges(
+    v: &serde_json::Value,
+    start_key: &str,
+    is_data: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = vec![];
     for e in v.as_array().unwrap() {
         if !is_data(e) {
             continue;
         }
-        let (o, l) = (e[start_key].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let (o, l) = (
+            e[start_key].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+        );
         match out.last_mut() {
             Some(last) if last.0 + last.1 == o => last.1 += l,
             _ => out.push((o, l)),
@@ -85,9 +125,16 @@ fn map_shows_holes_and_agrees_with_qemu_img_map_of_the_file() {
     let ranges = sparse_image(&img, 8 * MIB);
     env.ok(&["import", "app1/disk0", img.to_str().unwrap()]);
     let srv = Server::start(&env);
-    let nbd_map: serde_json::Value = serde_json::from_str(&run("nbdinfo", &["--map", "--json", &srv.unix("app1/disk0")])).unwrap();
-    let file_map: serde_json::Value =
-        serde_json::from_str(&run("qemu-img", &["map", "--output=json", "-f", "raw", img.to_str().unwrap()])).unwrap();
+    let nbd_map: serde_json::Value = serde_json::from_str(&run(
+        "nbdinfo",
+        &["--map", "--json", &srv.unix("app1/disk0")],
+    ))
+    .unwrap();
+    let file_map: serde_json::Value = serde_json::from_str(&run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", img.to_str().unwrap()],
+    ))
+    .unwrap();
     let from_nbd = data_ranges(&nbd_map, "offset", |e| e["type"].as_u64().unwrap() & 1 == 0);
     let from_file = data_ranges(&file_map, "start", |e| e["data"] == true);
     let want: Vec<(u64, u64)> = ranges.iter().map(|&(o, l)| (o as u64, l as u64)).collect();
@@ -96,8 +143,11 @@ fn map_shows_holes_and_agrees_with_qemu_img_map_of_the_file() {
     // Holes are reported as hole+zero (type 3).
     assert!(nbd_map.as_array().unwrap().iter().any(|e| e["type"] == 3));
     // qemu-img's own view over NBD agrees too.
-    let q: serde_json::Value =
-        serde_json::from_str(&run("qemu-img", &["map", "--output=json", "-f", "raw", &srv.tcp("app1/disk0")])).unwrap();
+    let q: serde_json::Value = serde_json::from_str(&run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &srv.tcp("app1/disk0")],
+    ))
+    .unwrap();
     assert_eq!(data_ranges(&q, "start", |e| e["data"] == true), want);
 }
 
@@ -115,19 +165,44 @@ fn qemu_img_compare_and_nbdcopy_round_trip() {
     env.ok(&["import", "app1/disk0", img.to_str().unwrap()]);
     env.ok(&["volume", "create", "app1/copy", "--size", "48M"]);
     let srv = Server::start(&env);
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &srv.tcp("app1/disk0"), img.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &srv.tcp("app1/disk0"),
+            img.to_str().unwrap(),
+        ],
+    );
     // nbdcopy a local file into another volume, then back out.
     run("nbdcopy", &[img.to_str().unwrap(), &srv.unix("app1/copy")]);
     let out = env.path("out.img");
     run("nbdcopy", &[&srv.tcp("app1/copy"), out.to_str().unwrap()]);
-    assert!(std::fs::read(&out).unwrap() == data, "nbdcopy round trip changed the data");
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "nbdcopy round trip changed the data"
+    );
     // The CLI sees the same bytes through the daemon.
     let out2 = env.path("out2.img");
     env.ok(&["export", "app1/copy", out2.to_str().unwrap()]);
     assert!(std::fs::read(&out2).unwrap() == data);
     // A point of the copy compares equal as well.
     env.ok(&["point", "create", "app1"]);
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &srv.tcp("app1/copy@latest"), img.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &srv.tcp("app1/copy@latest"),
+            img.to_str().unwrap(),
+        ],
+    );
 }
 
 #[test]
@@ -140,26 +215,45 @@ fn qemu_io_write_fua_flush_discard_and_write_zeroes() {
     let out = run(
         "qemu-io",
         &[
-            "-f", "raw", &uri,
-            "-c", "write -P 0xab 0 128k",
-            "-c", "write -f -P 0xcd 70000 5000",
-            "-c", "flush",
-            "-c", "write -P 0x11 1M 256k",
-            "-c", "discard 1M 128k",
-            "-c", "write -z 1152k 64k",
-            "-c", "write -z -u 2M 64k",
-            "-c", "read -P 0xab 0 70000",
-            "-c", "read -P 0xcd 70000 5000",
-            "-c", "read -P 0xab 75000 56072",
-            "-c", "read -P 0 1M 192k",
-            "-c", "read -P 0x11 1216k 64k",
-            "-c", "read -P 0 2M 64k",
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xab 0 128k",
+            "-c",
+            "write -f -P 0xcd 70000 5000",
+            "-c",
+            "flush",
+            "-c",
+            "write -P 0x11 1M 256k",
+            "-c",
+            "discard 1M 128k",
+            "-c",
+            "write -z 1152k 64k",
+            "-c",
+            "write -z -u 2M 64k",
+            "-c",
+            "read -P 0xab 0 70000",
+            "-c",
+            "read -P 0xcd 70000 5000",
+            "-c",
+            "read -P 0xab 75000 56072",
+            "-c",
+            "read -P 0 1M 192k",
+            "-c",
+            "read -P 0x11 1216k 64k",
+            "-c",
+            "read -P 0 2M 64k",
         ],
     );
     assert!(!out.contains("fail") && !out.contains("error"), "{out}");
     assert_eq!(out.matches("read ").count(), 6, "{out}");
     // Discarded and zeroed ranges are holes again.
-    let m: serde_json::Value = serde_json::from_str(&run("nbdinfo", &["--map", "--json", &srv.unix("app1/disk0")])).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&run(
+        "nbdinfo",
+        &["--map", "--json", &srv.unix("app1/disk0")],
+    ))
+    .unwrap();
     let data = data_ranges(&m, "offset", |e| e["type"].as_u64().unwrap() & 1 == 0);
     assert_eq!(data, vec![(0, 128 << 10), (1216 << 10, 64 << 10)], "{m}");
 }
@@ -229,7 +323,10 @@ fn fio_verify_with_four_jobs_at_iodepth_16() {
     for j in jobs {
         assert_eq!(j["error"], 0, "{j}");
         assert_eq!(j["write"]["io_bytes"].as_u64().unwrap(), 16 * MIB as u64);
-        assert!(j["read"]["io_bytes"].as_u64().unwrap() >= 16 * MIB as u64, "verify read back");
+        assert!(
+            j["read"]["io_bytes"].as_u64().unwrap() >= 16 * MIB as u64,
+            "verify read back"
+        );
     }
 }
 
@@ -239,15 +336,50 @@ fn flushed_writes_survive_kill_9() {
     let env = Env::new();
     store_with_disk(&env, "8M");
     let srv = Server::start(&env);
-    run("qemu-io", &["-f", "raw", &srv.tcp("app1/disk0"), "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x77 3M 12k", "-c", "flush"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &srv.tcp("app1/disk0"),
+            "-c",
+            "write -P 0x5a 0 1M",
+            "-c",
+            "write -P 0x77 3M 12k",
+            "-c",
+            "flush",
+        ],
+    );
     // FUA without an explicit flush.
-    run("qemu-io", &["-f", "raw", &srv.tcp("app1/disk0"), "-c", "write -f -P 0x33 5M 64k"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &srv.tcp("app1/disk0"),
+            "-c",
+            "write -f -P 0x33 5M 64k",
+        ],
+    );
     srv.kill9();
     // The store reopens after the crash (recovery seals the open pack) ...
     let srv = Server::start(&env);
     let out = run(
         "qemu-io",
-        &["-f", "raw", "-r", &srv.tcp("app1/disk0"), "-c", "read -P 0x5a 0 1M", "-c", "read -P 0x77 3M 12k", "-c", "read -P 0x33 5M 64k", "-c", "read -P 0 1M 2M"],
+        &[
+            "-f",
+            "raw",
+            "-r",
+            &srv.tcp("app1/disk0"),
+            "-c",
+            "read -P 0x5a 0 1M",
+            "-c",
+            "read -P 0x77 3M 12k",
+            "-c",
+            "read -P 0x33 5M 64k",
+            "-c",
+            "read -P 0 1M 2M",
+        ],
     );
     assert!(!out.contains("fail"), "{out}");
     assert_eq!(out.matches("read ").count(), 4, "{out}");
@@ -269,11 +401,26 @@ fn every_cli_command_works_while_serve_runs() {
     let img = env.path("a.img");
     std::fs::write(&img, random_bytes(4, 8 * MIB)).unwrap();
     // A relative path is resolved against the client's working directory.
-    let out = env.cmd().current_dir(env.dir.path()).args(["import", "app1/disk0", "a.img"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env
+        .cmd()
+        .current_dir(env.dir.path())
+        .args(["import", "app1/disk0", "a.img"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let p = env.json(&["point", "create", "app1", "--label", "l1"]);
     assert_eq!(p["label"], "l1");
-    assert_eq!(env.json(&["point", "list", "app1"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        env.json(&["point", "list", "app1"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     env.ok(&["retention", "set", "app1", "5m:24h"]);
     env.ok(&["clone", "app1/disk0@latest", "drill/disk0"]);
     let out = env.path("o.img");
@@ -286,11 +433,24 @@ fn every_cli_command_works_while_serve_runs() {
     env.ok(&["gc"]);
     assert_eq!(env.json(&["verify"])["ok"], true);
     // Errors come back through the daemon with a non-zero exit.
-    assert!(env.fails(&["volume", "create", "app1/disk0", "--size", "1M"]).contains("already exists"));
+    assert!(env
+        .fails(&["volume", "create", "app1/disk0", "--size", "1M"])
+        .contains("already exists"));
     assert!(env.fails(&["serve"]).contains("already running"));
     // The data written over the CLI is what NBD clients see.
     need("qemu-img");
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &srv.tcp("drill/disk0"), img.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &srv.tcp("drill/disk0"),
+            img.to_str().unwrap(),
+        ],
+    );
     // SIGTERM shuts down cleanly and the store opens directly afterwards.
     assert!(srv.stop().success());
     assert!(!env.store.join("control.sock").exists());
@@ -306,7 +466,19 @@ fn captive_stdio_server_and_hostile_input() {
     let store = env.store.to_str().unwrap().to_string();
     let out = run(
         "nbdinfo",
-        &["--json", "--", "[", bin.to_str().unwrap(), "--store", &store, "serve", "--stdio", "--default-export", "app1/disk0", "]"],
+        &[
+            "--json",
+            "--",
+            "[",
+            bin.to_str().unwrap(),
+            "--store",
+            &store,
+            "serve",
+            "--stdio",
+            "--default-export",
+            "app1/disk0",
+            "]",
+        ],
     );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["exports"][0]["export-size"], 2 * MIB as u64);
@@ -314,7 +486,11 @@ fn captive_stdio_server_and_hostile_input() {
     // Hostile bytes on a TCP connection never take the server down.
     use std::io::{Read, Write};
     let srv = Server::start(&env);
-    for garbage in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0xffu8; 64][..], &[0u8; 4][..]] {
+    for garbage in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        &[0xffu8; 64][..],
+        &[0u8; 4][..],
+    ] {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
         let mut greet = [0u8; 18];
         s.read_exact(&mut greet).unwrap();
@@ -334,7 +510,11 @@ fn captive_stdio_server_and_hostile_input() {
     s.write_all(&opt).unwrap();
     let mut rep = [0u8; 20];
     s.read_exact(&mut rep).unwrap();
-    assert_eq!(u32::from_be_bytes(rep[12..16].try_into().unwrap()), (1 << 31) + 1, "NBD_REP_ERR_UNSUP");
+    assert_eq!(
+        u32::from_be_bytes(rep[12..16].try_into().unwrap()),
+        (1 << 31) + 1,
+        "NBD_REP_ERR_UNSUP"
+    );
     drop(s);
     run("nbdinfo", &[&srv.tcp("app1/disk0")]);
 }

@@ -135,7 +135,10 @@ impl<'a> Reader<'a> {
     }
     pub fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
         if self.buf.len() < n {
-            return err(format!("message truncated: wanted {n} more bytes, have {}", self.buf.len()));
+            return err(format!(
+                "message truncated: wanted {n} more bytes, have {}",
+                self.buf.len()
+            ));
         }
         let (a, b) = self.buf.split_at(n);
         self.buf = b;
@@ -335,7 +338,13 @@ pub fn structured_header(cookie: u64, flags: u16, typ: u16, len: u32) -> [u8; 20
 /// A structured error chunk (always the final chunk: DONE set).
 pub fn structured_error(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
-    let mut v = structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u32).to_vec();
+    let mut v = structured_header(
+        cookie,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        6 + msg.len() as u32,
+    )
+    .to_vec();
     v.extend_from_slice(&error.to_be_bytes());
     v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     v.extend_from_slice(msg);
@@ -360,7 +369,13 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_short_or_bad_input_errors() {
-        let r = Request { flags: CMD_FLAG_FUA, typ: CMD_WRITE, cookie: 77, offset: 1 << 40, length: 4096 };
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            typ: CMD_WRITE,
+            cookie: 77,
+            offset: 1 << 40,
+            length: 4096,
+        };
         assert_eq!(Request::decode(&r.encode()).unwrap(), r);
         for n in 0..REQUEST_LEN {
             assert!(Request::decode(&r.encode()[..n]).is_err());
@@ -378,7 +393,10 @@ mod tests {
         go.extend_from_slice(&2u16.to_be_bytes());
         go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
         go.extend_from_slice(&INFO_NAME.to_be_bytes());
-        assert_eq!(parse_info_request(&go).unwrap(), ("app/d".into(), vec![3, 1]));
+        assert_eq!(
+            parse_info_request(&go).unwrap(),
+            ("app/d".into(), vec![3, 1])
+        );
         for n in 0..go.len() {
             assert!(parse_info_request(&go[..n]).is_err(), "prefix {n}");
         }
@@ -395,7 +413,10 @@ mod tests {
         meta.extend_from_slice(&1u32.to_be_bytes());
         meta.extend_from_slice(&15u32.to_be_bytes());
         meta.extend_from_slice(BASE_ALLOCATION.as_bytes());
-        assert_eq!(parse_meta_request(&meta).unwrap(), ("x".into(), vec![BASE_ALLOCATION.to_string()]));
+        assert_eq!(
+            parse_meta_request(&meta).unwrap(),
+            ("x".into(), vec![BASE_ALLOCATION.to_string()])
+        );
         for n in 0..meta.len() {
             assert!(parse_meta_request(&meta[..n]).is_err());
         }

@@ -36,7 +36,8 @@ pub fn export_names(store: &Store) -> crate::Result<Vec<String>> {
 }
 
 fn transmission_flags(view: &View) -> u16 {
-    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    let mut f =
+        TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
     if view.writable {
         f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
     } else {
@@ -85,7 +86,13 @@ pub fn serve_connection(
 ) {
     let mut r = BufReader::with_capacity(256 << 10, reader);
     let w: Writer = Arc::new(Mutex::new(BufWriter::with_capacity(256 << 10, writer)));
-    let mut c = Conn { store, default_export: default_export.map(str::to_string), structured: false, meta_context: false, no_zeroes: false };
+    let mut c = Conn {
+        store,
+        default_export: default_export.map(str::to_string),
+        structured: false,
+        meta_context: false,
+        no_zeroes: false,
+    };
     match c.negotiate(&mut r, &w) {
         Ok(Some(view)) => {
             log::info!("nbd {peer}: serving {}", view.name);
@@ -109,7 +116,9 @@ impl Conn {
     fn resolve(&self, name: &str) -> Result<View, String> {
         let name = match (name, &self.default_export) {
             ("", Some(d)) => d.as_str(),
-            ("", None) => return Err("no default export: name one of the exports (nbdinfo --list)".into()),
+            ("", None) => {
+                return Err("no default export: name one of the exports (nbdinfo --list)".into())
+            }
             (n, _) => n,
         };
         self.store.view_ref(name).map_err(|e| e.to_string())
@@ -129,12 +138,18 @@ impl Conn {
         loop {
             let mut h = [0u8; 16];
             if let Err(e) = read_exact(r, &mut h) {
-                return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(None) } else { Err(e) };
+                return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Ok(None)
+                } else {
+                    Err(e)
+                };
             }
             let (opt, len) = option_header(&h).map_err(|e| std::io::Error::other(e.0))?;
             if len > MAX_OPTION_LEN {
                 // Too big to be honest; the spec lets us drop such a client.
-                return Err(std::io::Error::other(format!("option {opt} of {len} bytes is too large")));
+                return Err(std::io::Error::other(format!(
+                    "option {opt} of {len} bytes is too large"
+                )));
             }
             let mut data = vec![0u8; len as usize];
             read_exact(r, &mut data)?;
@@ -143,7 +158,14 @@ impl Conn {
                     let name = String::from_utf8_lossy(&data).to_string();
                     return match self.resolve(&name) {
                         Ok(view) => {
-                            self.send(w, &export_name_reply(view.size, transmission_flags(&view), self.no_zeroes))?;
+                            self.send(
+                                w,
+                                &export_name_reply(
+                                    view.size,
+                                    transmission_flags(&view),
+                                    self.no_zeroes,
+                                ),
+                            )?;
                             Ok(Some(view))
                         }
                         // EXPORT_NAME has no error reply: the server closes.
@@ -184,13 +206,27 @@ impl Conn {
                             continue;
                         }
                     };
-                    self.send(w, &option_reply(opt, REP_INFO, &info_export(view.size, transmission_flags(&view))))?;
+                    self.send(
+                        w,
+                        &option_reply(
+                            opt,
+                            REP_INFO,
+                            &info_export(view.size, transmission_flags(&view)),
+                        ),
+                    )?;
                     if infos.contains(&INFO_NAME) {
                         self.send(w, &option_reply(opt, REP_INFO, &info_name(&view.name)))?;
                     }
                     if infos.contains(&INFO_BLOCK_SIZE) {
                         let cs = self.store.chunk_size() as u32;
-                        self.send(w, &option_reply(opt, REP_INFO, &info_block_size(1, cs.min(MAX_PAYLOAD), MAX_PAYLOAD)))?;
+                        self.send(
+                            w,
+                            &option_reply(
+                                opt,
+                                REP_INFO,
+                                &info_block_size(1, cs.min(MAX_PAYLOAD), MAX_PAYLOAD),
+                            ),
+                        )?;
                     }
                     self.send(w, &option_reply(opt, REP_ACK, &[]))?;
                     if opt == OPT_GO {
@@ -199,7 +235,12 @@ impl Conn {
                 }
                 OPT_STRUCTURED_REPLY => {
                     if !data.is_empty() {
-                        self.opt_error(w, opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                        self.opt_error(
+                            w,
+                            opt,
+                            REP_ERR_INVALID,
+                            "NBD_OPT_STRUCTURED_REPLY takes no data",
+                        )?;
                         continue;
                     }
                     self.structured = true;
@@ -207,7 +248,12 @@ impl Conn {
                 }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                     if opt == OPT_SET_META_CONTEXT && !self.structured {
-                        self.opt_error(w, opt, REP_ERR_INVALID, "negotiate structured replies first")?;
+                        self.opt_error(
+                            w,
+                            opt,
+                            REP_ERR_INVALID,
+                            "negotiate structured replies first",
+                        )?;
                         continue;
                     }
                     let (name, queries) = match parse_meta_request(&data) {
@@ -222,12 +268,20 @@ impl Conn {
                         continue;
                     }
                     let wanted = if opt == OPT_LIST_META_CONTEXT {
-                        queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
+                        queries.is_empty()
+                            || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
                     } else {
                         queries.iter().any(|q| q == BASE_ALLOCATION)
                     };
                     if wanted {
-                        self.send(w, &option_reply(opt, REP_META_CONTEXT, &rep_meta_context(1, BASE_ALLOCATION)))?;
+                        self.send(
+                            w,
+                            &option_reply(
+                                opt,
+                                REP_META_CONTEXT,
+                                &rep_meta_context(1, BASE_ALLOCATION),
+                            ),
+                        )?;
                     }
                     if opt == OPT_SET_META_CONTEXT {
                         self.meta_context = wanted;
@@ -286,10 +340,18 @@ impl Conn {
                     // Consume what the client sends so the stream stays in sync, if
                     // that is sane; otherwise drop the client.
                     if req.length > 256 << 20 {
-                        return Err(std::io::Error::other(format!("write of {} bytes is too large", req.length)));
+                        return Err(std::io::Error::other(format!(
+                            "write of {} bytes is too large",
+                            req.length
+                        )));
                     }
                     std::io::copy(&mut r.take(req.length as u64), &mut std::io::sink())?;
-                    self.reply_error(w, req.cookie, EOVERFLOW, "write larger than the maximum block size")?;
+                    self.reply_error(
+                        w,
+                        req.cookie,
+                        EOVERFLOW,
+                        "write larger than the maximum block size",
+                    )?;
                     continue;
                 }
                 payload = vec![0u8; req.length as usize];
@@ -299,7 +361,8 @@ impl Conn {
                 log::debug!("client disconnected from {}", view.name);
                 return Ok(());
             }
-            tx.send((req, payload)).map_err(|_| std::io::Error::other("workers gone"))?;
+            tx.send((req, payload))
+                .map_err(|_| std::io::Error::other("workers gone"))?;
         }
     }
 
@@ -313,17 +376,31 @@ impl Conn {
 
     fn reply_ok(&self, w: &Writer, cookie: u64) -> std::io::Result<()> {
         if self.structured {
-            self.send(w, &structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0))
+            self.send(
+                w,
+                &structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0),
+            )
         } else {
             self.send(w, &simple_reply(cookie, 0))
         }
     }
 
-    fn handle(&self, w: &Writer, view: &View, req: Request, payload: Vec<u8>) -> std::io::Result<()> {
+    fn handle(
+        &self,
+        w: &Writer,
+        view: &View,
+        req: Request,
+        payload: Vec<u8>,
+    ) -> std::io::Result<()> {
         let s = &self.store;
         let len = req.length as u64;
         let in_range = req.offset.checked_add(len).is_some_and(|e| e <= view.size);
-        let range_err = || format!("request {}+{} is beyond the end of {} ({} bytes)", req.offset, len, view.name, view.size);
+        let range_err = || {
+            format!(
+                "request {}+{} is beyond the end of {} ({} bytes)",
+                req.offset, len, view.name, view.size
+            )
+        };
         let result: Result<(), (u32, String)> = match req.typ {
             CMD_READ => {
                 if !in_range {
@@ -336,24 +413,42 @@ impl Conn {
             }
             CMD_WRITE => {
                 if !view.writable {
-                    Err((EPERM, format!("{} is a read-only recovery point", view.name)))
+                    Err((
+                        EPERM,
+                        format!("{} is a read-only recovery point", view.name),
+                    ))
                 } else if !in_range {
                     Err((EINVAL, range_err()))
                 } else {
                     s.write(view, req.offset, &payload)
-                        .and_then(|_| if req.flags & CMD_FLAG_FUA != 0 { s.flush() } else { Ok(()) })
+                        .and_then(|_| {
+                            if req.flags & CMD_FLAG_FUA != 0 {
+                                s.flush()
+                            } else {
+                                Ok(())
+                            }
+                        })
                         .map_err(|e| (nbd_errno(&e), e.to_string()))
                 }
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 if !view.writable {
-                    Err((EPERM, format!("{} is a read-only recovery point", view.name)))
+                    Err((
+                        EPERM,
+                        format!("{} is a read-only recovery point", view.name),
+                    ))
                 } else if !in_range {
                     Err((EINVAL, range_err()))
                 } else {
                     // Zeroing is a metadata operation here, so FAST_ZERO always holds.
                     s.zero(view, req.offset, len)
-                        .and_then(|_| if req.flags & CMD_FLAG_FUA != 0 { s.flush() } else { Ok(()) })
+                        .and_then(|_| {
+                            if req.flags & CMD_FLAG_FUA != 0 {
+                                s.flush()
+                            } else {
+                                Ok(())
+                            }
+                        })
                         .map_err(|e| (nbd_errno(&e), e.to_string()))
                 }
             }
@@ -363,12 +458,17 @@ impl Conn {
                     Err((EINVAL, range_err()))
                 } else {
                     // Warm the page cache of the chunks behind the range.
-                    s.extents(view, req.offset, len).map(|_| ()).map_err(|e| (nbd_errno(&e), e.to_string()))
+                    s.extents(view, req.offset, len)
+                        .map(|_| ())
+                        .map_err(|e| (nbd_errno(&e), e.to_string()))
                 }
             }
             CMD_BLOCK_STATUS => {
                 if !self.meta_context {
-                    Err((EINVAL, "block status needs the base:allocation meta context".into()))
+                    Err((
+                        EINVAL,
+                        "block status needs the base:allocation meta context".into(),
+                    ))
                 } else if !in_range || len == 0 {
                     Err((EINVAL, range_err()))
                 } else {
@@ -389,12 +489,22 @@ impl Conn {
     fn do_read(&self, w: &Writer, view: &View, req: Request) -> std::io::Result<()> {
         let mut buf = vec![0u8; req.length as usize];
         if let Err(e) = self.store.read_into(view, req.offset, &mut buf) {
-            log::warn!("{}: read {}+{} failed: {e}", view.name, req.offset, req.length);
+            log::warn!(
+                "{}: read {}+{} failed: {e}",
+                view.name,
+                req.offset,
+                req.length
+            );
             return self.reply_error(w, req.cookie, nbd_errno(&e), &e.to_string());
         }
         let mut g = w.lock().unwrap();
         if self.structured {
-            g.write_all(&structured_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + req.length))?;
+            g.write_all(&structured_header(
+                req.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                8 + req.length,
+            ))?;
             g.write_all(&req.offset.to_be_bytes())?;
         } else {
             g.write_all(&simple_reply(req.cookie, 0))?;

@@ -23,7 +23,8 @@ impl Env {
 
     pub fn cmd(&self) -> assert_cmd::Command {
         let mut c = assert_cmd::Command::cargo_bin("drclone").unwrap();
-        c.env("DRCLONE_STORE", &self.store).env_remove("DRCLONE_KEY_FILE");
+        c.env("DRCLONE_STORE", &self.store)
+            .env_remove("DRCLONE_KEY_FILE");
         c
     }
 
@@ -41,7 +42,10 @@ impl Env {
     /// Run and require failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out: Output = self.cmd().args(args).output().unwrap();
-        assert!(!out.status.success(), "drclone {args:?} unexpectedly succeeded");
+        assert!(
+            !out.status.success(),
+            "drclone {args:?} unexpectedly succeeded"
+        );
         String::from_utf8(out.stderr).unwrap()
     }
 
@@ -54,8 +58,18 @@ impl Env {
 
 /// `du -sb` of a directory: apparent bytes of every file.
 pub fn du_bytes(p: &Path) -> u64 {
-    let out = std::process::Command::new("du").arg("-sb").arg(p).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    let out = std::process::Command::new("du")
+        .arg("-sb")
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Deterministic pseudo-random bytes.
@@ -75,10 +89,42 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 /// Deterministic English-like text.
 pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "the", "replication", "disk", "volume", "recovery", "point", "of", "and", "a", "to",
-        "site", "failover", "application", "consistent", "crash", "storage", "block", "data",
-        "is", "in", "for", "with", "that", "server", "network", "snapshot", "clone", "write",
-        "read", "chunk", "deduplicated", "compressed", "encrypted", "operator", "host", "time",
+        "the",
+        "replication",
+        "disk",
+        "volume",
+        "recovery",
+        "point",
+        "of",
+        "and",
+        "a",
+        "to",
+        "site",
+        "failover",
+        "application",
+        "consistent",
+        "crash",
+        "storage",
+        "block",
+        "data",
+        "is",
+        "in",
+        "for",
+        "with",
+        "that",
+        "server",
+        "network",
+        "snapshot",
+        "clone",
+        "write",
+        "read",
+        "chunk",
+        "deduplicated",
+        "compressed",
+        "encrypted",
+        "operator",
+        "host",
+        "time",
     ];
     let r = random_bytes(seed, len / 2 + 16);
     let mut out = Vec::with_capacity(len + 32);
@@ -86,7 +132,11 @@ pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
     while out.len() < len {
         let w = WORDS[r[i % r.len()] as usize % WORDS.len()];
         out.extend_from_slice(w.as_bytes());
-        out.push(if r[(i + 7) % r.len()] % 11 == 0 { b'\n' } else { b' ' });
+        out.push(if r[(i + 7) % r.len()] % 11 == 0 {
+            b'\n'
+        } else {
+            b' '
+        });
         i += 1;
     }
     out.truncate(len);
@@ -100,7 +150,10 @@ pub fn need(tool: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(ok, "{tool} is not installed: run scripts/setup.sh (scripts/test.sh does)");
+    assert!(
+        ok,
+        "{tool} is not installed: run scripts/setup.sh (scripts/test.sh does)"
+    );
 }
 
 /// A `drclone serve` daemon on a store, stopped with SIGTERM on drop.
@@ -111,7 +164,11 @@ pub struct Server {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
@@ -121,7 +178,12 @@ impl Server {
         let bin = assert_cmd::cargo::cargo_bin("drclone");
         let child = std::process::Command::new(bin)
             .env("DRCLONE_STORE", &env.store)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--socket"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--socket",
+            ])
             .arg(&sock)
             .stdout(std::process::Stdio::null())
             .spawn()

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# NBD throughput: drclone vs qemu-nbd (raw file) vs nbdkit (file plugin), one run,
+# same data, unix sockets for all three.
+#   sequential write of unique random data and sequential read: nbdcopy
+#   4k random read and write at iodepth 16: fio --ioengine=nbd
+# Prints MB/s or IOPS per server and the ratios drclone/qemu-nbd and drclone/nbdkit.
+# Env: SIZE_MIB (default 1024), RUNTIME (fio seconds, default 20), BENCH_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+cargo build --release --locked --bin drclone
+SIZE_MIB="${SIZE_MIB:-1024}"
+RUNTIME="${RUNTIME:-20}"
+B="${BENCH_DIR:-/var/tmp/drclone-bench-nbd}"
+rm -rf "$B"; mkdir -p "$B"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+echo "preparing ${SIZE_MIB} MiB of random data"
+head -c "$((SIZE_MIB << 20))" /dev/urandom > "$B/src.img"
+
+# --- servers
+truncate -s "${SIZE_MIB}M" "$B/qemu.img"
+qemu-nbd -f raw -x disk -t -k "$B/qemu.sock" --shared=16 --discard=unmap "$B/qemu.img" & pids+=($!)
+truncate -s "${SIZE_MIB}M" "$B/nbdkit.img"
+nbdkit -f -U "$B/nbdkit.sock" -e disk file "$B/nbdkit.img" & pids+=($!)
+export DRCLONE_STORE="$B/store"
+"$DRCLONE" init >/dev/null
+"$DRCLONE" group create bench >/dev/null
+"$DRCLONE" volume create bench/disk --size "${SIZE_MIB}M" >/dev/null
+"$DRCLONE" serve --no-tcp --socket "$B/drclone.sock" >/dev/null & pids+=($!)
+for s in qemu nbdkit drclone; do
+  for _ in $(seq 100); do [ -S "$B/$s.sock" ] && break; sleep 0.1; done
+done
+uri() {
+  case $1 in
+    qemu) echo "nbd+unix:///disk?socket=$B/qemu.sock" ;;
+    nbdkit) echo "nbd+unix:///disk?socket=$B/nbdkit.sock" ;;
+    drclone) echo "nbd+unix:///bench/disk?socket=$B/drclone.sock" ;;
+  esac
+}
+secs() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
+mbs() { echo "scale=0; $SIZE_MIB * 1048576 / $1 / 1000000" | bc -l; }
+iops() {
+  fio --name=b --ioengine=nbd --uri="$(uri "$1")" --rw="$2" --bs=4k --iodepth=16 --numjobs=1 \
+      --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --output-format=json 2>/dev/null |
+    /usr/bin/python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(int(j['read']['iops']+j['write']['iops']))"
+}
+declare -A R
+for s in qemu nbdkit drclone; do
+  R[$s,seqw]=$(mbs "$(secs nbdcopy "$B/src.img" "$(uri $s)")")
+  sync
+  R[$s,seqr]=$(mbs "$(secs nbdcopy "$(uri $s)" null:)")
+  R[$s,randr]=$(iops $s randread)
+  R[$s,randw]=$(iops $s randwrite)
+  echo "$s done" >&2
+done
+ratio() { echo "scale=2; ${R[drclone,$1]} / ${R[$2,$1]}" | bc -l; }
+printf '\n%-22s %10s %10s %10s %12s %12s\n' test qemu-nbd nbdkit drclone "vs qemu-nbd" "vs nbdkit"
+for t in seqw:"seq write MB/s" seqr:"seq read MB/s" randr:"4k randread IOPS" randw:"4k randwrite IOPS"; do
+  k=${t%%:*}; n=${t#*:}
+  printf '%-22s %10s %10s %10s %11sx %11sx\n' "$n" "${R[qemu,$k]}" "${R[nbdkit,$k]}" "${R[drclone,$k]}" "$(ratio $k qemu)" "$(ratio $k nbdkit)"
+done
