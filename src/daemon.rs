@@ -85,6 +85,45 @@ pub fn serve_stdio(store: Arc<Store>, default_export: Option<&str>) -> Result<()
     store.close()
 }
 
+/// The listening socket systemd-style socket activation passed us (fd 3), if any.
+/// libnbd's `nbdinfo -- [ CMD ]` starts servers this way.
+pub fn activation_listener() -> Option<UnixListener> {
+    use std::os::unix::io::FromRawFd;
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || fds < 1 {
+        return None;
+    }
+    // SAFETY: the activation protocol hands us fd 3 as a listening socket we own.
+    Some(unsafe { UnixListener::from_raw_fd(3) })
+}
+
+/// Serve connections on a socket-activation listener until SIGTERM/SIGINT.
+pub fn serve_activated(
+    store: Arc<Store>,
+    l: UnixListener,
+    default_export: Option<String>,
+) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Error::io("signal handler", e))?;
+    }
+    l.set_nonblocking(true)
+        .map_err(|e| Error::io("activation socket", e))?;
+    accept_loop(
+        stop.clone(),
+        "activation socket".into(),
+        move || would_block(l.accept()).map(|o| o.map(|(s, _)| (s, "activated".to_string()))),
+        store.clone(),
+        default_export,
+    );
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    store.close()
+}
+
 fn accept_loop<L, S>(
     stop: Arc<AtomicBool>,
     what: String,

@@ -253,6 +253,10 @@ fn run(cli: Cli) -> Result<i32> {
                 daemon::serve_stdio(store, default_export.as_deref())?;
                 return Ok(0);
             }
+            if let Some(l) = daemon::activation_listener() {
+                daemon::serve_activated(store, l, default_export.clone())?;
+                return Ok(0);
+            }
             let opts = daemon::Options {
                 listen: (!no_tcp).then(|| listen.clone()),
                 socket: socket.clone(),

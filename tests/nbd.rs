@@ -67,7 +67,7 @@ fn nbdinfo_lists_exports_and_reports_capabilities() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        String::from_utf8_lossy(&out.stderr).contains("app1/nope"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -277,14 +277,14 @@ for op in (lambda: h.pwrite(b"x" * 512, 0), lambda: h.trim(4096, 0), lambda: h.z
         op()
         raise SystemExit("write to a point succeeded")
     except nbd.Error as e:
-        assert e.errno == errno.EPERM, e
+        assert e.errnum == errno.EPERM, e
 # Out-of-range and oversize requests get errors, and the connection survives.
 for op in (lambda: h.pread(512, 1 << 20), lambda: h.pread(64 << 20, 0)):
     try:
         op()
         raise SystemExit("bad read succeeded")
     except nbd.Error as e:
-        assert e.errno in (errno.EINVAL, errno.EOVERFLOW), e
+        assert e.errnum in (errno.EINVAL, errno.EOVERFLOW), e
 assert h.pread(512, 0) == bytes(512)
 print("ok")
 "#,
@@ -474,7 +474,6 @@ fn captive_stdio_server_and_hostile_input() {
             "--store",
             &store,
             "serve",
-            "--stdio",
             "--default-export",
             "app1/disk0",
             "]",
@@ -482,6 +481,23 @@ fn captive_stdio_server_and_hostile_input() {
     );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["exports"][0]["export-size"], 2 * MIB as u64);
+    // One connection on stdin/stdout (libnbd's connect_command).
+    let out = py(&format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.set_export_name("app1/disk0")
+h.connect_command(["{}", "--store", "{}", "serve", "--stdio"])
+h.pwrite(b"stdio!" * 100, 4096)
+h.flush()
+assert h.pread(600, 4096) == b"stdio!" * 100
+print(h.get_size())
+h.shutdown()
+"#,
+        bin.display(),
+        store
+    ));
+    assert_eq!(out.trim(), (2 * MIB).to_string());
 
     // Hostile bytes on a TCP connection never take the server down.
     use std::io::{Read, Write};
@@ -496,6 +512,7 @@ fn captive_stdio_server_and_hostile_input() {
         s.read_exact(&mut greet).unwrap();
         assert_eq!(&greet[..8], b"NBDMAGIC");
         let _ = s.write_all(garbage);
+        let _ = s.shutdown(std::net::Shutdown::Write);
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
     }

@@ -520,8 +520,8 @@ impl Conn {
                     .iter()
                     .map(|(_, l, k)| {
                         let flags = match k {
-                            Block::Hole => STATE_HOLE | STATE_ZERO,
-                            Block::Zero => STATE_ZERO,
+                            // A zero marker stores nothing: it is a hole too.
+                            Block::Hole | Block::Zero => STATE_HOLE | STATE_ZERO,
                             Block::Data(_) => 0,
                         };
                         (*l as u32, flags)
