@@ -44,12 +44,104 @@ pub struct ChunkStats {
     pub stored_bytes: u64,
 }
 
+/// Seals full packs on a background thread so writers never wait for the disk.
+/// `seal_all` (used by FLUSH) seals whatever is still queued and waits for a seal
+/// in progress, so a flush still covers every full pack.
+struct Sealer {
+    db: Arc<Db>,
+    queue: Mutex<Vec<OpenPack>>,
+    wake: std::sync::Condvar,
+    sealing: Mutex<()>,
+    stop: std::sync::atomic::AtomicBool,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Sealer {
+    fn start(db: Arc<Db>) -> Arc<Sealer> {
+        let s = Arc::new(Sealer {
+            db,
+            queue: Mutex::new(Vec::new()),
+            wake: std::sync::Condvar::new(),
+            sealing: Mutex::new(()),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
+        let t = s.clone();
+        let h = std::thread::Builder::new()
+            .name("pack-sealer".into())
+            .spawn(move || {
+                use std::sync::atomic::Ordering;
+                while !t.stop.load(Ordering::Acquire) {
+                    {
+                        let q = t.queue.lock().unwrap();
+                        if q.is_empty() && !t.stop.load(Ordering::Acquire) {
+                            drop(t.wake.wait(q).unwrap());
+                        }
+                    }
+                    if let Err(e) = t.seal_all() {
+                        log::error!(
+                            "sealing a full pack failed (the next flush will report it): {e}"
+                        );
+                    }
+                }
+            })
+            .expect("spawn pack sealer");
+        *s.thread.lock().unwrap() = Some(h);
+        s
+    }
+
+    /// Stop the thread (it drops its reference to the database).
+    fn shutdown(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        {
+            let _q = self.queue.lock().unwrap();
+            self.wake.notify_all();
+        }
+        if let Some(h) = self.thread.lock().unwrap().take() {
+            let _ = h.join();
+        }
+    }
+
+    fn push(&self, p: OpenPack) {
+        let mut q = self.queue.lock().unwrap();
+        q.push(p);
+        self.wake.notify_one();
+    }
+
+    fn seal_all(&self) -> Result<()> {
+        let _s = self.sealing.lock().unwrap();
+        loop {
+            let Some(p) = self.queue.lock().unwrap().pop() else {
+                return Ok(());
+            };
+            let id = p.id;
+            if let Err(e) = p.writer.seal() {
+                return Err(e);
+            }
+            let mut b = WriteBatch::default();
+            b.put(keys::pack(id), PackRec { sealed: true }.encode());
+            self.db.write(b, false)?;
+            log::debug!("sealed pack {id}");
+        }
+    }
+}
+
+impl Drop for ChunkStore {
+    fn drop(&mut self) {
+        self.sealer.shutdown();
+        if let Err(e) = self.sealer.seal_all() {
+            log::error!("sealing full packs at close: {e}");
+        }
+    }
+}
+
 pub struct ChunkStore {
     db: Arc<Db>,
     pub codec: Codec,
     pub backend: Arc<dyn PackBackend>,
     store: PathBuf,
     open: Mutex<Option<OpenPack>>,
+    sealer: Arc<Sealer>,
     touched: Mutex<Option<HashSet<ChunkId>>>,
     pack_target: u64,
 }
@@ -65,11 +157,12 @@ impl ChunkStore {
         writable: bool,
     ) -> Result<ChunkStore> {
         let cs = ChunkStore {
-            db,
+            db: db.clone(),
             codec,
             backend,
             store,
             open: Mutex::new(None),
+            sealer: Sealer::start(db.clone()),
             touched: Mutex::new(None),
             pack_target,
         };
@@ -220,18 +313,9 @@ impl ChunkStore {
             let op = open.as_mut().unwrap();
             let offset = op.writer.append(rec)?;
             let pack = op.id;
-            if op.writer.len() >= self.pack_target {
-                let full = open.take().unwrap();
-                full.writer.seal()?;
-                self.db.write(
-                    {
-                        let mut b = WriteBatch::default();
-                        b.put(keys::pack(full.id), PackRec { sealed: true }.encode());
-                        b
-                    },
-                    false,
-                )?;
-                log::debug!("sealed pack {}", full.id);
+            let rotated = op.writer.len() >= self.pack_target;
+            if rotated {
+                self.sealer.push(open.take().unwrap());
             }
             (pack, offset)
         };
@@ -246,6 +330,11 @@ impl ChunkStore {
         batch.put(keys::chunk(id), loc.encode());
         batch.put(keys::reverse(pack, offset), id);
         self.db.write(batch, false)
+    }
+
+    /// fsync and mark sealed every full pack (waiting for a seal in progress).
+    fn seal_full(&self) -> Result<()> {
+        self.sealer.seal_all()
     }
 
     fn new_pack(&self) -> Result<OpenPack> {
@@ -312,6 +401,7 @@ impl ChunkStore {
 
     /// Make every chunk stored so far durable, then the metadata that points at it.
     pub fn sync(&self) -> Result<()> {
+        self.seal_full()?;
         if let Some(op) = self.open.lock().unwrap().as_mut() {
             op.writer.sync()?;
         }
@@ -320,6 +410,7 @@ impl ChunkStore {
 
     /// Seal the open pack (on shutdown, or before compaction).
     pub fn seal_open(&self) -> Result<()> {
+        self.seal_full()?;
         if let Some(op) = self.open.lock().unwrap().take() {
             op.writer.seal()?;
             let mut b = WriteBatch::default();
