@@ -3,7 +3,7 @@
 # Idempotent: skips apt-get when everything is already present.
 set -euo pipefail
 PKGS=(libclang-dev clang pkg-config build-essential
-      qemu-utils libnbd-bin python3-libnbd nbdkit nbdfuse fio
+      qemu-utils libnbd-bin python3-libnbd nbdkit fio
       fuse3 e2fsprogs util-linux debootstrap xz-utils bc)
 missing=()
 for p in "${PKGS[@]}"; do
