@@ -46,7 +46,7 @@ mbs() { echo "scale=0; $SIZE_MIB * 1048576 / $1 / 1000000" | bc -l; }
 iops() {
   fio --name=b --ioengine=nbd --uri="$(uri "$1")" --rw="$2" --bs=4k --iodepth=16 --numjobs=1 \
       --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --output-format=json 2>/dev/null |
-    /usr/bin/python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(int(j['read']['iops']+j['write']['iops']))"
+    /usr/bin/python3 -c "import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index('{'):])['jobs'][0]; print(int(j['read']['iops']+j['write']['iops']))"
 }
 declare -A R
 for s in qemu nbdkit drclone; do

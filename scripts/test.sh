@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 cargo build --release --locked --all-targets
-cargo test --release --locked --all-targets
+cargo test --release --locked --lib --bins --tests

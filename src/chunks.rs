@@ -126,6 +126,15 @@ impl Sealer {
     }
 }
 
+/// Cache capacity in chunks.
+fn cache_items(chunk_size: u64) -> usize {
+    let mib: u64 = std::env::var("DRCLONE_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    ((mib << 20) / chunk_size.max(1)).max(16) as usize
+}
+
 impl Drop for ChunkStore {
     fn drop(&mut self) {
         self.sealer.shutdown();
@@ -144,6 +153,9 @@ pub struct ChunkStore {
     sealer: Arc<Sealer>,
     touched: Mutex<Option<HashSet<ChunkId>>>,
     pack_target: u64,
+    /// Verified plaintext of recently read chunks.  Chunks are immutable by id, so
+    /// the cache is never stale.  Size: `DRCLONE_CACHE_MIB` (default 256).
+    cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>>,
 }
 
 impl ChunkStore {
@@ -154,6 +166,7 @@ impl ChunkStore {
         backend: Arc<dyn PackBackend>,
         store: PathBuf,
         pack_target: u64,
+        chunk_size: u64,
         writable: bool,
     ) -> Result<ChunkStore> {
         let cs = ChunkStore {
@@ -165,6 +178,7 @@ impl ChunkStore {
             sealer: Sealer::start(db.clone()),
             touched: Mutex::new(None),
             pack_target,
+            cache: quick_cache::sync::Cache::new(cache_items(chunk_size)),
         };
         if writable {
             cs.recover()?;
@@ -278,33 +292,37 @@ impl ChunkStore {
         }
     }
 
-    /// Store a chunk (or find it already stored); returns its id.
-    pub fn put(&self, data: &[u8]) -> Result<ChunkId> {
+    /// Store a chunk (or find it already stored); returns its id.  The index
+    /// entries of a new chunk go into `batch`, which the caller commits together
+    /// with the map entries that reference it (one RocksDB write per request).
+    /// Returns the id, and the location if the chunk is new: the caller must add it
+    /// with [`ChunkStore::index`] to the batch it commits.
+    pub fn put(&self, data: &[u8]) -> Result<(ChunkId, Option<ChunkLoc>)> {
         let id = self.codec.id(data);
-        self.put_with_id(&id, data)?;
-        Ok(id)
-    }
-
-    /// Store a chunk whose id the caller computed with [`Codec::id`].
-    pub fn put_with_id(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
-        self.touch(id);
-        if self.db.get(&keys::chunk(id))?.is_some() {
-            return Ok(());
+        self.touch(&id);
+        if self.db.get(&keys::chunk(&id))?.is_some() {
+            return Ok((id, None));
         }
-        let (flags, payload) = self.codec.encode(id, data);
-        let rec = pack::record(id, flags, data.len() as u32, &payload);
-        self.append_record(id, flags, data.len() as u32, payload.len() as u32, &rec)
+        let (flags, payload) = self.codec.encode(&id, data);
+        let rec = pack::record(&id, flags, data.len() as u32, &payload);
+        let loc = self.append_record(flags, data.len() as u32, payload.len() as u32, &rec)?;
+        Ok((id, Some(loc)))
     }
 
-    /// Append an encoded record to the open pack and index it.
+    /// Add a new chunk's index entries (`C` and `R`) to a batch.
+    pub fn index(batch: &mut WriteBatch, id: &ChunkId, loc: &ChunkLoc) {
+        batch.put(keys::chunk(id), loc.encode());
+        batch.put(keys::reverse(loc.pack, loc.offset), id);
+    }
+
+    /// Append an encoded record to the open pack; returns where it went.
     fn append_record(
         &self,
-        id: &ChunkId,
         flags: u8,
         raw_len: u32,
         stored_len: u32,
         rec: &[u8],
-    ) -> Result<()> {
+    ) -> Result<ChunkLoc> {
         let (pack, offset) = {
             let mut open = self.open.lock().unwrap();
             if open.is_none() {
@@ -319,17 +337,13 @@ impl ChunkStore {
             }
             (pack, offset)
         };
-        let loc = ChunkLoc {
+        Ok(ChunkLoc {
             pack,
             offset,
             stored_len,
             raw_len,
             flags,
-        };
-        let mut batch = WriteBatch::default();
-        batch.put(keys::chunk(id), loc.encode());
-        batch.put(keys::reverse(pack, offset), id);
-        self.db.write(batch, false)
+        })
     }
 
     /// fsync and mark sealed every full pack (waiting for a seal in progress).
@@ -349,8 +363,17 @@ impl ChunkStore {
         Ok(OpenPack { id, writer })
     }
 
-    /// Read a chunk's plaintext, checking its integrity.
-    pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+    /// Read a chunk's plaintext, checking its integrity (or from the cache).
+    pub fn get(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Some(c) = self.cache.get(id) {
+            return Ok(c);
+        }
+        let data = Arc::new(self.get_uncached(id)?);
+        self.cache.insert(*id, data.clone());
+        Ok(data)
+    }
+
+    fn get_uncached(&self, id: &ChunkId) -> Result<Vec<u8>> {
         for attempt in 0..2 {
             let loc = self.loc(id)?.ok_or_else(|| {
                 self.corrupt(
@@ -482,7 +505,10 @@ impl ChunkStore {
                     "payload CRC mismatch during compaction; run `drclone verify`",
                 ));
             }
-            self.append_record(&id, loc.flags, loc.raw_len, loc.stored_len, &rec)?;
+            let new = self.append_record(loc.flags, loc.raw_len, loc.stored_len, &rec)?;
+            let mut b = WriteBatch::default();
+            Self::index(&mut b, &id, &new);
+            self.db.write(b, false)?;
             moved += rec.len() as u64;
         }
         stale.delete(keys::pack(pack));

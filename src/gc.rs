@@ -144,14 +144,20 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
     drop(snap);
 
     // Phase 4: packs.  Seal the open pack first so its garbage can be reclaimed too.
-    store.chunks.seal_open()?;
-    let open = store.chunks.open_pack_id();
-    let mut known: HashMap<u64, bool> = HashMap::new();
-    for (k, v) in db.scan_prefix(&[keys::PACK])? {
-        if let (Some(id), Some(rec)) = (keys::parse_pack(&k), PackRec::decode(&v)) {
-            known.insert(id, rec.sealed);
+    // Under the gate, no write is between appending a record and committing its
+    // index entries, so every pack sealed now has all its `R` entries: only those
+    // are candidates.
+    let (open, known) = {
+        let _g = store.gate.write().unwrap();
+        store.chunks.seal_open()?;
+        let mut known: HashMap<u64, bool> = HashMap::new();
+        for (k, v) in db.scan_prefix(&[keys::PACK])? {
+            if let (Some(id), Some(rec)) = (keys::parse_pack(&k), PackRec::decode(&v)) {
+                known.insert(id, rec.sealed);
+            }
         }
-    }
+        (store.chunks.open_pack_id(), known)
+    };
     for id in store.chunks.backend.list()? {
         if !known.contains_key(&id) {
             log::info!("gc: deleting orphan pack {id} (no index record)");

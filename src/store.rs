@@ -253,6 +253,7 @@ impl Store {
             backend,
             dir.to_path_buf(),
             cfg.pack_size,
+            cfg.chunk_size as u64,
             true,
         )?;
         let mut lineages = HashMap::new();
@@ -859,7 +860,7 @@ impl Store {
                 (false, _) => {
                     // Partial block: read-modify-write under the block's stripe lock.
                     let mut buf = match current[i as usize] {
-                        Block::Data(id) => self.chunks.get(&id)?,
+                        Block::Data(id) => self.chunks.get(&id)?.to_vec(),
                         _ => {
                             if piece.is_none() {
                                 // Zeroing part of a block that is already zero.
@@ -881,13 +882,17 @@ impl Store {
             pos += n;
         }
         // Hash, compress, encrypt and store the chunks (in parallel for big writes).
-        let store_one = |content: &Option<std::borrow::Cow<'_, [u8]>>| -> Result<MapVal> {
+        type Stored = (MapVal, Option<crate::meta::ChunkLoc>);
+        let store_one = |content: &Option<std::borrow::Cow<'_, [u8]>>| -> Result<Stored> {
             match content {
-                Some(c) if !is_zero(c) => Ok(MapVal::Data(self.chunks.put(c)?)),
-                _ => Ok(MapVal::Zero),
+                Some(c) if !is_zero(c) => {
+                    let (id, loc) = self.chunks.put(c)?;
+                    Ok((MapVal::Data(id), loc))
+                }
+                _ => Ok((MapVal::Zero, None)),
             }
         };
-        let vals: Vec<MapVal> = if blocks.len() >= PARALLEL_BLOCKS {
+        let vals: Vec<Stored> = if blocks.len() >= PARALLEL_BLOCKS {
             blocks
                 .par_iter()
                 .map(|(_, c)| store_one(c))
@@ -898,8 +903,12 @@ impl Store {
                 .map(|(_, c)| store_one(c))
                 .collect::<Result<_>>()?
         };
+        // New chunks' index entries and the map versions commit in one batch.
         let mut batch = WriteBatch::default();
-        for (i, ((b, _), val)) in blocks.iter().zip(vals).enumerate() {
+        for (i, ((b, _), (val, loc))) in blocks.iter().zip(vals).enumerate() {
+            if let (MapVal::Data(id), Some(loc)) = (&val, &loc) {
+                ChunkStore::index(&mut batch, id, loc);
+            }
             let cur = current[i];
             match (val, cur) {
                 // Zeros over a hole or over zeros: nothing to record.
