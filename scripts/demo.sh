@@ -48,6 +48,16 @@ cmp "$WORK/os.img" "$WORK/os.out"
 cmp "$WORK/data.img" "$WORK/data.out"
 e2fsck -fn "$WORK/os.out" >/dev/null && echo "e2fsck: the clone's ext4 file system is clean"
 
+say "serve the store over NBD and check the clone with real NBD clients"
+SOCK="$WORK/nbd.sock"
+"$DRCLONE" serve --no-tcp --socket "$SOCK" >/dev/null &
+SERVE=$!
+for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+nbdinfo --list "nbd+unix:///?socket=$SOCK" | grep -E "export=|export-size" | head -8
+qemu-img compare -f raw -F raw "nbd+unix:///drill/os?socket=$SOCK" "$WORK/os.img"
+"$DRCLONE" point list app1          # goes through the daemon's control socket
+kill -TERM "$SERVE"; wait "$SERVE"
+
 say "space and integrity"
 "$DRCLONE" df
 "$DRCLONE" verify
