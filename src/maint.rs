@@ -25,7 +25,8 @@ pub struct DfReport {
     pub stored_bytes: u64,
     /// Bytes of pack files on disk, including garbage not yet collected.
     pub pack_bytes: u64,
-    /// referenced_bytes / unique_bytes.
+    /// logical_bytes / unique_bytes: what the heads (clones included) expose per
+    /// byte of distinct data stored.
     pub dedup_ratio: f64,
     /// unique_bytes / stored_bytes.
     pub compression_ratio: f64,
@@ -81,7 +82,7 @@ pub fn df(store: &Store) -> Result<DfReport> {
         unique_bytes: st.raw_bytes,
         stored_bytes: st.stored_bytes,
         pack_bytes: store.chunks.backend.bytes()?,
-        dedup_ratio: ratio(referenced, st.raw_bytes),
+        dedup_ratio: ratio(logical, st.raw_bytes),
         compression_ratio: ratio(st.raw_bytes, st.stored_bytes),
         chunks: st.chunks,
         volumes: vols.len() as u64,
