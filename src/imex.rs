@@ -154,6 +154,8 @@ pub fn export(store: &Store, view: &View, path: &Path, pb: &ProgressBar) -> Resu
         .open(path)
         .at(path)?;
     f.set_len(view.size).at(path)?;
+    // Partially written blocks still in the write-back overlay go to the map first.
+    store.destage(None)?;
     let cs = store.chunk_size();
     let blocks = view.size.div_ceil(cs);
     pb.set_length(view.size);

@@ -44,6 +44,7 @@ fn ratio(a: u64, b: u64) -> f64 {
 }
 
 pub fn df(store: &Store) -> Result<DfReport> {
+    store.destage(None)?;
     let cs = store.chunk_size();
     let vols = store.volumes(None)?;
     let mut logical = 0u64;

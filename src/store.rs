@@ -109,6 +109,20 @@ pub struct Store {
     pub(crate) gc_lock: Mutex<()>,
     lineages: RwLock<HashMap<u64, LineageRec>>,
     stripes: Vec<Mutex<()>>,
+    /// Write-back overlay of partially written blocks of heads: (lineage, block) ->
+    /// whole block content.  See "Small writes" in docs/DESIGN.md.
+    dirty: Mutex<HashMap<(u64, u64), Vec<u8>>>,
+    dirty_count: std::sync::atomic::AtomicUsize,
+    dirty_limit: usize,
+}
+
+/// Overlay capacity in blocks: `DRCLONE_DIRTY_MIB` (default 256 MiB).
+fn dirty_limit(chunk_size: u64) -> usize {
+    let mib: u64 = std::env::var("DRCLONE_DIRTY_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    ((mib << 20) / chunk_size.max(1)).max(1) as usize
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -261,6 +275,7 @@ impl Store {
             let rec: LineageRec = db.decode_rec(&k, &v)?;
             lineages.insert(rec.id, rec);
         }
+        let cfg_chunk = cfg.chunk_size as u64;
         Ok(Store {
             dir: dir.to_path_buf(),
             cfg,
@@ -271,7 +286,15 @@ impl Store {
             gc_lock: Mutex::new(()),
             lineages: RwLock::new(lineages),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            dirty: Mutex::new(HashMap::new()),
+            dirty_count: std::sync::atomic::AtomicUsize::new(0),
+            dirty_limit: dirty_limit(cfg_chunk),
         })
+    }
+
+    /// Cap the write-back overlay at `blocks` blocks (tests use tiny caps).
+    pub fn set_dirty_limit(&mut self, blocks: usize) {
+        self.dirty_limit = blocks.max(1);
     }
 
     /// Number of keys in the metadata database (a full scan; for tests and tools).
@@ -297,11 +320,13 @@ impl Store {
 
     /// Make every acknowledged write durable (FLUSH).
     pub fn flush(&self) -> Result<()> {
+        self.destage(None)?;
         self.chunks.sync()
     }
 
     /// Flush and seal the open pack (clean shutdown).
     pub fn close(&self) -> Result<()> {
+        self.destage(None)?;
         self.chunks.seal_open()?;
         self.db.sync_wal()
     }
@@ -467,6 +492,12 @@ impl Store {
         b.delete(keys::volume(group, disk));
         b.put(keys::lineage(lin.id), encode_rec(&lin));
         self.db.write(b, true)?;
+        {
+            let mut d = self.dirty.lock().unwrap();
+            d.retain(|(l, _), _| *l != lin.id);
+            self.dirty_count
+                .store(d.len(), std::sync::atomic::Ordering::Relaxed);
+        }
         lins.insert(lin.id, lin);
         Ok(())
     }
@@ -478,6 +509,8 @@ impl Store {
         let _m = self.meta.lock().unwrap();
         self.group(group)?;
         let vols = self.volumes(Some(group))?;
+        // Every write acknowledged so far leaves the overlay for the block map.
+        self.destage(None)?;
         // Quiesce writers: no write is half-way through while the epochs move.
         let _g = self.gate.write().unwrap();
         // Everything acknowledged so far becomes durable before the point exists.
@@ -772,13 +805,22 @@ impl Store {
         let cs = self.chunk_size();
         let first = offset / cs;
         let last = (offset + buf.len() as u64 - 1) / cs;
-        let blocks = self.resolve(view.lineage, view.epoch, first, last - first + 1)?;
+        let count = last - first + 1;
+        // The overlay first, then the map: a block leaves the overlay only after its
+        // map entry is committed, so this order never misses an acknowledged write.
+        let hits = self.overlay_blocks(view, first, count);
+        let blocks = self.resolve(view.lineage, view.epoch, first, count)?;
         let mut pos = 0usize;
         for (i, blk) in blocks.iter().enumerate() {
             let b = first + i as u64;
             let start = if b == first { offset % cs } else { 0 } as usize;
             let n = ((cs as usize) - start).min(buf.len() - pos);
             let dst = &mut buf[pos..pos + n];
+            if let Some(data) = hits.get(&b) {
+                dst.copy_from_slice(&data[start..start + n]);
+                pos += n;
+                continue;
+            }
             match blk {
                 Block::Hole | Block::Zero => dst.fill(0),
                 Block::Data(id) => {
@@ -787,6 +829,80 @@ impl Store {
                 }
             }
             pos += n;
+        }
+        Ok(())
+    }
+
+    /// Overlay contents of a head's blocks in a range (empty for points).
+    fn overlay_blocks(&self, view: &View, first: u64, count: u64) -> HashMap<u64, Vec<u8>> {
+        let mut out = HashMap::new();
+        if view.epoch != HEAD_EPOCH
+            || self.dirty_count.load(std::sync::atomic::Ordering::Relaxed) == 0
+        {
+            return out;
+        }
+        let d = self.dirty.lock().unwrap();
+        if (count as usize) < d.len() {
+            for b in first..first + count {
+                if let Some(v) = d.get(&(view.lineage, b)) {
+                    out.insert(b, v.clone());
+                }
+            }
+        } else {
+            for ((l, b), v) in d.iter() {
+                if *l == view.lineage && *b >= first && *b < first + count {
+                    out.insert(*b, v.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Move overlay blocks into the chunk store and block map: all of them (`None`)
+    /// or up to `max`.
+    pub fn destage(&self, max: Option<usize>) -> Result<()> {
+        if self.dirty_count.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        let keys: Vec<(u64, u64)> = {
+            let d = self.dirty.lock().unwrap();
+            d.keys().take(max.unwrap_or(usize::MAX)).copied().collect()
+        };
+        keys.par_iter()
+            .try_for_each(|&(l, b)| self.destage_one(l, b))
+    }
+
+    fn destage_one(&self, l: u64, b: u64) -> Result<()> {
+        let _s = self.lock_blocks(l, b, 1);
+        let Some(data) = self.dirty.lock().unwrap().get(&(l, b)).cloned() else {
+            return Ok(());
+        };
+        {
+            let _g = self.gate.read().unwrap();
+            if let Some(lin) = self.lineage(l).filter(|x| x.has_head) {
+                let cur = self.resolve(l, HEAD_EPOCH, b, 1)?[0];
+                let mut batch = WriteBatch::default();
+                if is_zero(&data) {
+                    if matches!(cur, Block::Data(_)) {
+                        batch.put(keys::map(l, b, lin.epoch), MapVal::Zero.encode());
+                    }
+                } else {
+                    let (id, loc) = self.chunks.put(&data)?;
+                    if let Some(loc) = loc {
+                        ChunkStore::index(&mut batch, &id, &loc);
+                    }
+                    if cur != Block::Data(id) {
+                        batch.put(keys::map(l, b, lin.epoch), MapVal::Data(id).encode());
+                    }
+                }
+                self.db.write(batch, false)?;
+            }
+        }
+        // Only now, with the map entry committed, does the block leave the overlay.
+        let mut d = self.dirty.lock().unwrap();
+        if d.remove(&(l, b)).is_some() {
+            self.dirty_count
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -831,6 +947,18 @@ impl Store {
 
     /// The write path shared by write and zero.  `data == None` writes zeros.
     fn modify(&self, view: &View, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        self.modify_locked(view, offset, len, data)?;
+        // Over the limit: destage some overlay blocks (with no lock held here).
+        let n = self.dirty_count.load(std::sync::atomic::Ordering::Relaxed);
+        if n > self.dirty_limit {
+            self.destage(Some(
+                (n - self.dirty_limit).max(self.dirty_limit / 8).max(1),
+            ))?;
+        }
+        Ok(())
+    }
+
+    fn modify_locked(&self, view: &View, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         let cs = self.chunk_size();
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
@@ -845,7 +973,7 @@ impl Store {
             })?;
         let current = self.resolve(view.lineage, HEAD_EPOCH, first, count)?;
         // Build each block's new content: None = zeros.
-        let mut blocks: Vec<(u64, Option<std::borrow::Cow<'_, [u8]>>)> =
+        let mut blocks: Vec<(u64, usize, Option<std::borrow::Cow<'_, [u8]>>)> =
             Vec::with_capacity(count as usize);
         let mut pos = 0usize;
         for i in 0..count {
@@ -854,31 +982,44 @@ impl Store {
             let n = (cs as usize - start).min((len - pos as u64) as usize);
             let piece = data.map(|d| &d[pos..pos + n]);
             let whole = start == 0 && n == cs as usize;
-            let content = match (whole, piece) {
-                (true, Some(p)) => Some(std::borrow::Cow::Borrowed(p)),
-                (true, None) => None,
-                (false, _) => {
-                    // Partial block: read-modify-write under the block's stripe lock.
-                    let mut buf = match current[i as usize] {
-                        Block::Data(id) => self.chunks.get(&id)?.to_vec(),
-                        _ => {
-                            if piece.is_none() {
-                                // Zeroing part of a block that is already zero.
-                                pos += n;
-                                blocks.push((b, None));
-                                continue;
-                            }
-                            vec![0u8; cs as usize]
-                        }
-                    };
-                    match piece {
-                        Some(p) => buf[start..start + n].copy_from_slice(p),
-                        None => buf[start..start + n].fill(0),
-                    }
-                    Some(std::borrow::Cow::Owned(buf))
-                }
+            let key = (lin.id, b);
+            let patch = |buf: &mut [u8]| match piece {
+                Some(p) => buf[start..start + n].copy_from_slice(p),
+                None => buf[start..start + n].fill(0),
             };
-            blocks.push((b, content));
+            if whole {
+                // A whole block replaces any overlay copy.
+                if self.dirty_count.load(std::sync::atomic::Ordering::Relaxed) > 0
+                    && self.dirty.lock().unwrap().remove(&key).is_some()
+                {
+                    self.dirty_count
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                blocks.push((b, i as usize, piece.map(std::borrow::Cow::Borrowed)));
+                pos += n;
+                continue;
+            }
+            // Partial block: patch it in the overlay (acknowledged now, destaged on
+            // FLUSH, before a point, or when the overlay is full).
+            if let Some(buf) = self.dirty.lock().unwrap().get_mut(&key) {
+                patch(buf);
+                pos += n;
+                continue;
+            }
+            let mut buf = match current[i as usize] {
+                Block::Data(id) => self.chunks.get(&id)?.to_vec(),
+                _ if piece.is_none() => {
+                    // Zeroing part of a block that is already zero.
+                    pos += n;
+                    continue;
+                }
+                _ => vec![0u8; cs as usize],
+            };
+            patch(&mut buf);
+            if self.dirty.lock().unwrap().insert(key, buf).is_none() {
+                self.dirty_count
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             pos += n;
         }
         // Hash, compress, encrypt and store the chunks (in parallel for big writes).
@@ -895,21 +1036,21 @@ impl Store {
         let vals: Vec<Stored> = if blocks.len() >= PARALLEL_BLOCKS {
             blocks
                 .par_iter()
-                .map(|(_, c)| store_one(c))
+                .map(|(_, _, c)| store_one(c))
                 .collect::<Result<_>>()?
         } else {
             blocks
                 .iter()
-                .map(|(_, c)| store_one(c))
+                .map(|(_, _, c)| store_one(c))
                 .collect::<Result<_>>()?
         };
         // New chunks' index entries and the map versions commit in one batch.
         let mut batch = WriteBatch::default();
-        for (i, ((b, _), (val, loc))) in blocks.iter().zip(vals).enumerate() {
+        for ((b, i, _), (val, loc)) in blocks.iter().zip(vals) {
             if let (MapVal::Data(id), Some(loc)) = (&val, &loc) {
                 ChunkStore::index(&mut batch, id, loc);
             }
-            let cur = current[i];
+            let cur = current[*i];
             match (val, cur) {
                 // Zeros over a hole or over zeros: nothing to record.
                 (MapVal::Zero, Block::Hole | Block::Zero) => {}
@@ -929,10 +1070,16 @@ impl Store {
         let cs = self.chunk_size();
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
+        let hits = self.overlay_blocks(view, first, last - first + 1);
         let blocks = self.resolve(view.lineage, view.epoch, first, last - first + 1)?;
         let mut out: Vec<(u64, u64, Block)> = Vec::new();
         for (i, blk) in blocks.into_iter().enumerate() {
             let b = first + i as u64;
+            let blk = if hits.contains_key(&b) {
+                Block::Data([0; 32])
+            } else {
+                blk
+            };
             let s = (b * cs).max(offset);
             let e = ((b + 1) * cs).min(offset + len);
             let kind = match blk {

@@ -37,6 +37,7 @@ enum Op {
     },
     Gc,
     Reopen,
+    Flush,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -49,6 +50,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..8usize).prop_map(|v| Op::RemoveVolume { v }),
         1 => Just(Op::Gc),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Flush),
     ]
 }
 
@@ -115,7 +117,13 @@ fn run(ops: Vec<Op>, encrypt: bool) {
         },
     )
     .unwrap();
-    let mut s = Some(Store::open(&path, None).unwrap());
+    // A tiny write-back overlay, so partial writes are destaged under pressure too.
+    let open = || {
+        let mut s = Store::open(&path, None).unwrap();
+        s.set_dirty_limit(3);
+        s
+    };
+    let mut s = Some(open());
     let mut m = Model {
         vols: BTreeMap::new(),
         points: BTreeMap::new(),
@@ -213,9 +221,10 @@ fn run(ops: Vec<Op>, encrypt: bool) {
             Op::Gc => {
                 drclone::gc::gc(store).unwrap();
             }
+            Op::Flush => store.flush().unwrap(),
             Op::Reopen => {
                 s.take().unwrap().close().unwrap();
-                s = Some(Store::open(&path, None).unwrap());
+                s = Some(open());
             }
         }
         check_all(s.as_ref().unwrap(), &m);
