@@ -131,7 +131,7 @@ fn cache_items(chunk_size: u64) -> usize {
     let mib: u64 = std::env::var("DRCLONE_CACHE_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+        .unwrap_or(1024);
     ((mib << 20) / chunk_size.max(1)).max(16) as usize
 }
 
@@ -154,7 +154,7 @@ pub struct ChunkStore {
     touched: Mutex<Option<HashSet<ChunkId>>>,
     pack_target: u64,
     /// Verified plaintext of recently read chunks.  Chunks are immutable by id, so
-    /// the cache is never stale.  Size: `DRCLONE_CACHE_MIB` (default 256).
+    /// the cache is never stale.  Size: `DRCLONE_CACHE_MIB` (default 1024).
     cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>>,
 }
 
