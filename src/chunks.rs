@@ -396,19 +396,19 @@ impl ChunkStore {
 
     /// Read and decode the record at `loc`.
     pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
+        let truncated = |e: Error| match e {
+            Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                self.corrupt(id, loc.pack, loc.offset, "pack is truncated")
+            }
+            e => e,
+        };
+        // Header and payload in two reads, so a raw payload is returned without a copy.
+        let mut hdr = [0u8; RECORD_HEADER_LEN];
         self.backend
-            .read_at(loc.pack, loc.offset, &mut buf)
-            .map_err(|e| match e {
-                Error::Io { ref source, .. }
-                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
-                    self.corrupt(id, loc.pack, loc.offset, "pack is truncated")
-                }
-                e => e,
-            })?;
+            .read_at(loc.pack, loc.offset, &mut hdr)
+            .map_err(truncated)?;
         let h =
-            RecordHeader::decode(&buf).map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))?;
+            RecordHeader::decode(&hdr).map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))?;
         if &h.id != id || h.stored_len != loc.stored_len || h.flags != loc.flags {
             return Err(self.corrupt(
                 id,
@@ -417,8 +417,16 @@ impl ChunkStore {
                 "record header disagrees with the index",
             ));
         }
+        let mut payload = vec![0u8; loc.stored_len as usize];
+        self.backend
+            .read_at(
+                loc.pack,
+                loc.offset + RECORD_HEADER_LEN as u64,
+                &mut payload,
+            )
+            .map_err(truncated)?;
         self.codec
-            .decode(id, h.flags, &buf[RECORD_HEADER_LEN..], loc.raw_len as usize)
+            .decode(id, h.flags, payload, loc.raw_len as usize)
             .map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))
     }
 

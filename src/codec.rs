@@ -220,11 +220,10 @@ impl Codec {
         &self,
         id: &ChunkId,
         flags: u8,
-        payload: &[u8],
+        payload: Vec<u8>,
         raw_len: usize,
     ) -> std::result::Result<Vec<u8>, String> {
-        let decrypted;
-        let body: &[u8] = if flags & FLAG_ENCRYPTED != 0 {
+        let body: Vec<u8> = if flags & FLAG_ENCRYPTED != 0 {
             let k = self
                 .keys
                 .as_ref()
@@ -235,8 +234,7 @@ impl Codec {
                     payload.len()
                 ));
             }
-            decrypted = k
-                .cipher
+            k.cipher
                 .decrypt(
                     Nonce::from_slice(&payload[..12]),
                     Payload {
@@ -244,8 +242,7 @@ impl Codec {
                         aad: id,
                     },
                 )
-                .map_err(|_| "authentication failed (corrupt chunk or wrong key)".to_string())?;
-            &decrypted
+                .map_err(|_| "authentication failed (corrupt chunk or wrong key)".to_string())?
         } else {
             if self.keys.is_some() {
                 return Err("chunk is not encrypted in an encrypted store".into());
@@ -253,15 +250,15 @@ impl Codec {
             payload
         };
         let data = match flags & FLAG_COMPRESSION_MASK {
-            0 => body.to_vec(),
+            0 => body,
             FLAG_ZSTD => ZSTD_D.with(|d| {
                 let mut d = d.borrow_mut();
                 let d =
                     d.get_or_insert_with(|| zstd::bulk::Decompressor::new().expect("zstd context"));
-                d.decompress(body, raw_len)
+                d.decompress(&body, raw_len)
                     .map_err(|e| format!("zstd decompression failed: {e}"))
             })?,
-            FLAG_LZ4 => lz4_flex::block::decompress(body, raw_len)
+            FLAG_LZ4 => lz4_flex::block::decompress(&body, raw_len)
                 .map_err(|e| format!("lz4 decompression failed: {e}"))?,
             other => return Err(format!("unknown compression flag {other}")),
         };
@@ -301,13 +298,13 @@ mod tests {
                 for data in [&text[..], &random[..]] {
                     let id = c.id(data);
                     let (flags, mut p) = c.encode(&id, data);
-                    assert_eq!(c.decode(&id, flags, &p, data.len()).unwrap(), data);
+                    assert_eq!(c.decode(&id, flags, p.clone(), data.len()).unwrap(), data);
                     if comp != Compression::None && data == &text[..] {
                         assert!(p.len() < data.len() / 4 + 28, "{comp:?} compresses text");
                     }
                     let n = p.len() / 2;
                     p[n] ^= 1;
-                    assert!(c.decode(&id, flags, &p, data.len()).is_err());
+                    assert!(c.decode(&id, flags, p.clone(), data.len()).is_err());
                 }
             }
         }
@@ -326,7 +323,7 @@ mod tests {
         let id = ca.id(data);
         let (f, p) = ca.encode(&id, data);
         assert!(cb
-            .decode(&id, f, &p, data.len())
+            .decode(&id, f, p.clone(), data.len())
             .unwrap_err()
             .contains("authentication"));
         assert_ne!(a.check_value(), b.check_value());
