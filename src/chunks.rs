@@ -365,11 +365,20 @@ impl ChunkStore {
 
     /// Read a chunk's plaintext, checking its integrity (or from the cache).
     pub fn get(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        self.get_with(id, true)
+    }
+
+    /// Like [`ChunkStore::get`]; `keep` says whether a miss is worth caching.  Large
+    /// sequential reads pass false: they would only churn the cache (and fault in
+    /// fresh memory for every chunk) for data that is not read again soon.
+    pub fn get_with(&self, id: &ChunkId, keep: bool) -> Result<Arc<Vec<u8>>> {
         if let Some(c) = self.cache.get(id) {
             return Ok(c);
         }
         let data = Arc::new(self.get_uncached(id)?);
-        self.cache.insert(*id, data.clone());
+        if keep {
+            self.cache.insert(*id, data.clone());
+        }
         Ok(data)
     }
 

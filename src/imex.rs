@@ -173,7 +173,7 @@ pub fn export(store: &Store, view: &View, path: &Path, pb: &ProgressBar) -> Resu
             let len = cs.min(view.size - off) as usize;
             match blk {
                 Block::Data(id) => {
-                    let data = store.chunks.get(id)?;
+                    let data = store.chunks.get_with(id, false)?;
                     f.write_all_at(&data[..len], off).at(path)?;
                     rep.data_bytes += len as u64;
                 }

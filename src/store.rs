@@ -810,6 +810,8 @@ impl Store {
         // map entry is committed, so this order never misses an acknowledged write.
         let hits = self.overlay_blocks(view, first, count);
         let blocks = self.resolve(view.lineage, view.epoch, first, count)?;
+        // Cache what small (random) reads touch; large reads stream past the cache.
+        let keep = (buf.len() as u64) < cs;
         let mut pos = 0usize;
         for (i, blk) in blocks.iter().enumerate() {
             let b = first + i as u64;
@@ -824,7 +826,7 @@ impl Store {
             match blk {
                 Block::Hole | Block::Zero => dst.fill(0),
                 Block::Data(id) => {
-                    let data = self.chunks.get(id)?;
+                    let data = self.chunks.get_with(id, keep)?;
                     dst.copy_from_slice(&data[start..start + n]);
                 }
             }
