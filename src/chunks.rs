@@ -126,13 +126,9 @@ impl Sealer {
     }
 }
 
-/// Cache capacity in chunks.
+/// Cache capacity in chunks: `DRCLONE_CACHE_MIB` (default 1 GiB).
 fn cache_items(chunk_size: u64) -> usize {
-    let mib: u64 = std::env::var("DRCLONE_CACHE_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    ((mib << 20) / chunk_size.max(1)).max(16) as usize
+    crate::util::env_budget("DRCLONE_CACHE_MIB", 1024, chunk_size, 16)
 }
 
 impl Drop for ChunkStore {

@@ -118,11 +118,7 @@ pub struct Store {
 
 /// Overlay capacity in blocks: `DRCLONE_DIRTY_MIB` (default 256 MiB).
 fn dirty_limit(chunk_size: u64) -> usize {
-    let mib: u64 = std::env::var("DRCLONE_DIRTY_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    ((mib << 20) / chunk_size.max(1)).max(1) as usize
+    crate::util::env_budget("DRCLONE_DIRTY_MIB", 256, chunk_size, 1)
 }
 
 fn is_zero(b: &[u8]) -> bool {

@@ -64,6 +64,16 @@ pub fn parse_volume_ref(s: &str) -> Result<(String, String, Option<String>)> {
     Ok((g.to_string(), d.to_string(), point))
 }
 
+/// A memory budget from the environment (`VAR` in MiB, else `default_mib`), counted
+/// in units of `unit` bytes, at least `min`.
+pub fn env_budget(var: &str, default_mib: u64, unit: u64, min: usize) -> usize {
+    let mib: u64 = std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_mib);
+    ((mib << 20) / unit.max(1)).max(min as u64) as usize
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

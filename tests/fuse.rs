@@ -255,6 +255,23 @@ fn qemu_img_info_and_convert_on_mounted_files() {
 }
 
 #[test]
+fn fusermount_unmount_ends_the_mount_process_cleanly() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    env.ok(&["group", "create", "app1"]);
+    let mut m = Mount::start(&env);
+    run("fusermount3", &["-u", m.dir.to_str().unwrap()]);
+    let st = m.child.wait().unwrap();
+    assert!(
+        st.success(),
+        "drclone mount exited with {st} after fusermount3 -u"
+    );
+    std::mem::forget(m);
+    // The store was closed cleanly: it opens and verifies.
+    env.ok(&["verify"]);
+}
+
+#[test]
 fn stale_mount_gets_a_clear_message_and_a_way_out() {
     let env = Env::new();
     env.ok(&["init"]);

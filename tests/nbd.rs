@@ -165,18 +165,7 @@ fn qemu_img_compare_and_nbdcopy_round_trip() {
     env.ok(&["import", "app1/disk0", img.to_str().unwrap()]);
     env.ok(&["volume", "create", "app1/copy", "--size", "48M"]);
     let srv = Server::start(&env);
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &srv.tcp("app1/disk0"),
-            img.to_str().unwrap(),
-        ],
-    );
+    qemu_compare(&srv.tcp("app1/disk0"), &img);
     // nbdcopy a local file into another volume, then back out.
     run("nbdcopy", &[img.to_str().unwrap(), &srv.unix("app1/copy")]);
     let out = env.path("out.img");
@@ -191,18 +180,7 @@ fn qemu_img_compare_and_nbdcopy_round_trip() {
     assert!(std::fs::read(&out2).unwrap() == data);
     // A point of the copy compares equal as well.
     env.ok(&["point", "create", "app1"]);
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &srv.tcp("app1/copy@latest"),
-            img.to_str().unwrap(),
-        ],
-    );
+    qemu_compare(&srv.tcp("app1/copy@latest"), &img);
 }
 
 #[test]
@@ -439,18 +417,7 @@ fn every_cli_command_works_while_serve_runs() {
     assert!(env.fails(&["serve"]).contains("already running"));
     // The data written over the CLI is what NBD clients see.
     need("qemu-img");
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &srv.tcp("drill/disk0"),
-            img.to_str().unwrap(),
-        ],
-    );
+    qemu_compare(&srv.tcp("drill/disk0"), &img);
     // SIGTERM shuts down cleanly and the store opens directly afterwards.
     assert!(srv.stop().success());
     assert!(!env.store.join("control.sock").exists());

@@ -246,3 +246,11 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 pub fn py(script: &str) -> String {
     run("/usr/bin/python3", &["-c", script])
 }
+
+/// `qemu-img compare` of a raw NBD export (or file) against a raw file; must match.
+pub fn qemu_compare(a: &str, b: &Path) {
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", a, b.to_str().unwrap()],
+    );
+}
