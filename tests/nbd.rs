@@ -292,6 +292,7 @@ fn fio_verify_with_four_jobs_at_iodepth_16() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
