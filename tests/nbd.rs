@@ -315,31 +315,13 @@ fn flushed_writes_survive_kill_9() {
     let env = Env::new();
     store_with_disk(&env, "8M");
     let srv = Server::start(&env);
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &srv.tcp("app1/disk0"),
-            "-c",
-            "write -P 0x5a 0 1M",
-            "-c",
-            "write -P 0x77 3M 12k",
-            "-c",
-            "flush",
-        ],
+    let uri = srv.tcp("app1/disk0");
+    qemu_io(
+        &uri,
+        &["write -P 0x5a 0 1M", "write -P 0x77 3M 12k", "flush"],
     );
     // FUA without an explicit flush.
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &srv.tcp("app1/disk0"),
-            "-c",
-            "write -f -P 0x33 5M 64k",
-        ],
-    );
+    qemu_io(&uri, &["write -f -P 0x33 5M 64k"]);
     srv.kill9();
     // The store reopens after the crash (recovery seals the open pack) ...
     let srv = Server::start(&env);

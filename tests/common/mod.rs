@@ -254,3 +254,13 @@ pub fn qemu_compare(a: &str, b: &Path) {
         &["compare", "-f", "raw", "-F", "raw", a, b.to_str().unwrap()],
     );
 }
+
+/// Run `qemu-io -f raw URI -c CMD ...`; returns stdout.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    run("qemu-io", &args)
+}
