@@ -182,6 +182,15 @@ impl ChunkStore {
         Ok(cs)
     }
 
+    fn missing(&self, id: &ChunkId) -> Error {
+        self.corrupt(
+            id,
+            0,
+            0,
+            "is referenced by a volume map but missing from the chunk index",
+        )
+    }
+
     fn corrupt(&self, id: &ChunkId, pack: u64, offset: u64, what: impl Into<String>) -> Error {
         Error::Corrupt {
             store: self.store.clone(),
@@ -380,15 +389,8 @@ impl ChunkStore {
 
     fn get_uncached(&self, id: &ChunkId) -> Result<Vec<u8>> {
         for attempt in 0..2 {
-            let loc = self.loc(id)?.ok_or_else(|| {
-                self.corrupt(
-                    id,
-                    0,
-                    0,
-                    "is referenced by a volume map but missing from the chunk index",
-                )
-            })?;
-            match self.read_loc(id, &loc) {
+            let loc = self.loc(id)?.ok_or_else(|| self.missing(id))?;
+            match self.read_loc_checked(id, &loc, false) {
                 // A GC compaction may have moved the chunk between the index lookup
                 // and the read; look it up again once.
                 Err(Error::Io { source, .. })
@@ -399,19 +401,27 @@ impl ChunkStore {
         unreachable!()
     }
 
-    /// Read and decode the record at `loc`.
+    /// Read and decode the record at `loc`, checking the content against its
+    /// address (what `verify` uses).
     pub fn read_loc(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
-        let truncated = |e: Error| match e {
+        self.read_loc_checked(id, loc, true)
+    }
+
+    fn truncated(&self, id: &ChunkId, loc: &ChunkLoc, e: Error) -> Error {
+        match e {
             Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
                 self.corrupt(id, loc.pack, loc.offset, "pack is truncated")
             }
             e => e,
-        };
-        // Header and payload in two reads, so a raw payload is returned without a copy.
+        }
+    }
+
+    /// Read a record's header and check it against the index.
+    fn read_header(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<RecordHeader> {
         let mut hdr = [0u8; RECORD_HEADER_LEN];
         self.backend
             .read_at(loc.pack, loc.offset, &mut hdr)
-            .map_err(truncated)?;
+            .map_err(|e| self.truncated(id, loc, e))?;
         let h =
             RecordHeader::decode(&hdr).map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))?;
         if &h.id != id || h.stored_len != loc.stored_len || h.flags != loc.flags {
@@ -422,17 +432,70 @@ impl ChunkStore {
                 "record header disagrees with the index",
             ));
         }
-        let mut payload = vec![0u8; loc.stored_len as usize];
+        Ok(h)
+    }
+
+    /// Read a record's payload into `buf` (exactly `stored_len` bytes) and check
+    /// its CRC.
+    fn read_payload(&self, id: &ChunkId, loc: &ChunkLoc, crc: u32, buf: &mut [u8]) -> Result<()> {
         self.backend
-            .read_at(
-                loc.pack,
-                loc.offset + RECORD_HEADER_LEN as u64,
-                &mut payload,
-            )
-            .map_err(truncated)?;
+            .read_at(loc.pack, loc.offset + RECORD_HEADER_LEN as u64, buf)
+            .map_err(|e| self.truncated(id, loc, e))?;
+        if pack::crc(buf) != crc {
+            return Err(self.corrupt(id, loc.pack, loc.offset, "payload CRC mismatch"));
+        }
+        Ok(())
+    }
+
+    /// Read and decode the record at `loc`.  Every read checks the header and the
+    /// payload CRC; `check_hash` also re-hashes a plain chunk's content.
+    fn read_loc_checked(&self, id: &ChunkId, loc: &ChunkLoc, check_hash: bool) -> Result<Vec<u8>> {
+        let h = self.read_header(id, loc)?;
+        let mut payload = vec![0u8; loc.stored_len as usize];
+        self.read_payload(id, loc, h.crc, &mut payload)?;
         self.codec
-            .decode(id, h.flags, payload, loc.raw_len as usize)
+            .decode_checked(id, h.flags, payload, loc.raw_len as usize, check_hash)
             .map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))
+    }
+
+    /// Copy bytes `start..start + dst.len()` of a chunk into `dst`: from the cache,
+    /// or (for reads that stream past the cache) decoded straight into `dst` when
+    /// it wants the whole chunk, which saves a buffer and a copy per chunk.
+    pub fn read_range(&self, id: &ChunkId, start: usize, dst: &mut [u8], keep: bool) -> Result<()> {
+        if let Some(c) = self.cache.get(id) {
+            dst.copy_from_slice(&c[start..start + dst.len()]);
+            return Ok(());
+        }
+        if keep || self.codec.encrypted() || start != 0 {
+            let c = self.get_with(id, keep)?;
+            dst.copy_from_slice(&c[start..start + dst.len()]);
+            return Ok(());
+        }
+        for attempt in 0..2 {
+            let loc = self.loc(id)?.ok_or_else(|| self.missing(id))?;
+            if loc.raw_len as usize != dst.len() {
+                let c = self.get_with(id, keep)?;
+                dst.copy_from_slice(&c[..dst.len()]);
+                return Ok(());
+            }
+            let r = self.read_header(id, &loc).and_then(|h| {
+                if h.flags & crate::codec::FLAG_COMPRESSION_MASK == 0 && loc.stored_len == loc.raw_len {
+                    // Stored raw: the payload lands in `dst` directly.
+                    return self.read_payload(id, &loc, h.crc, dst);
+                }
+                let mut payload = vec![0u8; loc.stored_len as usize];
+                self.read_payload(id, &loc, h.crc, &mut payload)?;
+                self.codec
+                    .decompress_into(h.flags, &payload, dst)
+                    .map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))
+            });
+            match r {
+                Err(Error::Io { source, .. })
+                    if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound => {}
+                other => return other,
+            }
+        }
+        unreachable!()
     }
 
     /// Make every chunk stored so far durable, then the metadata that points at it.

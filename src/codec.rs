@@ -215,13 +215,67 @@ impl Codec {
         }
     }
 
-    /// Decrypt, decompress and check a stored payload.  `Err(what)` names the failure.
+    /// Decrypt, decompress and check a stored payload against its content address.
+    /// `Err(what)` names the failure.
     pub fn decode(
         &self,
         id: &ChunkId,
         flags: u8,
         payload: Vec<u8>,
         raw_len: usize,
+    ) -> std::result::Result<Vec<u8>, String> {
+        self.decode_checked(id, flags, payload, raw_len, true)
+    }
+
+    /// Decompress an unencrypted payload straight into `dst` (exactly the raw
+    /// length).  No hash check: the caller has checked the record's CRC.
+    pub fn decompress_into(
+        &self,
+        flags: u8,
+        payload: &[u8],
+        dst: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        if flags & FLAG_ENCRYPTED != 0 || self.keys.is_some() {
+            return Err("encrypted chunks decode through Codec::decode".into());
+        }
+        let n = match flags & FLAG_COMPRESSION_MASK {
+            0 if payload.len() == dst.len() => {
+                dst.copy_from_slice(payload);
+                dst.len()
+            }
+            0 => {
+                return Err(format!(
+                    "raw payload is {} bytes, index says {}",
+                    payload.len(),
+                    dst.len()
+                ))
+            }
+            FLAG_ZSTD => ZSTD_D.with(|d| {
+                let mut d = d.borrow_mut();
+                let d =
+                    d.get_or_insert_with(|| zstd::bulk::Decompressor::new().expect("zstd context"));
+                d.decompress_to_buffer(payload, dst)
+                    .map_err(|e| format!("zstd decompression failed: {e}"))
+            })?,
+            FLAG_LZ4 => lz4_flex::block::decompress_into(payload, dst)
+                .map_err(|e| format!("lz4 decompression failed: {e}"))?,
+            other => return Err(format!("unknown compression flag {other}")),
+        };
+        if n != dst.len() {
+            return Err(format!("decoded to {n} bytes, index says {}", dst.len()));
+        }
+        Ok(())
+    }
+
+    /// [`Codec::decode`]; `check_hash` false skips the content-address check of a
+    /// plain chunk (hot read paths check the record CRC instead; `verify` hashes).
+    pub fn decode_checked(
+        &self,
+        id: &ChunkId,
+        flags: u8,
+        payload: Vec<u8>,
+        raw_len: usize,
+        check_hash: bool,
     ) -> std::result::Result<Vec<u8>, String> {
         let body: Vec<u8> = if flags & FLAG_ENCRYPTED != 0 {
             let k = self
@@ -270,7 +324,7 @@ impl Codec {
         }
         // The GCM tag already authenticates an encrypted chunk; a plain one is
         // checked against its content address.
-        if self.keys.is_none() && &self.id(&data) != id {
+        if check_hash && self.keys.is_none() && &self.id(&data) != id {
             return Err("content does not match its hash".into());
         }
         Ok(data)

@@ -18,6 +18,8 @@
 //! | [`pack`]   | pack file format and the pack backend interface            |
 //! | [`chunks`] | the chunk store: dedup, packs, index, recovery             |
 //! | [`store`]  | groups, volumes, points, clones, the versioned block map   |
+//! | [`overlay`]| write-back pages of partly written blocks                  |
+//! | [`journal`]| the durable log behind the overlay (FLUSH = one fdatasync) |
 //! | [`gc`]     | garbage collection and pack compaction                     |
 //! | [`maint`]  | `df` and `verify`                                          |
 //! | [`imex`]   | sparse import and export of raw images                     |
@@ -41,10 +43,12 @@ pub mod error;
 pub mod fuse;
 pub mod gc;
 pub mod imex;
+pub mod journal;
 pub mod keys;
 pub mod maint;
 pub mod meta;
 pub mod nbd;
+pub mod overlay;
 pub mod pack;
 pub mod store;
 pub mod util;

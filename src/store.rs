@@ -33,6 +33,8 @@ use crate::codec::{Codec, Compression, MasterKey};
 use crate::error::{Error, IoContext, Result};
 use crate::keys::{self, ChunkId};
 use crate::meta::{encode_rec, Db, GroupRec, LineageRec, MapVal, PointRec, PointVolume, VolumeRec};
+use crate::journal::{self, Journal};
+use crate::overlay::{self, Overlay};
 use crate::pack::LocalPacks;
 use crate::util::{check_name, now_secs};
 
@@ -109,16 +111,26 @@ pub struct Store {
     pub(crate) gc_lock: Mutex<()>,
     lineages: RwLock<HashMap<u64, LineageRec>>,
     stripes: Vec<Mutex<()>>,
-    /// Write-back overlay of partially written blocks of heads: (lineage, block) ->
-    /// whole block content.  See "Small writes" in docs/DESIGN.md.
-    dirty: Mutex<HashMap<(u64, u64), Vec<u8>>>,
-    dirty_count: std::sync::atomic::AtomicUsize,
+    /// Write-back overlay of partly written blocks of heads, and the journal that
+    /// makes it durable.  See "Small writes" in docs/DESIGN.md.
+    overlay: Overlay,
+    journal: Journal,
+    /// Overlay capacity in bytes of pages.
     dirty_limit: usize,
+    /// Journal size that makes the oldest blocks destage so its tail can advance.
+    journal_limit: u64,
+    /// One writer at a time relieves overlay or journal pressure.
+    destaging: Mutex<()>,
 }
 
-/// Overlay capacity in blocks: `DRCLONE_DIRTY_MIB` (default 256 MiB).
-fn dirty_limit(chunk_size: u64) -> usize {
-    crate::util::env_budget("DRCLONE_DIRTY_MIB", 256, chunk_size, 1)
+/// Overlay capacity in bytes: `DRCLONE_DIRTY_MIB` (default 256 MiB).
+fn dirty_limit() -> usize {
+    crate::util::env_budget("DRCLONE_DIRTY_MIB", 256, 1, 4096)
+}
+
+/// Journal size limit in bytes: `DRCLONE_JOURNAL_MIB` (default 1 GiB).
+fn journal_limit() -> u64 {
+    crate::util::env_budget("DRCLONE_JOURNAL_MIB", 1024, 1, 1 << 20) as u64
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -271,8 +283,9 @@ impl Store {
             let rec: LineageRec = db.decode_rec(&k, &v)?;
             lineages.insert(rec.id, rec);
         }
-        let cfg_chunk = cfg.chunk_size as u64;
-        Ok(Store {
+        let overlay = Overlay::new(cfg.chunk_size as usize);
+        let (journal, replay) = Journal::open(&dir.join("journal"), overlay.page_size())?;
+        let store = Store {
             dir: dir.to_path_buf(),
             cfg,
             db,
@@ -282,15 +295,84 @@ impl Store {
             gc_lock: Mutex::new(()),
             lineages: RwLock::new(lineages),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            dirty: Mutex::new(HashMap::new()),
-            dirty_count: std::sync::atomic::AtomicUsize::new(0),
-            dirty_limit: dirty_limit(cfg_chunk),
-        })
+            overlay,
+            journal,
+            dirty_limit: dirty_limit(),
+            journal_limit: journal_limit(),
+            destaging: Mutex::new(()),
+        };
+        store.replay_journal(replay)?;
+        Ok(store)
     }
 
-    /// Cap the write-back overlay at `blocks` blocks (tests use tiny caps).
+    /// Apply the journal a previous run left (it did not close cleanly), destage
+    /// it all into the map, sync, and drop the old segments.
+    fn replay_journal(&self, records: Vec<journal::Record>) -> Result<()> {
+        if records.is_empty() {
+            return self.trim_journal();
+        }
+        let (cs, page) = (self.chunk_size() as usize, self.overlay.page_size());
+        let n = records.len();
+        for r in records {
+            let key = (r.lineage, r.block);
+            let rel = if r.kind == journal::KIND_TOMBSTONE {
+                self.overlay.remove(key).unwrap_or_default()
+            } else {
+                let off = r.offset as usize;
+                if off % page != 0 || r.data.len() % page != 0 || off + r.data.len() > cs {
+                    return Err(Error::Format {
+                        store: self.dir.clone(),
+                        what: format!(
+                            "journal segment {}: record for lineage {} block {} covers \
+                             {off}+{} bytes, not whole pages of a {cs}-byte block",
+                            r.segment,
+                            r.lineage,
+                            r.block,
+                            r.data.len()
+                        ),
+                    });
+                }
+                self.overlay.put(key, off, &r.data, r.segment)
+            };
+            self.release(rel);
+        }
+        log::info!(
+            "store {}: replayed {n} journal record(s) into {} block(s)",
+            self.dir.display(),
+            self.overlay.len()
+        );
+        self.destage(None)?;
+        self.trim_journal()
+    }
+
+    fn release(&self, rel: overlay::Released) {
+        for (seg, pages) in rel {
+            self.journal.release(seg, pages);
+        }
+    }
+
+    /// Delete journal segments whose pages are all destaged, after syncing what
+    /// they were destaged into.
+    fn trim_journal(&self) -> Result<()> {
+        self.journal.trim(|| self.chunks.sync()).map(|_| ())
+    }
+
+    /// Cap the write-back overlay at `blocks` blocks' worth of pages (tests use
+    /// tiny caps).
     pub fn set_dirty_limit(&mut self, blocks: usize) {
-        self.dirty_limit = blocks.max(1);
+        self.dirty_limit = (blocks.max(1) as u64 * self.chunk_size()) as usize;
+    }
+
+    /// Cap the journal at `limit` bytes in segments of `segment` bytes (tests use
+    /// tiny ones).
+    pub fn set_journal_limit(&mut self, limit: u64, segment: u64) {
+        self.journal_limit = limit;
+        self.journal.set_segment_bytes(segment);
+    }
+
+    /// Journal segments on disk (for tests).
+    pub fn journal_segments(&self) -> usize {
+        self.journal.segments()
     }
 
     /// Number of keys in the metadata database (a full scan; for tests and tools).
@@ -314,17 +396,21 @@ impl Store {
         self.cfg.chunk_size as u64
     }
 
-    /// Make every acknowledged write durable (FLUSH).
+    /// Make every acknowledged write durable (FLUSH): small writes are in the
+    /// journal, whole blocks in packs and the map.
     pub fn flush(&self) -> Result<()> {
-        self.destage(None)?;
-        self.chunks.sync()
+        self.journal.sync()?;
+        self.chunks.sync()?;
+        self.trim_journal()
     }
 
-    /// Flush and seal the open pack (clean shutdown).
+    /// Destage everything, seal the open pack and empty the journal (clean
+    /// shutdown).
     pub fn close(&self) -> Result<()> {
         self.destage(None)?;
         self.chunks.seal_open()?;
-        self.db.sync_wal()
+        self.db.sync_wal()?;
+        self.journal.reset()
     }
 
     // ---- groups and volumes -----------------------------------------------------
@@ -488,12 +574,8 @@ impl Store {
         b.delete(keys::volume(group, disk));
         b.put(keys::lineage(lin.id), encode_rec(&lin));
         self.db.write(b, true)?;
-        {
-            let mut d = self.dirty.lock().unwrap();
-            d.retain(|(l, _), _| *l != lin.id);
-            self.dirty_count
-                .store(d.len(), std::sync::atomic::Ordering::Relaxed);
-        }
+        // Its journal records stay void: replay drops blocks of removed volumes.
+        self.release(self.overlay.remove_lineage(lin.id));
         lins.insert(lin.id, lin);
         Ok(())
     }
@@ -804,7 +886,11 @@ impl Store {
         let count = last - first + 1;
         // The overlay first, then the map: a block leaves the overlay only after its
         // map entry is committed, so this order never misses an acknowledged write.
-        let hits = self.overlay_blocks(view, first, count);
+        let snap = if view.epoch == HEAD_EPOCH {
+            self.overlay.snapshot(view.lineage, offset, buf.len(), cs)
+        } else {
+            overlay::Snapshot::default()
+        };
         let blocks = self.resolve(view.lineage, view.epoch, first, count)?;
         // Cache what small (random) reads touch; large reads stream past the cache.
         let keep = (buf.len() as u64) < cs;
@@ -814,93 +900,98 @@ impl Store {
             let start = if b == first { offset % cs } else { 0 } as usize;
             let n = ((cs as usize) - start).min(buf.len() - pos);
             let dst = &mut buf[pos..pos + n];
-            if let Some(data) = hits.get(&b) {
-                dst.copy_from_slice(&data[start..start + n]);
-                pos += n;
+            pos += n;
+            if snap.full.contains(&b) {
                 continue;
             }
             match blk {
                 Block::Hole | Block::Zero => dst.fill(0),
-                Block::Data(id) => {
-                    let data = self.chunks.get_with(id, keep)?;
-                    dst.copy_from_slice(&data[start..start + n]);
-                }
+                Block::Data(id) => self.chunks.read_range(id, start, dst, keep)?,
             }
-            pos += n;
+        }
+        for (at, bytes) in &snap.pieces {
+            buf[*at..*at + bytes.len()].copy_from_slice(bytes);
         }
         Ok(())
     }
 
-    /// Overlay contents of a head's blocks in a range (empty for points).
-    fn overlay_blocks(&self, view: &View, first: u64, count: u64) -> HashMap<u64, Vec<u8>> {
-        let mut out = HashMap::new();
-        if view.epoch != HEAD_EPOCH
-            || self.dirty_count.load(std::sync::atomic::Ordering::Relaxed) == 0
-        {
-            return out;
-        }
-        let d = self.dirty.lock().unwrap();
-        if (count as usize) < d.len() {
-            for b in first..first + count {
-                if let Some(v) = d.get(&(view.lineage, b)) {
-                    out.insert(b, v.clone());
-                }
-            }
-        } else {
-            for ((l, b), v) in d.iter() {
-                if *l == view.lineage && *b >= first && *b < first + count {
-                    out.insert(*b, v.clone());
-                }
-            }
-        }
-        out
-    }
-
     /// Move overlay blocks into the chunk store and block map: all of them (`None`)
-    /// or up to `max`.
+    /// or up to `max`, oldest first.
     pub fn destage(&self, max: Option<usize>) -> Result<()> {
-        if self.dirty_count.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        if self.overlay.is_empty() {
             return Ok(());
         }
-        let keys: Vec<(u64, u64)> = {
-            let d = self.dirty.lock().unwrap();
-            d.keys().take(max.unwrap_or(usize::MAX)).copied().collect()
-        };
+        let keys = self.overlay.oldest(max.unwrap_or(usize::MAX));
         keys.par_iter()
             .try_for_each(|&(l, b)| self.destage_one(l, b))
     }
 
     fn destage_one(&self, l: u64, b: u64) -> Result<()> {
         let _s = self.lock_blocks(l, b, 1);
-        let Some(data) = self.dirty.lock().unwrap().get(&(l, b)).cloned() else {
+        let key = (l, b);
+        let Some(present) = self.overlay.coverage(key) else {
             return Ok(());
         };
-        {
+        let lin = self.lineage(l).filter(|x| x.has_head);
+        if let Some(lin) = lin {
             let _g = self.gate.read().unwrap();
-            if let Some(lin) = self.lineage(l).filter(|x| x.has_head) {
-                let cur = self.resolve(l, HEAD_EPOCH, b, 1)?[0];
-                let mut batch = WriteBatch::default();
-                if is_zero(&data) {
-                    if matches!(cur, Block::Data(_)) {
-                        batch.put(keys::map(l, b, lin.epoch), MapVal::Zero.encode());
-                    }
-                } else {
-                    let (id, loc) = self.chunks.put(&data)?;
-                    if let Some(loc) = loc {
-                        ChunkStore::index(&mut batch, &id, &loc);
-                    }
-                    if cur != Block::Data(id) {
-                        batch.put(keys::map(l, b, lin.epoch), MapVal::Data(id).encode());
-                    }
+            let cur = self.resolve(l, HEAD_EPOCH, b, 1)?[0];
+            // Base content, then the pages over it (no base needed when complete).
+            let mut data = match cur {
+                Block::Data(id) if present < self.overlay.pages_per_block() => {
+                    self.chunks.get_with(&id, false)?.to_vec()
                 }
-                self.db.write(batch, false)?;
+                _ => vec![0u8; self.chunk_size() as usize],
+            };
+            self.overlay.merge_into(key, &mut data);
+            let mut batch = WriteBatch::default();
+            if is_zero(&data) {
+                if matches!(cur, Block::Data(_)) {
+                    batch.put(keys::map(l, b, lin.epoch), MapVal::Zero.encode());
+                }
+            } else {
+                let (id, loc) = self.chunks.put(&data)?;
+                if let Some(loc) = loc {
+                    ChunkStore::index(&mut batch, &id, &loc);
+                }
+                if cur != Block::Data(id) {
+                    batch.put(keys::map(l, b, lin.epoch), MapVal::Data(id).encode());
+                }
             }
+            self.db.write(batch, false)?;
+            // The map now holds the pages: void their journal records.
+            self.journal.append_tombstone(l, b)?;
         }
         // Only now, with the map entry committed, does the block leave the overlay.
-        let mut d = self.dirty.lock().unwrap();
-        if d.remove(&(l, b)).is_some() {
-            self.dirty_count
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(rel) = self.overlay.remove(key) {
+            self.release(rel);
+        }
+        Ok(())
+    }
+
+    /// Destage the oldest blocks while the overlay holds more than its limit or the
+    /// journal is over its size; one writer does it at a time unless the overlay is
+    /// far over (then writers wait their turn: back-pressure).
+    fn relieve(&self) -> Result<()> {
+        let over = |slack: usize| {
+            self.overlay.bytes() > self.dirty_limit + self.dirty_limit / 4 * slack
+                || self.journal.bytes() > self.journal_limit + self.journal_limit / 4 * slack as u64
+        };
+        if !over(0) {
+            return Ok(());
+        }
+        let _one = match self.destaging.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) if !over(1) => return Ok(()),
+            Err(_) => self.destaging.lock().unwrap(),
+        };
+        while over(0) {
+            let n = (self.overlay.len() / 16).max(1);
+            self.destage(Some(n))?;
+            self.trim_journal()?;
+            if self.overlay.is_empty() {
+                break;
+            }
         }
         Ok(())
     }
@@ -946,14 +1037,8 @@ impl Store {
     /// The write path shared by write and zero.  `data == None` writes zeros.
     fn modify(&self, view: &View, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         self.modify_locked(view, offset, len, data)?;
-        // Over the limit: destage some overlay blocks (with no lock held here).
-        let n = self.dirty_count.load(std::sync::atomic::Ordering::Relaxed);
-        if n > self.dirty_limit {
-            self.destage(Some(
-                (n - self.dirty_limit).max(self.dirty_limit / 8).max(1),
-            ))?;
-        }
-        Ok(())
+        // Over a limit: destage the oldest blocks (with no block lock held here).
+        self.relieve()
     }
 
     fn modify_locked(&self, view: &View, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
@@ -970,59 +1055,29 @@ impl Store {
                 Error::NotFound(format!("volume {} (removed while in use)", view.name))
             })?;
         let current = self.resolve(view.lineage, HEAD_EPOCH, first, count)?;
-        // Build each block's new content: None = zeros.
-        let mut blocks: Vec<(u64, usize, Option<std::borrow::Cow<'_, [u8]>>)> =
-            Vec::with_capacity(count as usize);
+        // Whole blocks: (block, index, content); None = zeros.
+        let mut blocks: Vec<(u64, usize, Option<&[u8]>)> = Vec::with_capacity(count as usize);
+        // Whole blocks that replace overlay pages: void those after the commit.
+        let mut replaced = Vec::new();
         let mut pos = 0usize;
-        for i in 0..count {
-            let b = first + i;
+        for i in 0..count as usize {
+            let b = first + i as u64;
             let start = if i == 0 { (offset % cs) as usize } else { 0 };
             let n = (cs as usize - start).min((len - pos as u64) as usize);
             let piece = data.map(|d| &d[pos..pos + n]);
-            let whole = start == 0 && n == cs as usize;
-            let key = (lin.id, b);
-            let patch = |buf: &mut [u8]| match piece {
-                Some(p) => buf[start..start + n].copy_from_slice(p),
-                None => buf[start..start + n].fill(0),
-            };
-            if whole {
-                // A whole block replaces any overlay copy.
-                if self.dirty_count.load(std::sync::atomic::Ordering::Relaxed) > 0
-                    && self.dirty.lock().unwrap().remove(&key).is_some()
-                {
-                    self.dirty_count
-                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                blocks.push((b, i as usize, piece.map(std::borrow::Cow::Borrowed)));
-                pos += n;
-                continue;
-            }
-            // Partial block: patch it in the overlay (acknowledged now, destaged on
-            // FLUSH, before a point, or when the overlay is full).
-            if let Some(buf) = self.dirty.lock().unwrap().get_mut(&key) {
-                patch(buf);
-                pos += n;
-                continue;
-            }
-            let mut buf = match current[i as usize] {
-                Block::Data(id) => self.chunks.get(&id)?.to_vec(),
-                _ if piece.is_none() => {
-                    // Zeroing part of a block that is already zero.
-                    pos += n;
-                    continue;
-                }
-                _ => vec![0u8; cs as usize],
-            };
-            patch(&mut buf);
-            if self.dirty.lock().unwrap().insert(key, buf).is_none() {
-                self.dirty_count
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
             pos += n;
+            if start == 0 && n == cs as usize {
+                if self.overlay.contains((lin.id, b)) {
+                    replaced.push(b);
+                }
+                blocks.push((b, i, piece));
+            } else {
+                self.write_pages(lin.id, b, current[i], start, n, piece)?;
+            }
         }
         // Hash, compress, encrypt and store the chunks (in parallel for big writes).
         type Stored = (MapVal, Option<crate::meta::ChunkLoc>);
-        let store_one = |content: &Option<std::borrow::Cow<'_, [u8]>>| -> Result<Stored> {
+        let store_one = |content: &Option<&[u8]>| -> Result<Stored> {
             match content {
                 Some(c) if !is_zero(c) => {
                     let (id, loc) = self.chunks.put(c)?;
@@ -1050,13 +1105,72 @@ impl Store {
             }
             let cur = current[*i];
             match (val, cur) {
-                // Zeros over a hole or over zeros: nothing to record.
+                // Zeros over a hole or over zeros: nothing to record.  (Overlay pages
+                // of the block never reached the map; dropping them is enough.)
                 (MapVal::Zero, Block::Hole | Block::Zero) => {}
                 (MapVal::Data(id), Block::Data(old)) if id == old => {}
                 (v, _) => batch.put(keys::map(lin.id, *b, lin.epoch), v.encode()),
             }
         }
-        self.db.write(batch, false)
+        self.db.write(batch, false)?;
+        for b in replaced {
+            self.journal.append_tombstone(lin.id, b)?;
+            if let Some(rel) = self.overlay.remove((lin.id, b)) {
+                self.release(rel);
+            }
+        }
+        Ok(())
+    }
+
+    /// A write (or zeroing) of `n` bytes at `start` of block `b`, short of the whole
+    /// block: whole pages go to the journal and the overlay; the edges of an
+    /// unaligned write are first filled from the current content.
+    fn write_pages(
+        &self,
+        lineage: u64,
+        b: u64,
+        cur: Block,
+        start: usize,
+        n: usize,
+        piece: Option<&[u8]>,
+    ) -> Result<()> {
+        let key = (lineage, b);
+        if piece.is_none() && matches!(cur, Block::Hole | Block::Zero) && !self.overlay.contains(key)
+        {
+            // Zeroing part of a block that already reads as zeros.
+            return Ok(());
+        }
+        let page = self.overlay.page_size();
+        let lo = start / page * page;
+        let hi = (start + n).div_ceil(page) * page;
+        let mut run = vec![0u8; hi - lo];
+        // Edge pages that the write covers only in part start from what is there.
+        let mut edges = vec![lo];
+        if hi - page != lo {
+            edges.push(hi - page);
+        }
+        for e in edges {
+            let covered = start <= e && start + n >= e + page;
+            if covered {
+                continue;
+            }
+            let dst = &mut run[e - lo..e - lo + page];
+            if !self.overlay.read_page(key, e / page, dst) {
+                match cur {
+                    Block::Data(id) => self.chunks.read_range(&id, e, dst, true)?,
+                    Block::Hole | Block::Zero => dst.fill(0),
+                }
+            }
+        }
+        if let Some(p) = piece {
+            run[start - lo..start - lo + n].copy_from_slice(p);
+        } else {
+            run[start - lo..start - lo + n].fill(0);
+        }
+        let seg = self.journal.append_pages(lineage, b, lo as u32, &run)?;
+        let rel = self.overlay.put(key, lo, &run, seg);
+        self.release(rel);
+        Ok(())
     }
 
     /// Extents of a range: (offset, length, block kind) with runs merged.
@@ -1068,12 +1182,14 @@ impl Store {
         let cs = self.chunk_size();
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
-        let hits = self.overlay_blocks(view, first, last - first + 1);
+        let head = view.epoch == HEAD_EPOCH && !self.overlay.is_empty();
         let blocks = self.resolve(view.lineage, view.epoch, first, last - first + 1)?;
         let mut out: Vec<(u64, u64, Block)> = Vec::new();
         for (i, blk) in blocks.into_iter().enumerate() {
             let b = first + i as u64;
-            let blk = if hits.contains_key(&b) {
+            // A block with overlay pages reports as data (pages may hold zeros, like
+            // any written data).
+            let blk = if head && self.overlay.contains((view.lineage, b)) {
                 Block::Data([0; 32])
             } else {
                 blk
@@ -1240,6 +1356,41 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(s.read(&head, 0, 65536).unwrap(), vec![9u8; 65536]);
         assert!(matches!(s.write(&pv, 0, b"x"), Err(Error::ReadOnly(_))));
+    }
+
+    #[test]
+    fn small_writes_replay_after_a_crash_and_a_bad_journal_is_refused_unharmed() {
+        let (d, s) = store(65536);
+        let p = d.path().join("s");
+        s.create_group("g").unwrap();
+        s.create_volume("g", "d", 1 << 20).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        s.write(&head, 0, &[1u8; 65536]).unwrap();
+        s.write(&head, 4096, &[2u8; 8192]).unwrap(); // aligned pages
+        s.write(&head, 70000, &[3u8; 100]).unwrap(); // unaligned, over a hole
+        s.flush().unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        want[..65536].fill(1);
+        want[4096..12288].fill(2);
+        want[70000..70100].fill(3);
+        assert_eq!(s.read(&head, 0, 1 << 20).unwrap(), want);
+        assert!(!s.overlay.is_empty(), "small writes wait in the overlay");
+        drop(s); // a crash: no close, no destage
+        let jdir = p.join("journal");
+        let segs = |d: &Path| std::fs::read_dir(d).unwrap().count();
+        assert!(segs(&jdir) >= 1);
+        // A foreign file among the segments: refused, naming it, and nothing is lost.
+        let bad = jdir.join("0000000000000000.log");
+        std::fs::write(&bad, b"garbage that is not a journal").unwrap();
+        let err = Store::open(&p, None).err().expect("bad segment refused");
+        assert!(err.to_string().contains("0000000000000000.log"), "{err}");
+        std::fs::remove_file(&bad).unwrap();
+        let s = Store::open(&p, None).unwrap();
+        assert!(s.overlay.is_empty(), "replay destages everything");
+        assert_eq!(s.journal_segments(), 1, "old segments are trimmed");
+        let head = s.view("g", "d", None).unwrap();
+        assert_eq!(s.read(&head, 0, 1 << 20).unwrap(), want);
+        s.close().unwrap();
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use drclone::store::{InitOptions, Store};
 use proptest::prelude::*;
 
-const CS: u64 = 4096;
+// Four 4 KiB overlay pages per block: writes hit whole pages, page edges and
+// whole blocks.
+const CS: u64 = 16384;
 const VOL: u64 = 16 * CS;
 
 #[derive(Debug, Clone)]
@@ -37,19 +39,32 @@ enum Op {
     },
     Gc,
     Reopen,
+    /// Drop the store without closing it, like `kill -9`: the overlay is lost from
+    /// memory and must come back from the journal.
+    Crash,
     Flush,
+}
+
+/// Offsets: anywhere, or on a 4 KiB page boundary (what VMs mostly write).
+fn offset() -> impl Strategy<Value = u64> {
+    prop_oneof![0..VOL, (0..VOL / 4096).prop_map(|p| p * 4096)]
+}
+
+fn length(max: u64) -> impl Strategy<Value = u64> {
+    prop_oneof![1..max, (1..max / 4096).prop_map(|p| p * 4096)]
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..8usize, 0..VOL, 1..3 * CS, any::<u32>()).prop_map(|(v, off, len, seed)| Op::Write { v, off, len, seed }),
-        2 => (0..8usize, 0..VOL, 1..4 * CS).prop_map(|(v, off, len)| Op::Trim { v, off, len }),
+        6 => (0..8usize, offset(), length(3 * CS), any::<u32>()).prop_map(|(v, off, len, seed)| Op::Write { v, off, len, seed }),
+        2 => (0..8usize, offset(), length(4 * CS)).prop_map(|(v, off, len)| Op::Trim { v, off, len }),
         2 => Just(Op::Point),
         2 => (0..8usize, 0..2usize).prop_map(|(point, disk)| Op::Clone { point, disk }),
         1 => (0..8usize).prop_map(|point| Op::RemovePoint { point }),
         1 => (0..8usize).prop_map(|v| Op::RemoveVolume { v }),
         1 => Just(Op::Gc),
         1 => Just(Op::Reopen),
+        2 => Just(Op::Crash),
         1 => Just(Op::Flush),
     ]
 }
@@ -117,10 +132,12 @@ fn run(ops: Vec<Op>, encrypt: bool) {
         },
     )
     .unwrap();
-    // A tiny write-back overlay, so partial writes are destaged under pressure too.
+    // A tiny write-back overlay and journal, so partial writes are destaged under
+    // pressure and journal segments rotate and are trimmed.
     let open = || {
         let mut s = Store::open(&path, None).unwrap();
         s.set_dirty_limit(3);
+        s.set_journal_limit(6 * CS, 2 * CS);
         s
     };
     let mut s = Some(open());
@@ -224,6 +241,10 @@ fn run(ops: Vec<Op>, encrypt: bool) {
             Op::Flush => store.flush().unwrap(),
             Op::Reopen => {
                 s.take().unwrap().close().unwrap();
+                s = Some(open());
+            }
+            Op::Crash => {
+                drop(s.take());
                 s = Some(open());
             }
         }

@@ -318,7 +318,13 @@ fn flushed_writes_survive_kill_9() {
     let uri = srv.tcp("app1/disk0");
     qemu_io(
         &uri,
-        &["write -P 0x5a 0 1M", "write -P 0x77 3M 12k", "flush"],
+        &[
+            "write -P 0x5a 0 1M",
+            // Small writes: page-aligned, and unaligned (journal + overlay).
+            "write -P 0x77 3M 12k",
+            "write -P 0x44 6291968 1536",
+            "flush",
+        ],
     );
     // FUA without an explicit flush.
     qemu_io(&uri, &["write -f -P 0x33 5M 64k"]);
@@ -339,11 +345,17 @@ fn flushed_writes_survive_kill_9() {
             "-c",
             "read -P 0x33 5M 64k",
             "-c",
+            "read -P 0x44 6291968 1536",
+            "-c",
+            "read -P 0 6M 512",
+            "-c",
+            "read -P 0 6293504 512",
+            "-c",
             "read -P 0 1M 2M",
         ],
     );
     assert!(!out.contains("fail"), "{out}");
-    assert_eq!(out.matches("read ").count(), 4, "{out}");
+    assert_eq!(out.matches("read ").count(), 7, "{out}");
     drop(srv);
     env.ok(&["verify"]);
 }

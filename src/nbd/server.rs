@@ -19,6 +19,8 @@ use crate::error::Error;
 use crate::store::{Block, Store, View};
 
 const WORKERS_PER_CONNECTION: usize = 8;
+/// Reads up to this size reuse a per-worker buffer.
+const REUSED_READ_BUFFER: usize = 4 << 20;
 
 /// Export names: heads as `GROUP/DISK`, points as `GROUP/DISK@ID`.
 pub fn export_names(store: &Store) -> crate::Result<Vec<String>> {
@@ -487,8 +489,26 @@ impl Conn {
     }
 
     fn do_read(&self, w: &Writer, view: &View, req: Request) -> std::io::Result<()> {
-        let mut buf = vec![0u8; req.length as usize];
-        if let Err(e) = self.store.read_into(view, req.offset, &mut buf) {
+        // Each worker reuses one buffer for ordinary reads: no allocation and no
+        // zeroing of fresh memory per request.
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let len = req.length as usize;
+        if len > REUSED_READ_BUFFER {
+            return self.send_read(w, view, req, &mut vec![0u8; len]);
+        }
+        BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < len {
+                b.resize(len, 0);
+            }
+            self.send_read(w, view, req, &mut b[..len])
+        })
+    }
+
+    fn send_read(&self, w: &Writer, view: &View, req: Request, buf: &mut [u8]) -> std::io::Result<()> {
+        if let Err(e) = self.store.read_into(view, req.offset, buf) {
             log::warn!(
                 "{}: read {}+{} failed: {e}",
                 view.name,
@@ -509,7 +529,7 @@ impl Conn {
         } else {
             g.write_all(&simple_reply(req.cookie, 0))?;
         }
-        g.write_all(&buf)?;
+        g.write_all(buf)?;
         g.flush()
     }
 
