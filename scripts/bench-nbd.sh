@@ -4,7 +4,11 @@
 #   sequential write of unique random data and sequential read: nbdcopy
 #   4k random read and write at iodepth 16: fio --ioengine=nbd
 # Prints MB/s or IOPS per server and the ratios drclone/qemu-nbd and drclone/nbdkit.
-# Env: SIZE_MIB (default 1024), RUNTIME (fio seconds, default 20), BENCH_DIR.
+# Sequential runs are repeated RUNS times (each write run copies a different random
+# file, so no run can deduplicate against an earlier one) and the median is shown:
+# single runs on this shared machine vary by 2x for every server.
+# Env: SIZE_MIB (default 1024), RUNTIME (fio seconds, default 20), RUNS (default 3),
+#      BENCH_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,14 +16,15 @@ source scripts/env.sh
 cargo build --release --locked --bin drclone
 SIZE_MIB="${SIZE_MIB:-1024}"
 RUNTIME="${RUNTIME:-20}"
+RUNS="${RUNS:-3}"
 B="${BENCH_DIR:-/var/tmp/drclone-bench-nbd}"
 rm -rf "$B"; mkdir -p "$B"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-echo "preparing ${SIZE_MIB} MiB of random data"
-head -c "$((SIZE_MIB << 20))" /dev/urandom > "$B/src.img"
+echo "preparing $RUNS x ${SIZE_MIB} MiB of random data"
+for i in $(seq "$RUNS"); do head -c "$((SIZE_MIB << 20))" /dev/urandom > "$B/src$i.img"; done
 
 # --- servers
 truncate -s "${SIZE_MIB}M" "$B/qemu.img"
@@ -43,6 +48,7 @@ uri() {
 }
 secs() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
 mbs() { echo "scale=0; $SIZE_MIB * 1048576 / $1 / 1000000" | bc -l; }
+median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 iops() {
   fio --name=b --ioengine=nbd --uri="$(uri "$1")" --rw="$2" --bs=4k --iodepth=16 --numjobs=1 \
       --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --output-format=json 2>/dev/null |
@@ -50,9 +56,15 @@ iops() {
 }
 declare -A R
 for s in qemu nbdkit drclone; do
-  R[$s,seqw]=$(mbs "$(secs nbdcopy "$B/src.img" "$(uri $s)")")
-  sync
-  R[$s,seqr]=$(mbs "$(secs nbdcopy "$(uri $s)" null:)")
+  w=(); r=()
+  for i in $(seq "$RUNS"); do
+    w+=("$(mbs "$(secs nbdcopy "$B/src$i.img" "$(uri $s)")")")
+    sync
+  done
+  for i in $(seq "$RUNS"); do r+=("$(mbs "$(secs nbdcopy "$(uri $s)" null:)")"); done
+  echo "$s: seq write MB/s ${w[*]}; seq read MB/s ${r[*]}" >&2
+  R[$s,seqw]=$(median "${w[@]}")
+  R[$s,seqr]=$(median "${r[@]}")
   R[$s,randr]=$(iops $s randread)
   R[$s,randw]=$(iops $s randwrite)
   echo "$s done" >&2

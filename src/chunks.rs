@@ -152,6 +152,15 @@ pub struct ChunkStore {
     /// Verified plaintext of recently read chunks.  Chunks are immutable by id, so
     /// the cache is never stale.  Size: `DRCLONE_CACHE_MIB` (default 1024).
     cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>>,
+    /// Index locations of recently read chunks, so a read of a cached location
+    /// skips the RocksDB lookup (perf: 11% of a sequential read).  Safe without
+    /// invalidation because packs are append-only and deleted whole, never reused:
+    /// a cached location either still holds the chunk's record (the header names
+    /// the id, the CRC covers the payload) or its pack is gone (NotFound), and
+    /// then the reader drops the entry and asks the index.  Compaction and sweep
+    /// drop what they move or delete anyway.  `DRCLONE_LOC_CACHE_MIB` (default
+    /// 24: about 262,000 entries, 16 GiB of 64 KiB chunks).
+    locs: quick_cache::sync::Cache<ChunkId, ChunkLoc>,
 }
 
 impl ChunkStore {
@@ -175,6 +184,12 @@ impl ChunkStore {
             touched: Mutex::new(None),
             pack_target,
             cache: quick_cache::sync::Cache::new(cache_items(chunk_size)),
+            locs: quick_cache::sync::Cache::new(crate::util::env_budget(
+                "DRCLONE_LOC_CACHE_MIB",
+                24,
+                96, // bytes an entry costs, roughly
+                1024,
+            )),
         };
         if writable {
             cs.recover()?;
@@ -309,8 +324,13 @@ impl ChunkStore {
             return Ok((id, None));
         }
         let (flags, payload) = self.codec.encode(&id, data);
-        let rec = pack::record(&id, flags, data.len() as u32, &payload);
-        let loc = self.append_record(flags, data.len() as u32, payload.len() as u32, &rec)?;
+        let hdr = pack::record_header(&id, flags, data.len() as u32, &payload);
+        let loc = self.append_record(
+            flags,
+            data.len() as u32,
+            payload.len() as u32,
+            &[&hdr, &payload],
+        )?;
         Ok((id, Some(loc)))
     }
 
@@ -326,7 +346,7 @@ impl ChunkStore {
         flags: u8,
         raw_len: u32,
         stored_len: u32,
-        rec: &[u8],
+        rec: &[&[u8]],
     ) -> Result<ChunkLoc> {
         let (pack, offset) = {
             let mut open = self.open.lock().unwrap();
@@ -334,7 +354,7 @@ impl ChunkStore {
                 *open = Some(self.new_pack()?);
             }
             let op = open.as_mut().unwrap();
-            let offset = op.writer.append(rec)?;
+            let offset = op.writer.append_parts(rec)?;
             let pack = op.id;
             let rotated = op.writer.len() >= self.pack_target;
             if rotated {
@@ -387,14 +407,28 @@ impl ChunkStore {
         Ok(data)
     }
 
+    /// The location of a chunk a map references: from the location cache, or
+    /// the index.
+    fn hot_loc(&self, id: &ChunkId) -> Result<ChunkLoc> {
+        if let Some(l) = self.locs.get(id) {
+            return Ok(l);
+        }
+        let l = self.loc(id)?.ok_or_else(|| self.missing(id))?;
+        self.locs.insert(*id, l);
+        Ok(l)
+    }
+
     fn get_uncached(&self, id: &ChunkId) -> Result<Vec<u8>> {
         for attempt in 0..2 {
-            let loc = self.loc(id)?.ok_or_else(|| self.missing(id))?;
+            let loc = self.hot_loc(id)?;
             match self.read_loc_checked(id, &loc, false) {
                 // A GC compaction may have moved the chunk between the index lookup
                 // and the read; look it up again once.
                 Err(Error::Io { source, .. })
-                    if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound => {}
+                    if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    self.locs.remove(id);
+                }
                 other => return other,
             }
         }
@@ -422,6 +456,10 @@ impl ChunkStore {
         self.backend
             .read_at(loc.pack, loc.offset, &mut hdr)
             .map_err(|e| self.truncated(id, loc, e))?;
+        self.check_header(id, loc, &hdr)
+    }
+
+    fn check_header(&self, id: &ChunkId, loc: &ChunkLoc, hdr: &[u8]) -> Result<RecordHeader> {
         let h =
             RecordHeader::decode(&hdr).map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))?;
         if &h.id != id || h.stored_len != loc.stored_len || h.flags != loc.flags {
@@ -472,17 +510,40 @@ impl ChunkStore {
             return Ok(());
         }
         for attempt in 0..2 {
-            let loc = self.loc(id)?.ok_or_else(|| self.missing(id))?;
+            let loc = self.hot_loc(id)?;
             if loc.raw_len as usize != dst.len() {
                 let c = self.get_with(id, keep)?;
                 dst.copy_from_slice(&c[..dst.len()]);
                 return Ok(());
             }
-            let r = self.read_header(id, &loc).and_then(|h| {
-                if h.flags & crate::codec::FLAG_COMPRESSION_MASK == 0 && loc.stored_len == loc.raw_len {
-                    // Stored raw: the payload lands in `dst` directly.
-                    return self.read_payload(id, &loc, h.crc, dst);
+            let raw = loc.flags & crate::codec::FLAG_COMPRESSION_MASK == 0
+                && loc.stored_len == loc.raw_len;
+            if raw {
+                // Stored raw: header and payload in one preadv, the payload straight
+                // into `dst`.
+                let mut hdr = [0u8; RECORD_HEADER_LEN];
+                let r = self
+                    .backend
+                    .read_at2(loc.pack, loc.offset, &mut hdr, dst)
+                    .map_err(|e| self.truncated(id, &loc, e))
+                    .and_then(|()| self.check_header(id, &loc, &hdr))
+                    .and_then(|h| {
+                        if pack::crc(dst) != h.crc {
+                            return Err(self.corrupt(id, loc.pack, loc.offset, "payload CRC mismatch"));
+                        }
+                        Ok(())
+                    });
+                match r {
+                    Err(Error::Io { source, .. })
+                        if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        self.locs.remove(id);
+                    }
+                    other => return other,
                 }
+                continue;
+            }
+            let r = self.read_header(id, &loc).and_then(|h| {
                 let mut payload = vec![0u8; loc.stored_len as usize];
                 self.read_payload(id, &loc, h.crc, &mut payload)?;
                 self.codec
@@ -491,7 +552,10 @@ impl ChunkStore {
             });
             match r {
                 Err(Error::Io { source, .. })
-                    if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound => {}
+                    if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    self.locs.remove(id);
+                }
                 other => return other,
             }
         }
@@ -546,6 +610,7 @@ impl ChunkStore {
             }
             batch.delete(keys::chunk(id));
             batch.delete(keys::reverse(loc.pack, loc.offset));
+            self.locs.remove(id);
             freed.push((loc.pack, RECORD_HEADER_LEN as u64 + loc.stored_len as u64));
         }
         self.db.write(batch, false)?;
@@ -581,10 +646,11 @@ impl ChunkStore {
                     "payload CRC mismatch during compaction; run `drclone verify`",
                 ));
             }
-            let new = self.append_record(loc.flags, loc.raw_len, loc.stored_len, &rec)?;
+            let new = self.append_record(loc.flags, loc.raw_len, loc.stored_len, &[&rec])?;
             let mut b = WriteBatch::default();
             Self::index(&mut b, &id, &new);
             self.db.write(b, false)?;
+            self.locs.remove(&id);
             moved += rec.len() as u64;
         }
         stale.delete(keys::pack(pack));

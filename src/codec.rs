@@ -163,11 +163,12 @@ impl Codec {
         }
     }
 
-    /// Compress and encrypt `data`; returns (flags, payload).
-    pub fn encode(&self, id: &ChunkId, data: &[u8]) -> (u8, Vec<u8>) {
+    /// Compress and encrypt `data`; returns (flags, payload).  A plain chunk that
+    /// does not compress is its own payload (no copy).
+    pub fn encode<'a>(&self, id: &ChunkId, data: &'a [u8]) -> (u8, std::borrow::Cow<'a, [u8]>) {
         let (mut flags, body) = self.compress(data);
         let payload = match &self.keys {
-            None => body.unwrap_or_else(|| data.to_vec()),
+            None => body.map_or(std::borrow::Cow::Borrowed(data), std::borrow::Cow::Owned),
             Some(k) => {
                 flags |= FLAG_ENCRYPTED;
                 let mut nonce = [0u8; 12];
@@ -186,7 +187,7 @@ impl Codec {
                 let mut out = Vec::with_capacity(12 + ct.len());
                 out.extend_from_slice(&nonce);
                 out.extend_from_slice(&ct);
-                out
+                std::borrow::Cow::Owned(out)
             }
         };
         (flags, payload)
@@ -194,6 +195,9 @@ impl Codec {
 
     /// Compress if that helps: (flags, Some(compressed)) or (0, None).
     fn compress(&self, data: &[u8]) -> (u8, Option<Vec<u8>>) {
+        if self.compression != Compression::None && !worth_compressing(data) {
+            return (0, None);
+        }
         let (flag, out) = match self.compression {
             Compression::None => return (0, None),
             Compression::Lz4 => (FLAG_LZ4, lz4_flex::block::compress(data)),
@@ -331,6 +335,28 @@ impl Codec {
     }
 }
 
+/// Early abort for incompressible chunks (what btrfs's compression heuristic and
+/// ZFS's zstd early abort do): LZ4 over eight 512-byte samples spread across the
+/// chunk.  Random or already compressed data does not shrink the sample, and then
+/// the chunk is stored raw without paying for a full compression attempt (perf:
+/// zstd on random 64 KiB chunks was 20% of the CPU of a random-write workload).
+/// Chunks under 16 KiB are always tried.
+pub fn worth_compressing(data: &[u8]) -> bool {
+    const SAMPLES: usize = 8;
+    const SAMPLE: usize = 512;
+    if data.len() < 16 << 10 {
+        return true;
+    }
+    let step = data.len() / SAMPLES;
+    let mut sample = [0u8; SAMPLES * SAMPLE];
+    for i in 0..SAMPLES {
+        sample[i * SAMPLE..(i + 1) * SAMPLE].copy_from_slice(&data[i * step..i * step + SAMPLE]);
+    }
+    // LZ4's block format adds a few bytes of framing to data it cannot shrink;
+    // ask for a 3% gain.
+    lz4_flex::block::compress(&sample).len() < sample.len() * 97 / 100
+}
+
 /// Lower-case hex of a chunk id.
 pub fn hex(id: &ChunkId) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
@@ -339,6 +365,24 @@ pub fn hex(id: &ChunkId) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn early_abort_skips_random_chunks_but_not_compressible_ones() {
+        let mut random = vec![0u8; 65536];
+        rand::thread_rng().fill_bytes(&mut random);
+        assert!(!worth_compressing(&random));
+        let c = Codec::new(Compression::Zstd, None);
+        assert_eq!(c.compress(&random).0, 0, "stored raw");
+        let text = b"the quick brown fox jumps over the lazy dog ".repeat(1500);
+        assert!(worth_compressing(&text[..65536]));
+        // Half random, half zeros: the samples see the zeros.
+        let mut half = random.clone();
+        half[32768..].fill(0);
+        assert!(worth_compressing(&half));
+        assert_eq!(c.compress(&half).0, FLAG_ZSTD);
+        // Small chunks are always tried.
+        assert!(worth_compressing(&random[..4096]));
+    }
 
     #[test]
     fn round_trip_every_mode_and_detect_tampering() {
@@ -351,7 +395,8 @@ mod tests {
                 let c = Codec::new(comp, k);
                 for data in [&text[..], &random[..]] {
                     let id = c.id(data);
-                    let (flags, mut p) = c.encode(&id, data);
+                    let (flags, p) = c.encode(&id, data);
+                    let mut p = p.into_owned();
                     assert_eq!(c.decode(&id, flags, p.clone(), data.len()).unwrap(), data);
                     if comp != Compression::None && data == &text[..] {
                         assert!(p.len() < data.len() / 4 + 28, "{comp:?} compresses text");
@@ -377,7 +422,7 @@ mod tests {
         let id = ca.id(data);
         let (f, p) = ca.encode(&id, data);
         assert!(cb
-            .decode(&id, f, p.clone(), data.len())
+            .decode(&id, f, p.to_vec(), data.len())
             .unwrap_err()
             .contains("authentication"));
         assert_ne!(a.check_value(), b.check_value());

@@ -88,17 +88,22 @@ pub fn crc(payload: &[u8]) -> u32 {
     crc32fast::hash(payload)
 }
 
-/// Build the whole record (header + payload) for one chunk.
-pub fn record(id: &ChunkId, flags: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
-    let h = RecordHeader {
+/// The header of one chunk's record.
+pub fn record_header(id: &ChunkId, flags: u8, raw_len: u32, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+    RecordHeader {
         flags,
         raw_len,
         stored_len: payload.len() as u32,
         crc: crc(payload),
         id: *id,
-    };
+    }
+    .encode()
+}
+
+/// Build the whole record (header + payload) for one chunk.
+pub fn record(id: &ChunkId, flags: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
     let mut r = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
-    r.extend_from_slice(&h.encode());
+    r.extend_from_slice(&record_header(id, flags, raw_len, payload));
     r.extend_from_slice(payload);
     r
 }
@@ -115,6 +120,11 @@ pub fn pack_header(id: u64) -> [u8; PACK_HEADER_LEN] {
 pub trait PackWriter: Send {
     /// Append bytes; returns the offset they start at.
     fn append(&mut self, data: &[u8]) -> Result<u64>;
+    /// Append several buffers back to back (a record's header and payload without
+    /// copying them together); returns the offset the first starts at.
+    fn append_parts(&mut self, parts: &[&[u8]]) -> Result<u64> {
+        self.append(&parts.concat())
+    }
     /// Make everything appended so far durable.
     fn sync(&mut self) -> Result<()>;
     /// Bytes written so far.
@@ -129,6 +139,12 @@ pub trait PackBackend: Send + Sync {
     fn create(&self, id: u64) -> Result<Box<dyn PackWriter>>;
     /// Read `buf.len()` bytes at `offset`; a short pack is an error.
     fn read_at(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Read into `head` then `tail`, back to back from `offset` (a record's header
+    /// and payload in one call where the backend can).
+    fn read_at2(&self, id: u64, offset: u64, head: &mut [u8], tail: &mut [u8]) -> Result<()> {
+        self.read_at(id, offset, head)?;
+        self.read_at(id, offset + head.len() as u64, tail)
+    }
     /// Current length, or None if the pack does not exist.
     fn len(&self, id: u64) -> Result<Option<u64>>;
     /// Remove a pack.  Readers that already hold it may finish.
@@ -185,9 +201,16 @@ struct LocalWriter {
 
 impl PackWriter for LocalWriter {
     fn append(&mut self, data: &[u8]) -> Result<u64> {
+        self.append_parts(&[data])
+    }
+    fn append_parts(&mut self, parts: &[&[u8]]) -> Result<u64> {
         let off = self.len;
-        self.file.write_all_at(data, off).at(&self.path)?;
-        self.len += data.len() as u64;
+        let mut at = off;
+        for p in parts {
+            self.file.write_all_at(p, at).at(&self.path)?;
+            at += p.len() as u64;
+        }
+        self.len = at;
         Ok(off)
     }
     fn sync(&mut self) -> Result<()> {
@@ -222,7 +245,59 @@ impl PackBackend for LocalPacks {
 
     fn read_at(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let f = self.handle(id)?;
-        f.read_exact_at(buf, offset).at(&self.path(id))
+        f.read_exact_at(buf, offset)
+            .map_err(|e| Error::io(self.path(id), e))
+    }
+
+    fn read_at2(&self, id: u64, offset: u64, head: &mut [u8], tail: &mut [u8]) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let f = self.handle(id)?;
+        let (hl, tl) = (head.len(), tail.len());
+        let mut done = 0usize;
+        while done < hl + tl {
+            // One preadv for both; on a short read, go on from where it stopped.
+            let (h, t) = if done < hl {
+                (&mut head[done..], &mut tail[..])
+            } else {
+                (&mut head[hl..], &mut tail[done - hl..])
+            };
+            let iov = [
+                libc::iovec {
+                    iov_base: h.as_mut_ptr().cast(),
+                    iov_len: h.len(),
+                },
+                libc::iovec {
+                    iov_base: t.as_mut_ptr().cast(),
+                    iov_len: t.len(),
+                },
+            ];
+            // SAFETY: both iovecs point into live, exclusively borrowed buffers of
+            // the stated lengths; the fd stays open while `f` is held.
+            let n = unsafe {
+                libc::preadv(
+                    f.as_raw_fd(),
+                    iov.as_ptr(),
+                    2,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => {
+                    return Err(Error::io(
+                        self.path(id),
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(Error::io(self.path(id), e));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn len(&self, id: u64) -> Result<Option<u64>> {

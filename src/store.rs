@@ -985,11 +985,13 @@ impl Store {
             Err(std::sync::TryLockError::WouldBlock) if !over(1) => return Ok(()),
             Err(_) => self.destaging.lock().unwrap(),
         };
-        while over(0) {
+        // One slice per call, so no single request waits long; far over the limit,
+        // keep going (the writers behind are waiting on `destaging` anyway).
+        loop {
             let n = (self.overlay.len() / 16).max(1);
             self.destage(Some(n))?;
             self.trim_journal()?;
-            if self.overlay.is_empty() {
+            if !over(1) || self.overlay.is_empty() {
                 break;
             }
         }
@@ -1054,7 +1056,20 @@ impl Store {
             .ok_or_else(|| {
                 Error::NotFound(format!("volume {} (removed while in use)", view.name))
             })?;
-        let current = self.resolve(view.lineage, HEAD_EPOCH, first, count)?;
+        // The current map entries: whole blocks need them (to skip unchanged map
+        // entries); a partial block looks its entry up only if it must read or zero
+        // (so the common small write, page-aligned, does no map lookup at all).
+        let current = if count > 1 || len == cs {
+            Some(self.resolve(view.lineage, HEAD_EPOCH, first, count)?)
+        } else {
+            None
+        };
+        let cur = |i: usize| -> Result<Block> {
+            match &current {
+                Some(c) => Ok(c[i]),
+                None => Ok(self.resolve(view.lineage, HEAD_EPOCH, first + i as u64, 1)?[0]),
+            }
+        };
         // Whole blocks: (block, index, content); None = zeros.
         let mut blocks: Vec<(u64, usize, Option<&[u8]>)> = Vec::with_capacity(count as usize);
         // Whole blocks that replace overlay pages: void those after the commit.
@@ -1072,7 +1087,7 @@ impl Store {
                 }
                 blocks.push((b, i, piece));
             } else {
-                self.write_pages(lin.id, b, current[i], start, n, piece)?;
+                self.write_pages(lin.id, b, || cur(i), start, n, piece)?;
             }
         }
         // Hash, compress, encrypt and store the chunks (in parallel for big writes).
@@ -1103,7 +1118,7 @@ impl Store {
             if let (MapVal::Data(id), Some(loc)) = (&val, &loc) {
                 ChunkStore::index(&mut batch, id, loc);
             }
-            let cur = current[*i];
+            let cur = cur(*i)?;
             match (val, cur) {
                 // Zeros over a hole or over zeros: nothing to record.  (Overlay pages
                 // of the block never reached the map; dropping them is enough.)
@@ -1129,13 +1144,15 @@ impl Store {
         &self,
         lineage: u64,
         b: u64,
-        cur: Block,
+        cur: impl Fn() -> Result<Block>,
         start: usize,
         n: usize,
         piece: Option<&[u8]>,
     ) -> Result<()> {
         let key = (lineage, b);
-        if piece.is_none() && matches!(cur, Block::Hole | Block::Zero) && !self.overlay.contains(key)
+        if piece.is_none()
+            && !self.overlay.contains(key)
+            && matches!(cur()?, Block::Hole | Block::Zero)
         {
             // Zeroing part of a block that already reads as zeros.
             return Ok(());
@@ -1156,7 +1173,7 @@ impl Store {
             }
             let dst = &mut run[e - lo..e - lo + page];
             if !self.overlay.read_page(key, e / page, dst) {
-                match cur {
+                match cur()? {
                     Block::Data(id) => self.chunks.read_range(&id, e, dst, true)?,
                     Block::Hole | Block::Zero => dst.fill(0),
                 }

@@ -9,7 +9,7 @@
 //! write any connection has completed durable: that is what `CAN_MULTI_CONN`
 //! promises.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,22 @@ use super::proto::*;
 use crate::error::Error;
 use crate::store::{Block, Store, View};
 
-const WORKERS_PER_CONNECTION: usize = 8;
+/// Worker threads per connection: `DRCLONE_NBD_WORKERS`, default twice the cores
+/// (at least 4, at most 16).  More threads than that only add wake-ups when the
+/// data is cached; fewer would cap the preads in flight when it is not.
+fn workers_per_connection() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("DRCLONE_NBD_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| (1..=64).contains(n))
+            .unwrap_or_else(|| {
+                let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                (cores * 2).clamp(4, 16)
+            })
+    })
+}
 /// Reads up to this size reuse a per-worker buffer.
 const REUSED_READ_BUFFER: usize = 4 << 20;
 
@@ -70,6 +85,20 @@ struct Conn {
 }
 
 type Writer = Arc<Mutex<BufWriter<Box<dyn Write + Send>>>>;
+
+/// `Write::write_all_vectored` (not stable yet): writev until everything is out.
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
     r.read_exact(buf)
@@ -302,7 +331,7 @@ impl Conn {
         let failed = Arc::new(AtomicBool::new(false));
         let view = Arc::new(view);
         let result = std::thread::scope(|sc| {
-            for _ in 0..WORKERS_PER_CONNECTION {
+            for _ in 0..workers_per_connection() {
                 let rx = rx.clone();
                 let failed = failed.clone();
                 let view = view.clone();
@@ -356,8 +385,12 @@ impl Conn {
                     )?;
                     continue;
                 }
-                payload = vec![0u8; req.length as usize];
-                read_exact(r, &mut payload)?;
+                // Read into fresh capacity: no zeroing of the buffer first.
+                payload = Vec::with_capacity(req.length as usize);
+                let got = r.take(req.length as u64).read_to_end(&mut payload)?;
+                if got != req.length as usize {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
             }
             if req.typ == CMD_DISC {
                 log::debug!("client disconnected from {}", view.name);
@@ -517,20 +550,26 @@ impl Conn {
             );
             return self.reply_error(w, req.cookie, nbd_errno(&e), &e.to_string());
         }
-        let mut g = w.lock().unwrap();
+        let mut hdr = Vec::with_capacity(40);
         if self.structured {
-            g.write_all(&structured_header(
+            hdr.extend_from_slice(&structured_header(
                 req.cookie,
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
                 8 + req.length,
-            ))?;
-            g.write_all(&req.offset.to_be_bytes())?;
+            ));
+            hdr.extend_from_slice(&req.offset.to_be_bytes());
         } else {
-            g.write_all(&simple_reply(req.cookie, 0))?;
+            hdr.extend_from_slice(&simple_reply(req.cookie, 0));
         }
-        g.write_all(buf)?;
-        g.flush()
+        let mut g = w.lock().unwrap();
+        // Every reply is flushed whole, so the buffer is empty here; header and data
+        // go out in one writev, the data without a copy into the buffer.
+        g.flush()?;
+        let inner = g.get_mut();
+        write_all_vectored(inner, &mut [IoSlice::new(&hdr), IoSlice::new(buf)])?;
+        // A no-op on sockets; stdout (`serve --stdio`) buffers.
+        inner.flush()
     }
 
     fn do_block_status(&self, w: &Writer, view: &View, req: Request) -> std::io::Result<()> {

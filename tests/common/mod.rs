@@ -230,12 +230,18 @@ impl Drop for Server {
     }
 }
 
-/// Run a command, require success, return stdout.
+/// Run a command, require success, return stdout.  A peer that hangs (a server
+/// that stops answering) fails the test after 5 minutes instead of hanging CI.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    let out = std::process::Command::new("timeout")
+        .args(["--kill-after=10", "300", cmd])
+        .args(args)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
+        "{cmd} {args:?} failed{}: {}{}",
+        if out.status.code() == Some(124) { " (timed out after 300 s)" } else { "" },
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
