@@ -114,6 +114,7 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
         }
     }
     db.write(batch, true)?;
+    store.forget_cached_mappings();
 
     // Phase 3: chunks.
     let mut dead: Vec<(ChunkId, ChunkLoc)> = Vec::new();

@@ -182,6 +182,10 @@ impl Db {
         opts.set_keep_log_file_num(3);
         opts.set_max_log_file_size(1 << 20);
         opts.set_recycle_log_file_num(0);
+        // A bloom filter on the memtable too: most lookups of a write are for chunk
+        // ids that do not exist yet (perf: memtable skiplist searches on ingest).
+        opts.set_memtable_prefix_bloom_ratio(0.1);
+        opts.set_memtable_whole_key_filtering(true);
         let mut bb = BlockBasedOptions::default();
         bb.set_bloom_filter(10.0, false);
         bb.set_block_cache(&rocksdb::Cache::new_lru_cache(256 << 20));

@@ -101,8 +101,63 @@ pub enum Block {
     Data(ChunkId),
 }
 
+/// Head block mappings of single-block lookups (random reads, destage), so they
+/// skip a RocksDB iterator.  Writers of a head's map entries invalidate under a
+/// stripe mutex that also guards a generation counter; a reader inserts what it
+/// resolved only if the generation did not move meanwhile, so a lookup that raced
+/// a commit never caches the old value.  `DRCLONE_MAP_CACHE_MIB` (default 32).
+struct HeadCache {
+    map: quick_cache::sync::Cache<(u64, u64), Block>,
+    gens: Vec<Mutex<u64>>,
+}
+
+impl HeadCache {
+    fn new() -> HeadCache {
+        HeadCache {
+            map: quick_cache::sync::Cache::new(crate::util::env_budget(
+                "DRCLONE_MAP_CACHE_MIB",
+                32,
+                96, // bytes an entry costs, roughly
+                1024,
+            )),
+            gens: (0..256).map(|_| Mutex::new(0)).collect(),
+        }
+    }
+
+    fn stripe(&self, key: (u64, u64)) -> &Mutex<u64> {
+        let h = key.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ key.1;
+        &self.gens[(h % self.gens.len() as u64) as usize]
+    }
+
+    fn generation(&self, key: (u64, u64)) -> u64 {
+        *self.stripe(key).lock().unwrap()
+    }
+
+    fn insert_if(&self, key: (u64, u64), generation: u64, b: Block) {
+        let g = self.stripe(key).lock().unwrap();
+        if *g == generation {
+            self.map.insert(key, b);
+        }
+    }
+
+    /// A head's map entry for `key` changed (called after the commit).
+    fn invalidate(&self, key: (u64, u64)) {
+        let mut g = self.stripe(key).lock().unwrap();
+        *g += 1;
+        self.map.remove(&key);
+    }
+
+    fn clear(&self) {
+        for g in &self.gens {
+            *g.lock().unwrap() += 1;
+        }
+        self.map.clear();
+    }
+}
+
 pub struct Store {
     dir: PathBuf,
+    head_cache: HeadCache,
     pub cfg: Config,
     pub(crate) db: Arc<Db>,
     pub chunks: ChunkStore,
@@ -287,6 +342,7 @@ impl Store {
         let (journal, replay) = Journal::open(&dir.join("journal"), overlay.page_size())?;
         let store = Store {
             dir: dir.to_path_buf(),
+            head_cache: HeadCache::new(),
             cfg,
             db,
             chunks,
@@ -767,6 +823,32 @@ impl Store {
     /// Resolve `count` blocks starting at `first` in `(lineage, epoch)`, falling
     /// through to parents.  One iterator per lineage in the chain.
     pub fn resolve(&self, lineage: u64, epoch: u64, first: u64, count: u64) -> Result<Vec<Block>> {
+        if epoch == HEAD_EPOCH && count == 1 {
+            let key = (lineage, first);
+            if let Some(b) = self.head_cache.map.get(&key) {
+                return Ok(vec![b]);
+            }
+            let generation = self.head_cache.generation(key);
+            let out = self.resolve_uncached(lineage, epoch, first, count)?;
+            self.head_cache.insert_if(key, generation, out[0]);
+            return Ok(out);
+        }
+        self.resolve_uncached(lineage, epoch, first, count)
+    }
+
+    /// GC dropped map versions: forget cached head mappings (GC never changes what
+    /// a head reads, but a dropped zero marker turns ZERO into HOLE for block status).
+    pub(crate) fn forget_cached_mappings(&self) {
+        self.head_cache.clear();
+    }
+
+    fn resolve_uncached(
+        &self,
+        lineage: u64,
+        epoch: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<Block>> {
         let mut out = vec![None::<Block>; count as usize];
         let mut lin = lineage;
         let mut ep = epoch;
@@ -959,6 +1041,7 @@ impl Store {
                 }
             }
             self.db.write(batch, false)?;
+            self.head_cache.invalidate(key);
             // The map now holds the pages: void their journal records.
             self.journal.append_tombstone(l, b)?;
         }
@@ -1128,6 +1211,9 @@ impl Store {
             }
         }
         self.db.write(batch, false)?;
+        for (b, _, _) in &blocks {
+            self.head_cache.invalidate((lin.id, *b));
+        }
         for b in replaced {
             self.journal.append_tombstone(lin.id, b)?;
             if let Some(rel) = self.overlay.remove((lin.id, b)) {

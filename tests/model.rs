@@ -104,6 +104,15 @@ fn check_all(s: &Store, m: &Model) {
     for ((g, d), want) in &m.vols {
         let v = s.view(g, d, None).unwrap();
         assert_eq!(&s.read(&v, 0, VOL as usize).unwrap(), want, "head {g}/{d}");
+        // Block by block too: single-block lookups go through the head-map cache.
+        for b in 0..VOL / CS {
+            let r = (b * CS) as usize..((b + 1) * CS) as usize;
+            assert_eq!(
+                &s.read(&v, b * CS, CS as usize).unwrap()[..],
+                &want[r],
+                "head {g}/{d} block {b}"
+            );
+        }
     }
     for (id, disks) in &m.points {
         for (d, want) in disks {

@@ -100,6 +100,22 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::
     Ok(())
 }
 
+/// A write's payload: what the reader has buffered, then the rest straight from
+/// the socket into fresh capacity (no zeroing, no copy through the buffer).
+fn read_payload<R: Read>(r: &mut BufReader<R>, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::BufRead;
+    let mut payload = Vec::with_capacity(len);
+    let buffered = r.buffer();
+    let n = buffered.len().min(len);
+    payload.extend_from_slice(&buffered[..n]);
+    r.consume(n);
+    let got = r.get_mut().take((len - n) as u64).read_to_end(&mut payload)?;
+    if n + got != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(payload)
+}
+
 fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
     r.read_exact(buf)
 }
@@ -115,7 +131,8 @@ pub fn serve_connection(
     peer: &str,
     default_export: Option<&str>,
 ) {
-    let mut r = BufReader::with_capacity(256 << 10, reader);
+    // Small: it batches request headers and small writes; large payloads bypass it.
+    let mut r = BufReader::with_capacity(16 << 10, reader);
     let w: Writer = Arc::new(Mutex::new(BufWriter::with_capacity(256 << 10, writer)));
     let mut c = Conn {
         store,
@@ -325,7 +342,7 @@ impl Conn {
     }
 
     /// The transmission phase: read requests, serve them concurrently.
-    fn transmit(&self, r: &mut impl Read, w: &Writer, view: View) -> std::io::Result<()> {
+    fn transmit<R: Read>(&self, r: &mut BufReader<R>, w: &Writer, view: View) -> std::io::Result<()> {
         let (tx, rx) = mpsc::sync_channel::<(Request, Vec<u8>)>(64);
         let rx = Arc::new(Mutex::new(rx));
         let failed = Arc::new(AtomicBool::new(false));
@@ -350,9 +367,9 @@ impl Conn {
         result
     }
 
-    fn read_loop(
+    fn read_loop<R: Read>(
         &self,
-        r: &mut impl Read,
+        r: &mut BufReader<R>,
         w: &Writer,
         view: &View,
         tx: &mpsc::SyncSender<(Request, Vec<u8>)>,
@@ -385,12 +402,7 @@ impl Conn {
                     )?;
                     continue;
                 }
-                // Read into fresh capacity: no zeroing of the buffer first.
-                payload = Vec::with_capacity(req.length as usize);
-                let got = r.take(req.length as u64).read_to_end(&mut payload)?;
-                if got != req.length as usize {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
+                payload = read_payload(r, req.length as usize)?;
             }
             if req.typ == CMD_DISC {
                 log::debug!("client disconnected from {}", view.name);
