@@ -34,6 +34,8 @@ use crate::pack::{self, PackBackend, PackWriter, RecordHeader, RECORD_HEADER_LEN
 struct OpenPack {
     id: u64,
     writer: Box<dyn PackWriter>,
+    /// Length at the last sync: a FLUSH with nothing appended since skips the fsync.
+    synced: u64,
 }
 
 /// Totals over the chunk index.
@@ -385,7 +387,11 @@ impl ChunkStore {
         self.db.write(batch, true)?;
         let writer = self.backend.create(id)?;
         log::debug!("opened pack {id}");
-        Ok(OpenPack { id, writer })
+        Ok(OpenPack {
+            id,
+            writer,
+            synced: 0,
+        })
     }
 
     /// Read a chunk's plaintext, checking its integrity (or from the cache).
@@ -566,7 +572,11 @@ impl ChunkStore {
     pub fn sync(&self) -> Result<()> {
         self.seal_full()?;
         if let Some(op) = self.open.lock().unwrap().as_mut() {
-            op.writer.sync()?;
+            let len = op.writer.len();
+            if len > op.synced {
+                op.writer.sync()?;
+                op.synced = len;
+            }
         }
         self.db.sync_wal()
     }

@@ -171,6 +171,9 @@ pub fn encode_rec<T: Serialize>(rec: &T) -> Vec<u8> {
 pub struct Db {
     pub db: DB,
     path: PathBuf,
+    /// Set by every unsynced write, cleared by `sync_wal`: a FLUSH after only
+    /// journaled small writes skips the WAL sync.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl Db {
@@ -209,6 +212,7 @@ impl Db {
         Ok(Db {
             db,
             path: path.to_path_buf(),
+            unsynced: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -253,12 +257,28 @@ impl Db {
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(batch, &wo).map_err(|e| self.err(e))
+        self.db.write_opt(batch, &wo).map_err(|e| self.err(e))?;
+        if !sync {
+            // After the write: a sync that sees the flag clear started after it.
+            self.unsynced
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
     }
 
-    /// Make every write so far durable.
+    /// Make every write so far durable (nothing to do if none was unsynced).
     pub fn sync_wal(&self) -> Result<()> {
-        self.db.flush_wal(true).map_err(|e| self.err(e))
+        if !self
+            .unsynced
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        self.db.flush_wal(true).map_err(|e| {
+            self.unsynced
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.err(e)
+        })
     }
 
     /// All (key, value) pairs whose key starts with `prefix`, in key order.
