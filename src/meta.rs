@@ -185,6 +185,9 @@ impl Db {
         opts.set_keep_log_file_num(3);
         opts.set_max_log_file_size(1 << 20);
         opts.set_recycle_log_file_num(0);
+        // Every open starts a MANIFEST; do not preallocate 4 MiB for it (a nearly
+        // full disk must still open, see the emergency reserve in store.rs).
+        opts.set_manifest_preallocation_size(64 << 10);
         // A bloom filter on the memtable too: most lookups of a write are for chunk
         // ids that do not exist yet (perf: memtable skiplist searches on ingest).
         opts.set_memtable_prefix_bloom_ratio(0.1);

@@ -178,6 +178,79 @@ pub struct Store {
     destaging: Mutex<()>,
 }
 
+/// The emergency reserve: a file of zeros the store keeps so that a full disk
+/// never locks the operator out.  Opening needs a little space (RocksDB writes an
+/// options file, the journal a segment); if that fails with ENOSPC the reserve is
+/// deleted and the open retried, so `volume rm` and `gc` can free space.  It is
+/// recreated when an open finds the room.  4 MiB: enough to open, remove and
+/// collect garbage (dropping dead packs needs no space), and small enough not to
+/// matter to a store's footprint.
+const RESERVE_FILE: &str = "reserve";
+const RESERVE_BYTES: u64 = 4 << 20;
+
+fn is_enospc(e: &Error) -> bool {
+    e.kind() == crate::ErrorKind::NoSpace || e.to_string().contains("No space left on device")
+}
+
+fn release_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            log::warn!(
+                "store {}: the disk is full; released the emergency reserve ({}) so the \
+                 store opens. Free space now: remove points or volumes, then `drclone gc`.",
+                dir.display(),
+                path.display()
+            );
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Create the reserve if it is missing and the file system has room for it and
+/// as much again (best effort: a store works without it).
+fn keep_reserve(dir: &Path) {
+    let path = dir.join(RESERVE_FILE);
+    if path.exists() {
+        return;
+    }
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: statvfs fills the zeroed struct; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return;
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let size: u64 = RESERVE_BYTES;
+    if free < 2 * size {
+        log::warn!(
+            "store {}: {} free, not enough to keep the {} emergency reserve",
+            dir.display(),
+            crate::util::human(free),
+            crate::util::human(size)
+        );
+        return;
+    }
+    let tmp = dir.join("reserve.tmp");
+    let res = std::fs::File::create(&tmp).and_then(|f| {
+        use std::io::Write;
+        let zeros = vec![0u8; 1 << 20];
+        let mut f = std::io::BufWriter::new(f);
+        for _ in 0..size >> 20 {
+            f.write_all(&zeros)?;
+        }
+        f.into_inner()?.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    });
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        log::warn!("store {}: could not create the emergency reserve: {e}", dir.display());
+    }
+}
+
 /// Overlay capacity in bytes: `DRCLONE_DIRTY_MIB` (default 256 MiB).
 fn dirty_limit() -> usize {
     crate::util::env_budget("DRCLONE_DIRTY_MIB", 256, 1, 4096)
@@ -321,7 +394,11 @@ impl Store {
         } else {
             None
         };
-        let db = Arc::new(Db::open(&dir.join("meta"), false)?);
+        let db = match Db::open(&dir.join("meta"), false) {
+            Err(e) if is_enospc(&e) && release_reserve(dir) => Db::open(&dir.join("meta"), false)?,
+            other => other?,
+        };
+        let db = Arc::new(db);
         let codec = Codec::new(cfg.compression, key.as_ref());
         let backend = Arc::new(LocalPacks::new(&dir.join("packs"))?);
         let chunks = ChunkStore::open(
@@ -339,7 +416,12 @@ impl Store {
             lineages.insert(rec.id, rec);
         }
         let overlay = Overlay::new(cfg.chunk_size as usize);
-        let (journal, replay) = Journal::open(&dir.join("journal"), overlay.page_size())?;
+        let (journal, replay) = match Journal::open(&dir.join("journal"), overlay.page_size()) {
+            Err(e) if is_enospc(&e) && release_reserve(dir) => {
+                Journal::open(&dir.join("journal"), overlay.page_size())?
+            }
+            other => other?,
+        };
         let store = Store {
             dir: dir.to_path_buf(),
             head_cache: HeadCache::new(),
@@ -358,6 +440,7 @@ impl Store {
             destaging: Mutex::new(()),
         };
         store.replay_journal(replay)?;
+        keep_reserve(dir);
         Ok(store)
     }
 
@@ -1072,8 +1155,17 @@ impl Store {
         // keep going (the writers behind are waiting on `destaging` anyway).
         loop {
             let n = (self.overlay.len() / 16).max(1);
-            self.destage(Some(n))?;
-            self.trim_journal()?;
+            let res = self.destage(Some(n)).and_then(|()| self.trim_journal());
+            if let Err(e) = res {
+                // The write that got here is journaled and in the overlay already:
+                // it fails only once the overlay cannot be relieved and is far over
+                // its limit (a full disk, say), instead of on the first failed try.
+                if over(1) {
+                    return Err(e);
+                }
+                log::warn!("destaging the write-back overlay failed (will retry): {e}");
+                break;
+            }
             if !over(1) || self.overlay.is_empty() {
                 break;
             }
@@ -1494,6 +1586,35 @@ mod tests {
         let head = s.view("g", "d", None).unwrap();
         assert_eq!(s.read(&head, 0, 1 << 20).unwrap(), want);
         s.close().unwrap();
+    }
+
+    #[test]
+    fn a_journal_record_that_does_not_fit_the_block_is_refused() {
+        let (d, s) = store(65536);
+        let p = d.path().join("s");
+        s.create_group("g").unwrap();
+        s.create_volume("g", "d", 1 << 20).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        s.write(&head, 0, &[5u8; 65536]).unwrap();
+        s.flush().unwrap();
+        let lineage = head.lineage;
+        drop(s);
+        {
+            // A CRC-valid record that reaches past the end of its block: written by
+            // a store with another chunk size, or by a bug; never applied.
+            let (j, _) = Journal::open(&p.join("journal"), 4096).unwrap();
+            j.append_pages(lineage, 0, 61440, &[9u8; 8192]).unwrap();
+        }
+        let err = Store::open(&p, None).err().expect("bad record refused");
+        let msg = err.to_string();
+        assert!(msg.contains("61440+8192") && msg.contains("65536-byte block"), "{msg}");
+        // Nothing stored was touched: without the bad segment the data is intact.
+        for e in std::fs::read_dir(p.join("journal")).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let s = Store::open(&p, None).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        assert_eq!(s.read(&head, 0, 65536).unwrap(), vec![5u8; 65536]);
     }
 
     #[test]

@@ -415,3 +415,60 @@ fn bad_input_gets_clear_errors_and_harms_nothing() {
     env.ok(&["verify"]);
     assert_eq!(env.json(&["volume", "list"]).as_array().unwrap().len(), 1);
 }
+
+/// Unmounts a test file system when the test ends, however it ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_writes_clearly_and_harms_nothing_stored() {
+    let mut env = Env::new();
+    let mnt = env.path("small");
+    std::fs::create_dir(&mnt).unwrap();
+    common::run(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=40m", "tmpfs", mnt.to_str().unwrap()],
+    );
+    let _m = Mounted(mnt.clone());
+    env.store = mnt.join("store");
+    setup(&env, &[]);
+    let a = env.path("a.img");
+    std::fs::write(&a, random_bytes(1, 8 << 20)).unwrap();
+    env.ok(&["volume", "create", "app1/disk0", "--size", "8M"]);
+    env.ok(&["import", "app1/disk0", a.to_str().unwrap()]);
+    // 64 MiB of unique data does not fit in what is left of 40 MiB.
+    env.ok(&["volume", "create", "app1/big", "--size", "64M"]);
+    let b = env.path("b.img");
+    std::fs::write(&b, random_bytes(2, 64 << 20)).unwrap();
+    let reserve = env.store.join("reserve");
+    assert!(reserve.exists(), "the store keeps an emergency reserve");
+    let err = env.fails(&["import", "app1/big", b.to_str().unwrap()]);
+    assert!(err.contains("No space left on device"), "{err}");
+    // The disk is full: the next open releases the reserve and says so.
+    let out = env.cmd().arg("verify").output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("released the emergency reserve"), "{log}");
+    assert!(!reserve.exists());
+    // What was stored before is intact and verifies.
+    let out = env.path("a.out");
+    env.ok(&["export", "app1/disk0", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap());
+    // Removing the half-imported volume and collecting garbage frees the space.
+    env.ok(&["volume", "rm", "app1/big"]);
+    env.ok(&["gc"]);
+    let c = env.path("c.img");
+    std::fs::write(&c, random_bytes(3, 16 << 20)).unwrap();
+    env.ok(&["volume", "create", "app1/c", "--size", "16M"]);
+    env.ok(&["import", "app1/c", c.to_str().unwrap()]);
+    env.ok(&["verify"]);
+    assert!(reserve.exists(), "the reserve is back once there is room");
+}
