@@ -535,7 +535,12 @@ impl ChunkStore {
                     .and_then(|()| self.check_header(id, &loc, &hdr))
                     .and_then(|h| {
                         if pack::crc(dst) != h.crc {
-                            return Err(self.corrupt(id, loc.pack, loc.offset, "payload CRC mismatch"));
+                            return Err(self.corrupt(
+                                id,
+                                loc.pack,
+                                loc.offset,
+                                "payload CRC mismatch",
+                            ));
                         }
                         Ok(())
                     });

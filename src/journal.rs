@@ -55,14 +55,7 @@ pub struct Record {
     pub data: Vec<u8>,
 }
 
-fn encode_record(
-    out: &mut Vec<u8>,
-    kind: u8,
-    lineage: u64,
-    block: u64,
-    offset: u32,
-    data: &[u8],
-) {
+fn encode_record(out: &mut Vec<u8>, kind: u8, lineage: u64, block: u64, offset: u32, data: &[u8]) {
     out.clear();
     out.extend_from_slice(&RECORD_MAGIC);
     out.extend_from_slice(&[kind, 0, 0, 0]);
@@ -167,7 +160,10 @@ impl Journal {
         for e in std::fs::read_dir(dir).at(dir)? {
             let e = e.at(dir)?;
             let name = e.file_name().to_string_lossy().into_owned();
-            match name.strip_suffix(".log").and_then(|s| s.parse::<u64>().ok()) {
+            match name
+                .strip_suffix(".log")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 Some(id) => ids.push(id),
                 None => log::warn!(
                     "journal {}: ignoring {name} (not a journal segment)",
@@ -451,9 +447,14 @@ mod tests {
         let (_, recs) = Journal::open(&dir, 4096).unwrap();
         assert!(recs.is_empty(), "nothing after a corrupt record is trusted");
         std::fs::write(segment_path(&dir, 99), b"definitely not a journal segment").unwrap();
-        let err = Journal::open(&dir, 4096).err().expect("foreign segment refused");
+        let err = Journal::open(&dir, 4096)
+            .err()
+            .expect("foreign segment refused");
         let msg = err.to_string();
-        assert!(msg.contains("0000000000000099.log") && msg.contains("bad magic"), "{msg}");
+        assert!(
+            msg.contains("0000000000000099.log") && msg.contains("bad magic"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -89,7 +89,12 @@ pub fn crc(payload: &[u8]) -> u32 {
 }
 
 /// The header of one chunk's record.
-pub fn record_header(id: &ChunkId, flags: u8, raw_len: u32, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+pub fn record_header(
+    id: &ChunkId,
+    flags: u8,
+    raw_len: u32,
+    payload: &[u8],
+) -> [u8; RECORD_HEADER_LEN] {
     RecordHeader {
         flags,
         raw_len,

@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 use crate::chunks::ChunkStore;
 use crate::codec::{Codec, Compression, MasterKey};
 use crate::error::{Error, IoContext, Result};
+use crate::journal::{self, Journal};
 use crate::keys::{self, ChunkId};
 use crate::meta::{encode_rec, Db, GroupRec, LineageRec, MapVal, PointRec, PointVolume, VolumeRec};
-use crate::journal::{self, Journal};
 use crate::overlay::{self, Overlay};
 use crate::pack::LocalPacks;
 use crate::util::{check_name, now_secs};
@@ -247,7 +247,10 @@ fn keep_reserve(dir: &Path) {
     });
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
-        log::warn!("store {}: could not create the emergency reserve: {e}", dir.display());
+        log::warn!(
+            "store {}: could not create the emergency reserve: {e}",
+            dir.display()
+        );
     }
 }
 
@@ -1607,7 +1610,10 @@ mod tests {
         }
         let err = Store::open(&p, None).err().expect("bad record refused");
         let msg = err.to_string();
-        assert!(msg.contains("61440+8192") && msg.contains("65536-byte block"), "{msg}");
+        assert!(
+            msg.contains("61440+8192") && msg.contains("65536-byte block"),
+            "{msg}"
+        );
         // Nothing stored was touched: without the bad segment the data is intact.
         for e in std::fs::read_dir(p.join("journal")).unwrap() {
             std::fs::remove_file(e.unwrap().path()).unwrap();

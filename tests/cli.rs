@@ -435,7 +435,14 @@ fn a_full_disk_fails_writes_clearly_and_harms_nothing_stored() {
     std::fs::create_dir(&mnt).unwrap();
     common::run(
         "mount",
-        &["-t", "tmpfs", "-o", "size=40m", "tmpfs", mnt.to_str().unwrap()],
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=40m",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ],
     );
     let _m = Mounted(mnt.clone());
     env.store = mnt.join("store");

@@ -109,7 +109,10 @@ fn read_payload<R: Read>(r: &mut BufReader<R>, len: usize) -> std::io::Result<Ve
     let n = buffered.len().min(len);
     payload.extend_from_slice(&buffered[..n]);
     r.consume(n);
-    let got = r.get_mut().take((len - n) as u64).read_to_end(&mut payload)?;
+    let got = r
+        .get_mut()
+        .take((len - n) as u64)
+        .read_to_end(&mut payload)?;
     if n + got != len {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
@@ -342,7 +345,12 @@ impl Conn {
     }
 
     /// The transmission phase: read requests, serve them concurrently.
-    fn transmit<R: Read>(&self, r: &mut BufReader<R>, w: &Writer, view: View) -> std::io::Result<()> {
+    fn transmit<R: Read>(
+        &self,
+        r: &mut BufReader<R>,
+        w: &Writer,
+        view: View,
+    ) -> std::io::Result<()> {
         let (tx, rx) = mpsc::sync_channel::<(Request, Vec<u8>)>(64);
         let rx = Arc::new(Mutex::new(rx));
         let failed = Arc::new(AtomicBool::new(false));
@@ -552,7 +560,13 @@ impl Conn {
         })
     }
 
-    fn send_read(&self, w: &Writer, view: &View, req: Request, buf: &mut [u8]) -> std::io::Result<()> {
+    fn send_read(
+        &self,
+        w: &Writer,
+        view: &View,
+        req: Request,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
         if let Err(e) = self.store.read_into(view, req.offset, buf) {
             log::warn!(
                 "{}: read {}+{} failed: {e}",

@@ -241,7 +241,11 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed{}: {}{}",
-        if out.status.code() == Some(124) { " (timed out after 300 s)" } else { "" },
+        if out.status.code() == Some(124) {
+            " (timed out after 300 s)"
+        } else {
+            ""
+        },
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
