@@ -114,6 +114,8 @@ struct Active {
     id: u64,
     file: Arc<File>,
     size: u64,
+    /// Where write-back was last started ([`crate::pack::start_writeback`]).
+    flushed: u64,
     /// Rotated segments not yet fdatasync'ed.
     unsynced: Vec<Arc<File>>,
     buf: Vec<u8>,
@@ -228,6 +230,7 @@ impl Journal {
                 id,
                 file,
                 size: SEGMENT_HEADER_LEN as u64,
+                flushed: 0,
                 unsynced: Vec::new(),
                 buf: Vec::with_capacity(RECORD_HEADER_LEN + (64 << 10)),
             }),
@@ -245,6 +248,7 @@ impl Journal {
             a.unsynced.push(old);
             a.id = id;
             a.size = SEGMENT_HEADER_LEN as u64;
+            a.flushed = 0;
             self.live
                 .lock()
                 .unwrap()
@@ -261,6 +265,7 @@ impl Journal {
             return Err(Error::io(segment_path(&self.dir, a.id), e));
         }
         a.size += n;
+        a.flushed = crate::pack::start_writeback(&a.file, a.flushed, a.size);
         let mut live = self.live.lock().unwrap();
         let e = live.entry(a.id).or_insert((0, 0));
         e.1 = a.size;
@@ -375,6 +380,7 @@ impl Journal {
         a.id = id;
         a.file = f;
         a.size = SEGMENT_HEADER_LEN as u64;
+        a.flushed = 0;
         a.unsynced.clear();
         Ok(())
     }

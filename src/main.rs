@@ -249,6 +249,7 @@ fn run(cli: Cli) -> Result<i32> {
                 );
             }
             let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
+            store.start_destager();
             if *stdio {
                 daemon::serve_stdio(store, default_export.as_deref())?;
                 return Ok(0);
@@ -318,6 +319,7 @@ fn run(cli: Cli) -> Result<i32> {
     }
     if let Cmd::Mount { dir } = &cli.cmd {
         let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
+        store.start_destager();
         let session = drclone::fuse::spawn(store.clone(), dir)?;
         println!(
             "drclone: mounted {} on {}",

@@ -112,13 +112,31 @@ pub struct VerifyReport {
 
 /// Re-read and check every chunk; name each bad one and what uses it.
 pub fn verify(store: &Store, progress: &indicatif::ProgressBar) -> Result<VerifyReport> {
+    // One GC at a time, and not under a verify: a compaction moving chunks while
+    // they are read would look like missing packs.
+    let _no_gc = store.gc_lock.lock().unwrap();
+    // The chunk index and the map from one snapshot: writers (the daemon's clients,
+    // the background destager) commit new chunks and the map entries that use them
+    // together, so a later map scan would find entries whose chunk this list lacks.
+    let snap = store.db.db.snapshot();
     let mut all: Vec<(ChunkId, ChunkLoc)> = Vec::new();
-    store.db.for_prefix(&[keys::CHUNK], |k, v| {
-        if let (Some(id), Some(loc)) = (keys::parse_chunk(k), ChunkLoc::decode(v)) {
-            all.push((id, loc));
+    {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_snapshot(&snap);
+        ro.set_iterate_upper_bound(vec![keys::CHUNK + 1]);
+        let mut it = store.db.db.raw_iterator_opt(ro);
+        it.seek([keys::CHUNK]);
+        while it.valid() {
+            if let (Some(id), Some(loc)) = (
+                keys::parse_chunk(it.key().unwrap()),
+                ChunkLoc::decode(it.value().unwrap()),
+            ) {
+                all.push((id, loc));
+            }
+            it.next();
         }
-        true
-    })?;
+        it.status().map_err(|e| store.db.err(e))?;
+    }
     progress.set_length(all.len() as u64);
     let mut bad: HashMap<ChunkId, BadChunk> = all
         .par_iter()
@@ -173,7 +191,6 @@ pub fn verify(store: &Store, progress: &indicatif::ProgressBar) -> Result<Verify
             }
         }
     }
-    let snap = store.db.db.snapshot();
     let empty = Vec::new();
     store.scan_map(&snap, |l, b, versions| {
         let visible = vis.get(&l).unwrap_or(&empty);

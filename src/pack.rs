@@ -202,6 +202,32 @@ struct LocalWriter {
     file: File,
     path: PathBuf,
     len: u64,
+    /// Where write-back was last started (see [`start_writeback`]).
+    flushed: u64,
+}
+
+/// Start write-back of what was appended since `from` once 8 MiB have gathered,
+/// without waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, what RocksDB's
+/// `bytes_per_sync` does).  The disk then drains appends as they come, and a later
+/// fsync (FLUSH, sealing, a journal trim) waits for a short tail instead of a pack's
+/// worth of dirty pages: perf and fio showed multi-second write stalls behind such
+/// fsyncs.  Returns the new start.
+pub fn start_writeback(file: &File, from: u64, to: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    const STEP: u64 = 8 << 20;
+    if to < from + STEP {
+        return from;
+    }
+    // SAFETY: a plain syscall on an open fd; errors only mean no early write-back.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+    to
 }
 
 impl PackWriter for LocalWriter {
@@ -216,6 +242,7 @@ impl PackWriter for LocalWriter {
             at += p.len() as u64;
         }
         self.len = at;
+        self.flushed = start_writeback(&self.file, self.flushed, self.len);
         Ok(off)
     }
     fn sync(&mut self) -> Result<()> {
@@ -241,7 +268,12 @@ impl PackBackend for LocalPacks {
             .truncate(true)
             .open(&path)
             .at(&path)?;
-        let mut w = LocalWriter { file, path, len: 0 };
+        let mut w = LocalWriter {
+            file,
+            path,
+            len: 0,
+            flushed: 0,
+        };
         w.append(&pack_header(id))?;
         // The directory entry must be durable before anything points into the pack.
         File::open(&parent).and_then(|d| d.sync_all()).at(&parent)?;

@@ -22,7 +22,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use rayon::prelude::*;
 use rocksdb::WriteBatch;
@@ -155,9 +156,25 @@ impl HeadCache {
     }
 }
 
+/// The background destager's state (see [`Store::start_destager`]).
+#[derive(Default)]
+struct Destager {
+    running: AtomicBool,
+    lock: Mutex<()>,
+    /// Writers wake the destager.
+    wake: Condvar,
+    /// The destager wakes writers waiting at the limit.
+    relieved: Condvar,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Blocks per background destage batch: about 20-40 ms of work on 64 KiB chunks.
+const DESTAGE_BATCH: usize = 64;
+
 pub struct Store {
     dir: PathBuf,
     head_cache: HeadCache,
+    bg: Destager,
     pub cfg: Config,
     pub(crate) db: Arc<Db>,
     pub chunks: ChunkStore,
@@ -419,15 +436,19 @@ impl Store {
             lineages.insert(rec.id, rec);
         }
         let overlay = Overlay::new(cfg.chunk_size as usize);
-        let (journal, replay) = match Journal::open(&dir.join("journal"), overlay.page_size()) {
+        let (mut journal, replay) = match Journal::open(&dir.join("journal"), overlay.page_size()) {
             Err(e) if is_enospc(&e) && release_reserve(dir) => {
                 Journal::open(&dir.join("journal"), overlay.page_size())?
             }
             other => other?,
         };
+        // Segments small enough that the tail can advance within the limit.
+        let journal_limit = journal_limit();
+        journal.set_segment_bytes((journal_limit / 4).min(journal::SEGMENT_BYTES));
         let store = Store {
             dir: dir.to_path_buf(),
             head_cache: HeadCache::new(),
+            bg: Destager::default(),
             cfg,
             db,
             chunks,
@@ -439,7 +460,7 @@ impl Store {
             overlay,
             journal,
             dirty_limit: dirty_limit(),
-            journal_limit: journal_limit(),
+            journal_limit,
             destaging: Mutex::new(()),
         };
         store.replay_journal(replay)?;
@@ -549,6 +570,7 @@ impl Store {
     /// Destage everything, seal the open pack and empty the journal (clean
     /// shutdown).
     pub fn close(&self) -> Result<()> {
+        self.stop_destager();
         self.destage(None)?;
         self.chunks.seal_open()?;
         self.db.sync_wal()?;
@@ -1100,9 +1122,10 @@ impl Store {
         let Some(present) = self.overlay.coverage(key) else {
             return Ok(());
         };
-        let lin = self.lineage(l).filter(|x| x.has_head);
-        if let Some(lin) = lin {
-            let _g = self.gate.read().unwrap();
+        // The gate before the lineage: a point taken in between would otherwise
+        // leave this destage writing into the point's (old) epoch.
+        let g = self.gate.read().unwrap();
+        if let Some(lin) = self.lineage(l).filter(|x| x.has_head) {
             let cur = self.resolve(l, HEAD_EPOCH, b, 1)?[0];
             // Base content, then the pages over it (no base needed when complete).
             let mut data = match cur {
@@ -1131,6 +1154,7 @@ impl Store {
             // The map now holds the pages: void their journal records.
             self.journal.append_tombstone(l, b)?;
         }
+        drop(g);
         // Only now, with the map entry committed, does the block leave the overlay.
         if let Some(rel) = self.overlay.remove(key) {
             self.release(rel);
@@ -1141,11 +1165,101 @@ impl Store {
     /// Destage the oldest blocks while the overlay holds more than its limit or the
     /// journal is over its size; one writer does it at a time unless the overlay is
     /// far over (then writers wait their turn: back-pressure).
+    /// Whether the overlay or the journal is above `num/den` of its limit.  The
+    /// journal counts only while the overlay holds something: with the overlay
+    /// empty, nothing destaging could do would shrink it (what is left is the
+    /// active segment, or dead segments the next trim deletes).
+    fn pressure(&self, num: usize, den: usize) -> bool {
+        self.overlay.bytes() > self.dirty_limit / den * num
+            || (self.journal.bytes() > self.journal_limit / den as u64 * num as u64
+                && !self.overlay.is_empty())
+    }
+
+    /// Run a background destager (the daemon and `mount` do): it destages the
+    /// oldest blocks in small batches from 3/4 of a limit on, so writers rarely
+    /// reach the limit, and those that do wait only for the next batch instead of
+    /// doing (and queueing behind) large synchronous destages: fio showed
+    /// multi-second write stalls without it.  The thread holds only a weak
+    /// reference and ends with the store.
+    pub fn start_destager(self: &Arc<Self>) {
+        if self.bg.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("destage".into())
+            .spawn(move || loop {
+                let Some(s) = weak.upgrade() else { break };
+                if !s.bg.running.load(Ordering::SeqCst) {
+                    break;
+                }
+                if s.pressure(3, 4) && !s.overlay.is_empty() {
+                    let res = s
+                        .destage(Some(DESTAGE_BATCH))
+                        .and_then(|()| s.trim_journal());
+                    s.bg.relieved.notify_all();
+                    if let Err(e) = res {
+                        log::warn!("background destage failed (will retry): {e}");
+                        drop(s);
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                    continue;
+                }
+                s.bg.relieved.notify_all();
+                let g = s.bg.lock.lock().unwrap();
+                let _ =
+                    s.bg.wake
+                        .wait_timeout(g, std::time::Duration::from_millis(100))
+                        .unwrap();
+            });
+        match spawned {
+            Ok(h) => *self.bg.thread.lock().unwrap() = Some(h),
+            Err(e) => {
+                log::warn!("no background destager ({e}); writers destage themselves");
+                self.bg.running.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Stop the background destager and wait for it (close does this).
+    pub fn stop_destager(&self) {
+        self.bg.running.store(false, Ordering::SeqCst);
+        self.bg.wake.notify_all();
+        if let Some(h) = self.bg.thread.lock().unwrap().take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+
     fn relieve(&self) -> Result<()> {
-        let over = |slack: usize| {
-            self.overlay.bytes() > self.dirty_limit + self.dirty_limit / 4 * slack
-                || self.journal.bytes() > self.journal_limit + self.journal_limit / 4 * slack as u64
-        };
+        let over = |slack: usize| self.pressure(4 + slack, 4);
+        if self.bg.running.load(Ordering::Relaxed) {
+            if !over(0) {
+                if self.pressure(3, 4) {
+                    self.bg.wake.notify_one();
+                }
+                return Ok(());
+            }
+            // At the limit: wait for the destager's next batch (back-pressure).
+            // If it makes no progress and the overlay is far over, fall through and
+            // destage here (that reports the error, a full disk say).
+            self.bg.wake.notify_one();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let mut g = self.bg.lock.lock().unwrap();
+            while over(0) && std::time::Instant::now() < deadline {
+                g = self
+                    .bg
+                    .relieved
+                    .wait_timeout(g, std::time::Duration::from_millis(100))
+                    .unwrap()
+                    .0;
+            }
+            drop(g);
+            if !over(1) {
+                return Ok(());
+            }
+        }
         if !over(0) {
             return Ok(());
         }

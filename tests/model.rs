@@ -147,6 +147,9 @@ fn run(ops: Vec<Op>, encrypt: bool) {
         let mut s = Store::open(&path, None).unwrap();
         s.set_dirty_limit(3);
         s.set_journal_limit(6 * CS, 2 * CS);
+        // The background destager runs beside the operations, as under `serve`.
+        let s = std::sync::Arc::new(s);
+        s.start_destager();
         s
     };
     let mut s = Some(open());
@@ -253,7 +256,9 @@ fn run(ops: Vec<Op>, encrypt: bool) {
                 s = Some(open());
             }
             Op::Crash => {
-                drop(s.take());
+                let st = s.take().unwrap();
+                st.stop_destager();
+                drop(st);
                 s = Some(open());
             }
         }

@@ -276,7 +276,12 @@ fn fio_verify_with_four_jobs_at_iodepth_16() {
     need("fio");
     let env = Env::new();
     store_with_disk(&env, "64M");
-    let srv = Server::start(&env);
+    // A 2 MiB overlay and 1 MiB journal: the background destager, writers waiting
+    // at the limit and journal trims all run under the verified workload.
+    let srv = Server::start_env(
+        &env,
+        &[("DRCLONE_DIRTY_MIB", "2"), ("DRCLONE_JOURNAL_MIB", "1")],
+    );
     let out = run(
         "fio",
         &[

@@ -173,11 +173,17 @@ pub fn free_port() -> u16 {
 
 impl Server {
     pub fn start(env: &Env) -> Server {
+        Server::start_env(env, &[])
+    }
+
+    /// Start with extra environment (e.g. tiny overlay and journal limits).
+    pub fn start_env(env: &Env, vars: &[(&str, &str)]) -> Server {
         let port = free_port();
         let sock = env.path("nbd.sock");
         let bin = assert_cmd::cargo::cargo_bin("drclone");
         let child = std::process::Command::new(bin)
             .env("DRCLONE_STORE", &env.store)
+            .envs(vars.iter().copied())
             .args([
                 "serve",
                 "--listen",
