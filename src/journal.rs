@@ -130,6 +130,12 @@ pub struct Journal {
     active: Mutex<Active>,
     /// Live pages per segment (every segment on disk has an entry) and its size.
     live: Mutex<BTreeMap<u64, (usize, u64)>>,
+    /// Group commit: one fdatasync at a time, and the position (segment, bytes)
+    /// the last one made durable.  A FLUSH whose writes an fdatasync that started
+    /// after them already covered returns without its own.
+    synced: Mutex<(u64, u64)>,
+    /// fdatasync calls made (for tests).
+    fdatasyncs: std::sync::atomic::AtomicU64,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -235,6 +241,8 @@ impl Journal {
                 buf: Vec::with_capacity(RECORD_HEADER_LEN + (64 << 10)),
             }),
             live: Mutex::new(live),
+            synced: Mutex::new((0, 0)),
+            fdatasyncs: std::sync::atomic::AtomicU64::new(0),
         };
         Ok((j, records))
     }
@@ -304,16 +312,35 @@ impl Journal {
 
     /// Make every record appended so far durable.
     pub fn sync(&self) -> Result<()> {
-        let (files, id) = {
+        // Everything appended before this call ends at `want`.
+        let want = {
+            let a = self.active.lock().unwrap();
+            (a.id, a.size)
+        };
+        let mut synced = self.synced.lock().unwrap();
+        if *synced >= want {
+            // An fdatasync that began after our writes has finished meanwhile.
+            return Ok(());
+        }
+        // Whatever was appended up to now rides along with this fdatasync.
+        let (files, reached) = {
             let mut a = self.active.lock().unwrap();
             let mut v = std::mem::take(&mut a.unsynced);
             v.push(a.file.clone());
-            (v, a.id)
+            (v, (a.id, a.size))
         };
-        for f in files {
-            f.sync_data()
-                .map_err(|e| Error::io(segment_path(&self.dir, id), e))?;
+        for (i, f) in files.iter().enumerate() {
+            self.fdatasyncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = f.sync_data() {
+                // Keep the rotated segments not yet synced for the next attempt.
+                let mut a = self.active.lock().unwrap();
+                let rest = files[i..files.len() - 1].to_vec();
+                a.unsynced.splice(0..0, rest);
+                return Err(Error::io(segment_path(&self.dir, reached.0), e));
+            }
         }
+        *synced = reached;
         Ok(())
     }
 
@@ -435,6 +462,29 @@ mod tests {
         );
         assert!(synced, "trim syncs before it deletes");
         assert!(!seg.exists());
+    }
+
+    #[test]
+    fn a_flush_syncs_what_was_appended_and_only_that() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(d.path(), 4096).unwrap();
+        j.set_segment_bytes(SEGMENT_HEADER_LEN as u64 + 3 * (RECORD_HEADER_LEN as u64 + 4096));
+        let n = |j: &Journal| j.fdatasyncs.load(std::sync::atomic::Ordering::Relaxed);
+        j.append_pages(1, 1, 0, &[1; 4096]).unwrap();
+        j.sync().unwrap();
+        assert_eq!(n(&j), 1);
+        j.sync().unwrap();
+        assert_eq!(n(&j), 1, "nothing new: no second fdatasync");
+        j.append_pages(1, 2, 0, &[2; 4096]).unwrap();
+        j.sync().unwrap();
+        assert_eq!(n(&j), 2, "a new record is synced");
+        // Across a rotation both the old and the new segment are synced.
+        for b in 3..7 {
+            j.append_pages(1, b, 0, &[3; 4096]).unwrap();
+        }
+        assert!(j.segments() >= 2);
+        j.sync().unwrap();
+        assert_eq!(n(&j), 4);
     }
 
     #[test]
