@@ -414,10 +414,14 @@ impl ChunkStore {
     }
 
     /// The location of a chunk a map references: from the location cache, or
-    /// the index.
-    fn hot_loc(&self, id: &ChunkId) -> Result<ChunkLoc> {
-        if let Some(l) = self.locs.get(id) {
-            return Ok(l);
+    /// (always on a retry, `fresh`) the index.  A retry must not trust the cache:
+    /// another reader that looked the chunk up before a compaction moved it may
+    /// have put the old location back after this reader dropped it.
+    fn hot_loc(&self, id: &ChunkId, fresh: bool) -> Result<ChunkLoc> {
+        if !fresh {
+            if let Some(l) = self.locs.get(id) {
+                return Ok(l);
+            }
         }
         let l = self.loc(id)?.ok_or_else(|| self.missing(id))?;
         self.locs.insert(*id, l);
@@ -426,7 +430,7 @@ impl ChunkStore {
 
     fn get_uncached(&self, id: &ChunkId) -> Result<Vec<u8>> {
         for attempt in 0..2 {
-            let loc = self.hot_loc(id)?;
+            let loc = self.hot_loc(id, attempt > 0)?;
             match self.read_loc_checked(id, &loc, false) {
                 // A GC compaction may have moved the chunk between the index lookup
                 // and the read; look it up again once.
@@ -516,7 +520,7 @@ impl ChunkStore {
             return Ok(());
         }
         for attempt in 0..2 {
-            let loc = self.hot_loc(id)?;
+            let loc = self.hot_loc(id, attempt > 0)?;
             if loc.raw_len as usize != dst.len() {
                 let c = self.get_with(id, keep)?;
                 dst.copy_from_slice(&c[..dst.len()]);

@@ -1193,10 +1193,13 @@ impl Store {
                 if !s.bg.running.load(Ordering::SeqCst) {
                     break;
                 }
-                if s.pressure(3, 4) && !s.overlay.is_empty() {
+                // Not beside a GC (docs/DESIGN.md §6, "background destager").
+                let no_gc = s.gc_lock.try_lock();
+                if no_gc.is_ok() && s.pressure(3, 4) && !s.overlay.is_empty() {
                     let res = s
                         .destage(Some(DESTAGE_BATCH))
                         .and_then(|()| s.trim_journal());
+                    drop(no_gc);
                     s.bg.relieved.notify_all();
                     if let Err(e) = res {
                         log::warn!("background destage failed (will retry): {e}");
@@ -1205,6 +1208,7 @@ impl Store {
                     }
                     continue;
                 }
+                drop(no_gc);
                 s.bg.relieved.notify_all();
                 let g = s.bg.lock.lock().unwrap();
                 let _ =
