@@ -1,14 +1,22 @@
 //! The NBD wire protocol: constants and pure encode/decode, per `doc/proto.md` of
-//! NetworkBlockDevice/nbd.  Nothing here knows about the engine or sockets; every
-//! decoder takes a byte slice and returns an error (never panics) on short or
+//! NetworkBlockDevice/nbd.  Nothing here knows about the engine or sockets (no
+//! `use crate::...`, no I/O), so a fuzz crate can include this file with `#[path]`;
+//! every decoder takes a byte slice and returns an error (never panics) on short or
 //! malformed input.
+//!
+//! Decoder entry points (names are stable: the fuzz targets call them):
+//! [`client_flags`], [`option_header`], [`parse_export_name`],
+//! [`parse_info_request`], [`parse_meta_request`], [`Request::decode`] (the 28-byte
+//! request header), [`request_payload`] (what follows a header on the wire) and
+//! [`check_request_flags`] (which command flags are allowed where).
 //!
 //! Implemented: fixed newstyle handshake with `NO_ZEROES`; options `EXPORT_NAME`,
 //! `ABORT`, `LIST`, `INFO`, `GO` (with `NBD_INFO_EXPORT`, `NBD_INFO_NAME`,
 //! `NBD_INFO_BLOCK_SIZE`), `STRUCTURED_REPLY`, `LIST_META_CONTEXT`,
 //! `SET_META_CONTEXT` (`base:allocation`); every other option gets
 //! `NBD_REP_ERR_UNSUP`.  Transmission: simple and structured replies
-//! (`OFFSET_DATA`, `BLOCK_STATUS`, `ERROR`, `NONE`).
+//! (`OFFSET_DATA`, `BLOCK_STATUS`, `ERROR`, `NONE`).  Extended headers are not
+//! negotiated, so `NBD_CMD_FLAG_PAYLOAD_LEN` is never valid.
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
@@ -43,6 +51,7 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
 // Info types.
@@ -79,6 +88,9 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers only (`NBD_OPT_EXTENDED_HEADERS`, which this server does not
+/// negotiate): always rejected here.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Structured reply types and flags.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -107,6 +119,12 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Largest READ/WRITE payload, advertised as the maximum block size.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// A WRITE larger than [`MAX_PAYLOAD`] but at most this is read and discarded (the
+/// stream stays in sync, the request fails with `EINVAL`); a larger one is taken as
+/// a denial of service and the client is dropped (spec, "Block size constraints").
+pub const MAX_DISCARDED_PAYLOAD: u32 = 256 << 20;
+/// Longest string the spec allows (export names, error messages).
+pub const MAX_STRING: usize = 4096;
 
 /// A malformed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,11 +174,10 @@ impl<'a> Reader<'a> {
     /// A string prefixed by a u32 length.
     pub fn string32(&mut self) -> PResult<String> {
         let n = self.u32()? as usize;
-        if n > 4096 {
-            return err(format!("string of {n} bytes is longer than 4096"));
+        if n > MAX_STRING {
+            return err(format!("string of {n} bytes is longer than {MAX_STRING}"));
         }
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| ProtoError("string is not UTF-8".into()))
+        check_string(self.take(n)?)
     }
     pub fn remaining(&self) -> usize {
         self.buf.len()
@@ -183,6 +200,47 @@ pub fn option_header(h: &[u8]) -> PResult<(u32, u32)> {
         return err("option does not start with IHAVEOPT");
     }
     Ok((r.u32()?, r.u32()?))
+}
+
+/// The client's flags (sent once, right after the greeting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientFlags {
+    pub fixed_newstyle: bool,
+    pub no_zeroes: bool,
+}
+
+/// Decode the client's 32-bit flags.  Unknown bits are an error: the server MUST
+/// drop the connection (spec, "Client flags"); `NO_ZEROES` is allowed because the
+/// greeting advertises `NBD_FLAG_NO_ZEROES`.
+pub fn client_flags(b: &[u8]) -> PResult<ClientFlags> {
+    let f = Reader::new(b).u32()?;
+    let known = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+    if f & !known != 0 {
+        return err(format!("unknown client flags {:#x}", f & !known));
+    }
+    Ok(ClientFlags {
+        fixed_newstyle: f & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: f & FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// `NBD_OPT_EXPORT_NAME` payload: the whole payload is the name (a spec string:
+/// UTF-8, no NUL, at most [`MAX_STRING`] bytes).
+pub fn parse_export_name(data: &[u8]) -> PResult<String> {
+    check_string(data)
+}
+
+fn check_string(b: &[u8]) -> PResult<String> {
+    if b.len() > MAX_STRING {
+        return err(format!(
+            "string of {} bytes is longer than {MAX_STRING}",
+            b.len()
+        ));
+    }
+    if b.contains(&0) {
+        return err("string contains NUL");
+    }
+    String::from_utf8(b.to_vec()).map_err(|_| ProtoError("string is not UTF-8".into()))
 }
 
 /// An option reply.
@@ -317,6 +375,88 @@ impl Request {
     }
 }
 
+/// What follows a request header on the wire, decided from the header alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// Nothing: the next request header follows.
+    None,
+    /// A WRITE payload of this many bytes, to read and serve.
+    Data(u32),
+    /// A WRITE payload over [`MAX_PAYLOAD`]: read and discard this many bytes to
+    /// stay in sync, then fail the request with `EINVAL`.
+    Discard(u32),
+    /// A WRITE payload over [`MAX_DISCARDED_PAYLOAD`]: drop the client.
+    TooLarge(u32),
+}
+
+/// The payload that follows `req`.  Only `NBD_CMD_WRITE` carries one; its size is
+/// the request length (compact headers: `NBD_CMD_FLAG_PAYLOAD_LEN` does not change
+/// it, and is rejected by [`check_request_flags`]).
+pub fn request_payload(req: &Request) -> Payload {
+    if req.typ != CMD_WRITE || req.length == 0 {
+        Payload::None
+    } else if req.length <= MAX_PAYLOAD {
+        Payload::Data(req.length)
+    } else if req.length <= MAX_DISCARDED_PAYLOAD {
+        Payload::Discard(req.length)
+    } else {
+        Payload::TooLarge(req.length)
+    }
+}
+
+/// The command flags the spec allows on command `typ`, given the transmission
+/// flags `tflags` the server announced (spec, "Command flags" and "Request
+/// types"):
+///
+/// | flag        | allowed on                     | only if announced      |
+/// |-------------|--------------------------------|------------------------|
+/// | FUA         | every command                  | `SEND_FUA`             |
+/// | NO_HOLE     | WRITE_ZEROES                   | `SEND_WRITE_ZEROES`    |
+/// | DF          | READ                           | `SEND_DF`              |
+/// | REQ_ONE     | BLOCK_STATUS                   | (meta context)         |
+/// | FAST_ZERO   | WRITE_ZEROES                   | `SEND_FAST_ZERO`       |
+/// | PAYLOAD_LEN | never (no extended headers)    |                        |
+/// | bits 6..15  | never (unknown)                |                        |
+///
+/// FUA is accepted on every command because the spec says the server "MUST
+/// accept all commands with this bit set (even by ignoring the bit)".
+pub fn allowed_command_flags(typ: u16, tflags: u16) -> u16 {
+    let mut ok = 0;
+    if tflags & TF_SEND_FUA != 0 {
+        ok |= CMD_FLAG_FUA;
+    }
+    match typ {
+        CMD_READ if tflags & TF_SEND_DF != 0 => ok |= CMD_FLAG_DF,
+        CMD_WRITE_ZEROES => {
+            if tflags & TF_SEND_WRITE_ZEROES != 0 {
+                ok |= CMD_FLAG_NO_HOLE;
+            }
+            if tflags & TF_SEND_FAST_ZERO != 0 {
+                ok |= CMD_FLAG_FAST_ZERO;
+            }
+        }
+        CMD_BLOCK_STATUS => ok |= CMD_FLAG_REQ_ONE,
+        _ => {}
+    }
+    ok
+}
+
+/// Check a request's flags against what is allowed (see
+/// [`allowed_command_flags`]).  Errors name the offending bits; the caller
+/// answers them with `NBD_EINVAL` ("The server SHOULD return NBD_EINVAL if it
+/// receives an unknown command flag ... or a flag not explicitly documented as
+/// applicable to the given request").
+pub fn check_request_flags(req: &Request, tflags: u16) -> PResult<()> {
+    let bad = req.flags & !allowed_command_flags(req.typ, tflags);
+    if bad != 0 {
+        return err(format!(
+            "command flags {bad:#x} are not allowed on command {}",
+            req.typ
+        ));
+    }
+    Ok(())
+}
+
 pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
@@ -422,6 +562,88 @@ mod tests {
         }
         assert!(option_header(&[0u8; 16]).is_err());
         assert!(option_header(&[0u8; 3]).is_err());
+    }
+
+    #[test]
+    fn client_flags_reject_unknown_bits() {
+        assert_eq!(
+            client_flags(&3u32.to_be_bytes()).unwrap(),
+            ClientFlags {
+                fixed_newstyle: true,
+                no_zeroes: true
+            }
+        );
+        assert_eq!(client_flags(&0u32.to_be_bytes()).unwrap(), ClientFlags::default());
+        for bad in [0x103u32, 4, 1 << 31] {
+            assert!(client_flags(&bad.to_be_bytes()).is_err(), "{bad:#x}");
+        }
+        assert!(client_flags(&[0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn export_names_are_spec_strings() {
+        assert_eq!(parse_export_name(b"g/d@1").unwrap(), "g/d@1");
+        assert_eq!(parse_export_name(b"").unwrap(), "");
+        assert!(parse_export_name(b"a\0b").is_err());
+        assert!(parse_export_name(&[0xff, 0xfe]).is_err());
+        assert!(parse_export_name(&[b'a'; MAX_STRING + 1]).is_err());
+        assert!(parse_export_name(&[b'a'; MAX_STRING]).is_ok());
+    }
+
+    #[test]
+    fn payload_follows_only_writes_and_is_bounded() {
+        let mut r = Request {
+            flags: 0,
+            typ: CMD_WRITE,
+            cookie: 1,
+            offset: 0,
+            length: 4096,
+        };
+        assert_eq!(request_payload(&r), Payload::Data(4096));
+        r.flags = CMD_FLAG_PAYLOAD_LEN;
+        assert_eq!(request_payload(&r), Payload::Data(4096));
+        r.length = 0;
+        assert_eq!(request_payload(&r), Payload::None);
+        r.length = MAX_PAYLOAD + 1;
+        assert_eq!(request_payload(&r), Payload::Discard(MAX_PAYLOAD + 1));
+        r.length = u32::MAX;
+        assert_eq!(request_payload(&r), Payload::TooLarge(u32::MAX));
+        for typ in [CMD_READ, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS, 99] {
+            r.typ = typ;
+            assert_eq!(request_payload(&r), Payload::None);
+        }
+    }
+
+    #[test]
+    fn command_flags_follow_the_spec_table() {
+        let all = TF_HAS_FLAGS
+            | TF_SEND_FUA
+            | TF_SEND_DF
+            | TF_SEND_WRITE_ZEROES
+            | TF_SEND_FAST_ZERO;
+        let req = |typ, flags| Request {
+            flags,
+            typ,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        };
+        let ok = |typ, flags, tf| check_request_flags(&req(typ, flags), tf).is_ok();
+        for typ in 0..=8u16 {
+            assert!(ok(typ, CMD_FLAG_FUA, all));
+            assert!(!ok(typ, CMD_FLAG_FUA, TF_HAS_FLAGS));
+            assert!(!ok(typ, CMD_FLAG_PAYLOAD_LEN, all));
+            for bit in 6..16 {
+                assert!(!ok(typ, 1 << bit, all));
+            }
+            assert_eq!(ok(typ, CMD_FLAG_DF, all), typ == CMD_READ);
+            assert_eq!(ok(typ, CMD_FLAG_REQ_ONE, all), typ == CMD_BLOCK_STATUS);
+            assert_eq!(ok(typ, CMD_FLAG_NO_HOLE, all), typ == CMD_WRITE_ZEROES);
+            assert_eq!(ok(typ, CMD_FLAG_FAST_ZERO, all), typ == CMD_WRITE_ZEROES);
+        }
+        assert!(!ok(CMD_READ, CMD_FLAG_DF, all & !TF_SEND_DF));
+        assert!(!ok(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, all & !TF_SEND_FAST_ZERO));
+        assert!(!ok(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, TF_SEND_FUA));
     }
 
     #[test]
