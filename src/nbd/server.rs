@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use super::proto::*;
 use crate::error::Error;
-use crate::store::{Block, Store, View};
+use crate::engine::store::{Block, Store, View};
 
 /// Worker threads per connection: `DRCLONE_NBD_WORKERS`, default twice the cores
 /// (at least 4, at most 16).  More threads than that only add wake-ups when the
@@ -52,9 +52,24 @@ pub fn export_names(store: &Store) -> crate::Result<Vec<String>> {
     Ok(names)
 }
 
-fn transmission_flags(view: &View) -> u16 {
-    let mut f =
-        TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+/// The transmission flags announced for `view`, on every path (`NBD_OPT_INFO`,
+/// `NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`):
+///
+/// - always: `HAS_FLAGS`, `SEND_FLUSH`, `SEND_FUA`, `CAN_MULTI_CONN` (FLUSH makes
+///   every connection's completed writes durable), `SEND_CACHE`;
+/// - writable views: `SEND_TRIM`, `SEND_WRITE_ZEROES`, `SEND_FAST_ZERO` (zeroing
+///   is a metadata operation, so it is always fast); points: `READ_ONLY`;
+/// - `SEND_DF` only once structured replies are negotiated: the spec says the
+///   server "MUST leave this flag clear if structured replies have not been
+///   negotiated".  A client may negotiate them before `NBD_OPT_EXPORT_NAME` too;
+///   then DF is announced there as well, as qemu-nbd and nbdkit do.
+///
+/// Never: `ROTATIONAL`, `SEND_RESIZE`, `BLOCK_STATUS_PAYLOAD` (extended headers).
+fn transmission_flags(view: &View, structured: bool) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if structured {
+        f |= TF_SEND_DF;
+    }
     if view.writable {
         f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
     } else {
@@ -80,8 +95,13 @@ struct Conn {
     store: Arc<Store>,
     default_export: Option<String>,
     structured: bool,
-    meta_context: bool,
+    /// The export (canonical name) the last `NBD_OPT_SET_META_CONTEXT` selected
+    /// `base:allocation` for; BLOCK_STATUS is allowed only if it is the one served.
+    meta_context: Option<String>,
     no_zeroes: bool,
+    /// Transmission flags announced for the served export (set on entering
+    /// transmission); command flags are checked against them.
+    tflags: u16,
 }
 
 type Writer = Arc<Mutex<BufWriter<Box<dyn Write + Send>>>>;
@@ -141,8 +161,9 @@ pub fn serve_connection(
         store,
         default_export: default_export.map(str::to_string),
         structured: false,
-        meta_context: false,
+        meta_context: None,
         no_zeroes: false,
+        tflags: 0,
     };
     match c.negotiate(&mut r, &w) {
         Ok(Some(view)) => {
@@ -184,8 +205,9 @@ impl Conn {
         self.send(w, &greeting())?;
         let mut cf = [0u8; 4];
         read_exact(r, &mut cf)?;
-        let cflags = u32::from_be_bytes(cf);
-        self.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+        // Unknown client flags: "the server MUST drop the TCP connection".
+        let cflags = client_flags(&cf).map_err(|e| std::io::Error::other(e.0))?;
+        self.no_zeroes = cflags.no_zeroes;
         loop {
             let mut h = [0u8; 16];
             if let Err(e) = read_exact(r, &mut h) {
@@ -206,16 +228,15 @@ impl Conn {
             read_exact(r, &mut data)?;
             match opt {
                 OPT_EXPORT_NAME => {
-                    let name = String::from_utf8_lossy(&data).to_string();
+                    // EXPORT_NAME has no error reply: a bad name closes.
+                    let name = parse_export_name(&data)
+                        .map_err(|e| std::io::Error::other(format!("export name: {}", e.0)))?;
                     return match self.resolve(&name) {
                         Ok(view) => {
+                            self.tflags = transmission_flags(&view, self.structured);
                             self.send(
                                 w,
-                                &export_name_reply(
-                                    view.size,
-                                    transmission_flags(&view),
-                                    self.no_zeroes,
-                                ),
+                                &export_name_reply(view.size, self.tflags, self.no_zeroes),
                             )?;
                             Ok(Some(view))
                         }
@@ -257,13 +278,10 @@ impl Conn {
                             continue;
                         }
                     };
+                    let tflags = transmission_flags(&view, self.structured);
                     self.send(
                         w,
-                        &option_reply(
-                            opt,
-                            REP_INFO,
-                            &info_export(view.size, transmission_flags(&view)),
-                        ),
+                        &option_reply(opt, REP_INFO, &info_export(view.size, tflags)),
                     )?;
                     if infos.contains(&INFO_NAME) {
                         self.send(w, &option_reply(opt, REP_INFO, &info_name(&view.name)))?;
@@ -281,6 +299,7 @@ impl Conn {
                     }
                     self.send(w, &option_reply(opt, REP_ACK, &[]))?;
                     if opt == OPT_GO {
+                        self.tflags = tflags;
                         return Ok(Some(view));
                     }
                 }
@@ -298,6 +317,11 @@ impl Conn {
                     self.send(w, &option_reply(opt, REP_ACK, &[]))?;
                 }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    // SET "replaces all previously-set metadata contexts (including
+                    // when this command fails)".
+                    if opt == OPT_SET_META_CONTEXT {
+                        self.meta_context = None;
+                    }
                     if opt == OPT_SET_META_CONTEXT && !self.structured {
                         self.opt_error(
                             w,
@@ -314,10 +338,13 @@ impl Conn {
                             continue;
                         }
                     };
-                    if let Err(e) = self.resolve(&name) {
-                        self.opt_error(w, opt, REP_ERR_UNKNOWN, &e)?;
-                        continue;
-                    }
+                    let view = match self.resolve(&name) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.opt_error(w, opt, REP_ERR_UNKNOWN, &e)?;
+                            continue;
+                        }
+                    };
                     let wanted = if opt == OPT_LIST_META_CONTEXT {
                         queries.is_empty()
                             || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
@@ -334,8 +361,8 @@ impl Conn {
                             ),
                         )?;
                     }
-                    if opt == OPT_SET_META_CONTEXT {
-                        self.meta_context = wanted;
+                    if opt == OPT_SET_META_CONTEXT && wanted {
+                        self.meta_context = Some(view.name.clone());
                     }
                     self.send(w, &option_reply(opt, REP_ACK, &[]))?;
                 }
@@ -390,28 +417,26 @@ impl Conn {
             let mut h = [0u8; REQUEST_LEN];
             read_exact(r, &mut h)?;
             let req = Request::decode(&h).map_err(|e| std::io::Error::other(e.0))?;
-            let mut payload = Vec::new();
-            if req.typ == CMD_WRITE {
-                if req.length > MAX_PAYLOAD {
-                    // Consume what the client sends so the stream stays in sync, if
-                    // that is sane; otherwise drop the client.
-                    if req.length > 256 << 20 {
-                        return Err(std::io::Error::other(format!(
-                            "write of {} bytes is too large",
-                            req.length
-                        )));
-                    }
-                    std::io::copy(&mut r.take(req.length as u64), &mut std::io::sink())?;
+            let payload = match request_payload(&req) {
+                Payload::None => Vec::new(),
+                Payload::Data(n) => read_payload(r, n as usize)?,
+                Payload::Discard(n) => {
+                    // Consume what the client sends so the stream stays in sync.
+                    std::io::copy(&mut r.take(n as u64), &mut std::io::sink())?;
                     self.reply_error(
                         w,
                         req.cookie,
-                        EOVERFLOW,
+                        EINVAL,
                         "write larger than the maximum block size",
                     )?;
                     continue;
                 }
-                payload = read_payload(r, req.length as usize)?;
-            }
+                Payload::TooLarge(n) => {
+                    return Err(std::io::Error::other(format!(
+                        "write of {n} bytes is too large"
+                    )));
+                }
+            };
             if req.typ == CMD_DISC {
                 log::debug!("client disconnected from {}", view.name);
                 return Ok(());
@@ -456,12 +481,22 @@ impl Conn {
                 req.offset, len, view.name, view.size
             )
         };
+        if let Err(e) = check_request_flags(&req, self.tflags) {
+            log::debug!("{}: request {:?} refused: {e}", view.name, req);
+            return self.reply_error(w, req.cookie, EINVAL, &e.0);
+        }
         let result: Result<(), (u32, String)> = match req.typ {
             CMD_READ => {
                 if !in_range {
                     Err((EINVAL, range_err()))
                 } else if req.length > MAX_PAYLOAD {
-                    Err((EOVERFLOW, "read larger than the maximum block size".into()))
+                    // EINVAL, not EOVERFLOW: the spec keeps EOVERFLOW for DF reads.
+                    Err((EINVAL, "read larger than the maximum block size".into()))
+                } else if req.length == 0 {
+                    // Unspecified by the spec; like qemu-nbd, a plain success (for
+                    // structured replies a final NONE chunk: an OFFSET_DATA chunk
+                    // must carry at least one byte).
+                    Ok(())
                 } else {
                     return self.do_read(w, view, req);
                 }
@@ -507,6 +542,12 @@ impl Conn {
                         .map_err(|e| (nbd_errno(&e), e.to_string()))
                 }
             }
+            // "For a flush request, length and offset are reserved, and MUST be set
+            // to all-zero" (nbdkit refuses them too; qemu-nbd ignores them).
+            CMD_FLUSH if req.offset != 0 || req.length != 0 => Err((
+                EINVAL,
+                "flush offset and length must be zero".into(),
+            )),
             CMD_FLUSH => s.flush().map_err(|e| (nbd_errno(&e), e.to_string())),
             CMD_CACHE => {
                 if !in_range {
@@ -519,7 +560,7 @@ impl Conn {
                 }
             }
             CMD_BLOCK_STATUS => {
-                if !self.meta_context {
+                if self.meta_context.as_deref() != Some(view.name.as_str()) {
                     Err((
                         EINVAL,
                         "block status needs the base:allocation meta context".into(),
