@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use drclone::store::{InitOptions, Store};
+use drclone::engine::store::{InitOptions, Store};
 
 const STEP: usize = 8 << 20;
 
@@ -128,7 +128,7 @@ fn main() {
             t0.elapsed().as_secs_f64() * 1e3
         );
     }
-    let df = drclone::maint::df(&s).unwrap();
+    let df = drclone::engine::maint::df(&s).unwrap();
     println!(
         "df: unique {} MiB, stored {} MiB, dedup {:.2}x",
         df.unique_bytes >> 20,

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use drclone::store::{InitOptions, Store};
+use drclone::engine::store::{InitOptions, Store};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {

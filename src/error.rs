@@ -58,6 +58,9 @@ pub enum Error {
     Exists(String),
     #[error("{0} is read-only")]
     ReadOnly(String),
+    /// Removal refused: NBD clients or open FUSE files use the object.
+    #[error("{0} is in use")]
+    Busy(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -86,6 +89,25 @@ pub enum Error {
     Unsupported(String),
     #[error("store is shutting down")]
     Shutdown,
+    /// The store latched read-only after a failed write or sync (fsyncgate: after a
+    /// failed fsync the kernel may have dropped the dirty pages, so a retry that
+    /// succeeds proves nothing).  Reads still work; every write, flush and catalog
+    /// change fails with this until the store is reopened, which recovers from what
+    /// is durable.
+    #[error(
+        "store {store} is read-only after a failed {what}: {cause}; writes acknowledged \
+         since the last successful flush may not be durable; fix the disk, then restart \
+         (the store recovers on open)"
+    )]
+    Latched {
+        store: PathBuf,
+        what: String,
+        cause: String,
+    },
+    /// A pack the index pointed at no longer exists (GC deleted or compacted it
+    /// between the lookup and the read): look the chunk up again.
+    #[error("pack {pack} is gone")]
+    PackGone { pack: u64 },
 }
 
 impl Error {
@@ -94,13 +116,16 @@ impl Error {
             Error::Invalid(_) => ErrorKind::InvalidInput,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Exists(_) => ErrorKind::AlreadyExists,
-            Error::ReadOnly(_) => ErrorKind::PermissionDenied,
+            Error::ReadOnly(_) | Error::Busy(_) => ErrorKind::PermissionDenied,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 ErrorKind::NoSpace
             }
-            Error::Io { .. } | Error::Db { .. } | Error::Corrupt { .. } | Error::Format { .. } => {
-                ErrorKind::Io
-            }
+            Error::Io { .. }
+            | Error::Db { .. }
+            | Error::Corrupt { .. }
+            | Error::Format { .. }
+            | Error::Latched { .. }
+            | Error::PackGone { .. } => ErrorKind::Io,
             Error::Key(_) => ErrorKind::Key,
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::Shutdown => ErrorKind::Shutdown,

@@ -4,61 +4,10 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::Duration;
 
 const MIB: usize = 1 << 20;
-
-struct Mount {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Mount {
-    fn start(env: &Env) -> Mount {
-        let dir = env.path("mnt");
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(assert_cmd::cargo::cargo_bin("drclone"))
-            .env("DRCLONE_STORE", &env.store)
-            .arg("mount")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..500 {
-            if std::fs::read_to_string("/proc/self/mounts")
-                .unwrap()
-                .contains(&format!(" {} fuse", dir.display()))
-            {
-                return Mount { child, dir };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("drclone mount did not come up");
-    }
-
-    fn stop(mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.child.wait().unwrap();
-        assert!(st.success(), "drclone mount exited with {st}");
-        assert!(!std::fs::read_to_string("/proc/self/mounts")
-            .unwrap()
-            .contains(&format!(" {} fuse", self.dir.display())));
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&self.dir)
-            .status();
-    }
-}
 
 fn sh(cmd: &str) -> String {
     run("sh", &["-c", cmd])
@@ -291,4 +240,188 @@ fn stale_mount_gets_a_clear_message_and_a_way_out() {
     let m = Mount::start(&env);
     assert!(Path::new(&m.dir).join("app1").is_dir());
     m.stop();
+}
+
+/// `fallocate(2)` from Python through ctypes: returns 0 or the errno.
+const PY_FALLOCATE: &str = r#"
+import ctypes, os, json
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+def falloc(fd, mode, off, ln):
+    return 0 if libc.fallocate(fd, mode, off, ln) == 0 else ctypes.get_errno()
+FALLOC_FL_KEEP_SIZE = 1
+"#;
+
+/// `fallocate` past the end of a volume file grows the volume, as it grows a
+/// plain file (mode 0), or fails with a clear errno (KEEP_SIZE: nothing to
+/// reserve); it never returns 0 and leaves the size as it was.  Within the size it
+/// keeps the data.
+#[test]
+fn fallocate_past_the_end_grows_the_volume_or_fails_clearly() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    env.ok(&["group", "create", "app1"]);
+    env.ok(&["volume", "create", "app1/disk0", "--size", "4M"]);
+    let img = env.path("a.img");
+    let data = random_bytes(21, 4 * MIB);
+    std::fs::write(&img, &data).unwrap();
+    env.ok(&["import", "app1/disk0", img.to_str().unwrap()]);
+    let srv = Server::start(&env);
+    let m = Mount::start(&env);
+    let file = m.dir.join("app1/disk0");
+    let out = run(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            &format!(
+                r#"{PY_FALLOCATE}
+fd = os.open("{}", os.O_RDWR)
+res = {{}}
+res["inside"] = falloc(fd, 0, 0, {mib})
+res["inside_size"] = os.fstat(fd).st_size
+res["mode0"] = falloc(fd, 0, 4 * {mib}, {mib})
+res["mode0_size"] = os.fstat(fd).st_size
+if res["mode0"] == 0:
+    res["tail_zeros"] = os.pread(fd, {mib}, 4 * {mib}) == bytes({mib})
+    os.pwrite(fd, b"tail" * 1024, 4 * {mib} + 8192)
+    res["tail_write"] = os.pread(fd, 4096, 4 * {mib} + 8192) == b"tail" * 1024
+before = os.fstat(fd).st_size
+res["keep"] = falloc(fd, FALLOC_FL_KEEP_SIZE, before, {mib})
+res["keep_grew"] = os.fstat(fd).st_size - before
+print(json.dumps(res))
+"#,
+                file.display(),
+                mib = MIB
+            ),
+        ],
+    );
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let clear = [libc::EOPNOTSUPP, libc::EFBIG, libc::ENOSPC];
+    // Within the size: nothing to do, data kept.
+    assert_eq!(r["inside"], 0, "{r}");
+    assert_eq!(r["inside_size"], 4 * MIB as u64, "{r}");
+    // Mode 0 past the end: grows (new bytes read as zeros and take writes) or fails clearly.
+    match r["mode0"].as_i64().unwrap() {
+        0 => {
+            assert_eq!(r["mode0_size"], 5 * MIB as u64, "fallocate returned 0: {r}");
+            assert_eq!(r["tail_zeros"], true, "{r}");
+            assert_eq!(r["tail_write"], true, "{r}");
+            let vols = env.json(&["volume", "list"]);
+            assert!(vols.to_string().contains(&(5 * MIB).to_string()), "{vols}");
+        }
+        e => {
+            assert!(clear.contains(&(e as i32)), "fallocate failed with errno {e}: {r}");
+            assert_eq!(r["mode0_size"], 4 * MIB as u64, "{r}");
+        }
+    }
+    // KEEP_SIZE past the end: the size cannot stay and the call succeed.
+    let keep = r["keep"].as_i64().unwrap();
+    assert!(
+        (keep == 0 && r["keep_grew"].as_u64().unwrap() > 0)
+            || (clear.contains(&(keep as i32)) && r["keep_grew"] == 0),
+        "fallocate(KEEP_SIZE) past the end returned {keep} and changed the size by {}: {r}",
+        r["keep_grew"]
+    );
+    // The data inside was never touched.
+    let all = std::fs::read(&file).unwrap();
+    assert!(all[..4 * MIB] == data[..], "preallocation changed data");
+    m.stop();
+    srv.stop();
+    env.ok(&["verify"]);
+}
+
+/// `drclone volume resize` while the volume file is open in the mount: the fd
+/// opened before sees the new size, reads past the old size return zeros (not 0
+/// bytes) and writes there succeed (not ENOSPC).  A loop device on the file
+/// refreshed with `losetup -c` sees the new size and reads and writes past the
+/// old one.
+#[test]
+fn volume_resize_reaches_open_files_and_loop_devices() {
+    need("losetup");
+    need("blockdev");
+    let env = Env::new();
+    env.ok(&["init"]);
+    env.ok(&["group", "create", "app1"]);
+    env.ok(&["volume", "create", "app1/disk0", "--size", "4M"]);
+    let img = env.path("a.img");
+    let data = random_bytes(22, 4 * MIB);
+    std::fs::write(&img, &data).unwrap();
+    env.ok(&["import", "app1/disk0", img.to_str().unwrap()]);
+    let srv = Server::start(&env);
+    let m = Mount::start(&env);
+    let file = m.dir.join("app1/disk0");
+    let lo = LoopDev::attach(&file);
+    assert_eq!(sh(&format!("blockdev --getsize64 {}", lo.0)).trim(), (4 * MIB).to_string());
+    let mut c = PyChild::spawn(
+        &env,
+        "resize",
+        &format!(
+            r#"
+fd = os.open("{}", os.O_RDWR)
+say(os.fstat(fd).st_size)
+sys.stdin.readline()
+res = {{"size": os.fstat(fd).st_size}}
+got = os.pread(fd, 65536, 6 * {mib})
+res["read_len"] = len(got)
+res["read_zeros"] = got == bytes(65536)
+try:
+    res["write"] = os.pwrite(fd, b"grown!!!" * 512, 6 * {mib})
+except OSError as e:
+    res["write"] = str(e)
+res["read_back"] = os.pread(fd, 4096, 6 * {mib}) == b"grown!!!" * 512
+res["old_data"] = os.pread(fd, 4096, 0) == open("{}", "rb").read(4096)
+say(json.dumps(res))
+"#,
+            file.display(),
+            img.display(),
+            mib = MIB
+        ),
+    );
+    assert_eq!(c.line(), (4 * MIB).to_string());
+    env.ok(&["volume", "resize", "app1/disk0", "--size", "8M"]);
+    c.send("go");
+    let r: serde_json::Value = serde_json::from_str(&c.line()).unwrap();
+    c.finish();
+    assert_eq!(
+        r,
+        serde_json::json!({"size": 8 * MIB, "read_len": 65536, "read_zeros": true,
+            "write": 4096, "read_back": true, "old_data": true}),
+        "an fd opened before the resize"
+    );
+    // The loop device, refreshed.
+    sh(&format!("losetup -c {}", lo.0));
+    assert_eq!(sh(&format!("blockdev --getsize64 {}", lo.0)).trim(), (8 * MIB).to_string());
+    // Past the old size: 64 KiB of zeros (cmp fails the command otherwise).
+    sh(&format!(
+        "dd if={} bs=64k skip=100 count=1 iflag=direct status=none | cmp -n 65536 - /dev/zero",
+        lo.0
+    ));
+    sh(&format!(
+        "printf 'through the loop' | dd of={} bs=4096 seek=1800 conv=sync,notrunc oflag=direct status=none",
+        lo.0
+    ));
+    drop(lo);
+    let all = std::fs::read(&file).unwrap();
+    assert_eq!(all.len(), 8 * MIB);
+    assert!(all[..4 * MIB] == data[..]);
+    assert_eq!(&all[1800 * 4096..1800 * 4096 + 16], b"through the loop");
+    assert_eq!(&all[6 * MIB..6 * MIB + 8], b"grown!!!");
+    m.stop();
+    srv.stop();
+    env.ok(&["verify"]);
+}
+
+/// A loop device on a file, detached on drop.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(file: &Path) -> LoopDev {
+        LoopDev(sh(&format!("losetup --find --show {}", file.display())).trim().to_string())
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+    }
 }

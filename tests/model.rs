@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use drclone::store::{InitOptions, Store};
+use drclone::engine::store::{InitOptions, Store};
 use proptest::prelude::*;
 
 // Four 4 KiB overlay pages per block: writes hit whole pages, page edges and
@@ -248,7 +248,7 @@ fn run(ops: Vec<Op>, encrypt: bool) {
                 m.vols.remove(&(g, d));
             }
             Op::Gc => {
-                drclone::gc::gc(store).unwrap();
+                drclone::engine::gc::gc(store).unwrap();
             }
             Op::Flush => store.flush().unwrap(),
             Op::Reopen => {
@@ -265,7 +265,7 @@ fn run(ops: Vec<Op>, encrypt: bool) {
         check_all(s.as_ref().unwrap(), &m);
     }
     let s = s.unwrap();
-    let rep = drclone::maint::verify(&s, &indicatif::ProgressBar::hidden()).unwrap();
+    let rep = drclone::engine::maint::verify(&s, &indicatif::ProgressBar::hidden()).unwrap();
     assert!(rep.ok, "verify: {:?}", rep.bad);
     // Remove everything: GC must leave no chunk and no pack data behind.
     for id in m.points.keys() {
@@ -274,7 +274,7 @@ fn run(ops: Vec<Op>, encrypt: bool) {
     for (g, d) in m.vols.keys() {
         s.remove_volume(g, d).unwrap();
     }
-    drclone::gc::gc(&s).unwrap();
+    drclone::engine::gc::gc(&s).unwrap();
     let st = s.chunks.stats().unwrap();
     assert_eq!(st.chunks, 0, "every chunk is reclaimed");
     assert_eq!(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use drclone::nbd::proto::*;
 use drclone::nbd::server::serve_connection;
-use drclone::store::{InitOptions, Store};
+use drclone::engine::store::{InitOptions, Store};
 use proptest::prelude::*;
 
 const CS: u64 = 16384;
@@ -190,7 +190,7 @@ fn run(reqs: Vec<Req>, structured: bool) {
     store.write(&t, 5, b"still writable").unwrap();
     store.flush().unwrap();
     assert_eq!(&store.read(&t, 5, 14).unwrap()[..], b"still writable");
-    let rep = drclone::maint::verify(&store, &indicatif::ProgressBar::hidden()).unwrap();
+    let rep = drclone::engine::maint::verify(&store, &indicatif::ProgressBar::hidden()).unwrap();
     assert!(rep.ok, "{:?}", rep.bad);
 }
 

@@ -1,5 +1,6 @@
-//! NBD: the wire protocol ([`proto`], engine-free) and the server ([`server`]) that
-//! maps it onto the store.
+//! NBD: the wire protocol ([`proto`], engine-free), the server ([`server`]) that
+//! maps it onto the store, its resource limits ([`limits`]) and the registry of
+//! its sessions ([`sessions`]).
 //!
 //! Why not the `nbd` crate (0.3.1): it implements only the oldstyle-free minimum
 //! (READ, WRITE, FLUSH, simple replies) over a single-threaded `Read + Write + Seek`
@@ -8,5 +9,7 @@
 //! those is required here, so the protocol is written in [`proto`], small and
 //! spec-cited, and tested against qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh and fio.
 
+pub mod limits;
 pub mod proto;
 pub mod server;
+pub mod sessions;

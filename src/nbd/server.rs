@@ -8,13 +8,20 @@
 //! requests in flight).  FLUSH and FUA call [`Store::flush`], which makes every
 //! write any connection has completed durable: that is what `CAN_MULTI_CONN`
 //! promises.
+//!
+//! Memory and time are bounded by [`super::limits`]: the reader leases a
+//! payload's bytes from its connection's and the server's budget before it reads
+//! or allocates them, and every connection is a [`Session`] in the server's
+//! registry, through which it can be disconnected.
 
 use std::io::{BufReader, BufWriter, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+use super::limits::{Budget, BufPool, Lease, Limits, MAX_REFUSED_OPTIONS, QUEUE_DEPTH};
 use super::proto::*;
+use super::sessions::{Session, SessionState, Sessions};
 use crate::error::Error;
 use crate::engine::store::{Block, Store, View};
 
@@ -34,8 +41,35 @@ fn workers_per_connection() -> usize {
             })
     })
 }
-/// Reads up to this size reuse a per-worker buffer.
-const REUSED_READ_BUFFER: usize = 4 << 20;
+/// What every connection of one server shares: the store, the limits, the
+/// global payload budget, the reply-buffer pool and the session registry.
+pub struct Shared {
+    pub store: Arc<Store>,
+    /// What the empty export name means (None: it is refused).
+    pub default_export: Option<String>,
+    pub limits: Limits,
+    pub sessions: Arc<Sessions>,
+    budget: Arc<Budget>,
+    bufs: BufPool,
+}
+
+impl Shared {
+    pub fn new(store: Arc<Store>, default_export: Option<String>, limits: Limits) -> Arc<Shared> {
+        Arc::new(Shared {
+            store,
+            default_export,
+            budget: Budget::new(limits.total_bytes),
+            limits,
+            sessions: Sessions::new(),
+            bufs: BufPool::default(),
+        })
+    }
+
+    /// Payload bytes leased by all connections now.
+    pub fn budget_used(&self) -> u64 {
+        self.budget.used()
+    }
+}
 
 /// Export names: heads as `GROUP/DISK`, points as `GROUP/DISK@ID`.
 pub fn export_names(store: &Store) -> crate::Result<Vec<String>> {
@@ -92,8 +126,9 @@ pub fn nbd_errno(e: &Error) -> u32 {
 }
 
 struct Conn {
+    shared: Arc<Shared>,
     store: Arc<Store>,
-    default_export: Option<String>,
+    session: Arc<SessionState>,
     structured: bool,
     /// The export (canonical name) the last `NBD_OPT_SET_META_CONTEXT` selected
     /// `base:allocation` for; BLOCK_STATUS is allowed only if it is the one served.
@@ -105,6 +140,14 @@ struct Conn {
 }
 
 type Writer = Arc<Mutex<BufWriter<Box<dyn Write + Send>>>>;
+
+/// A request on its way to a worker, with the budget it holds.
+struct Job {
+    req: Request,
+    payload: Vec<u8>,
+    /// (this connection's lease, the server's lease) of the payload's bytes.
+    lease: (Lease, Lease),
+}
 
 /// `Write::write_all_vectored` (not stable yet): writev until everything is out.
 fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
@@ -143,8 +186,8 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
     r.read_exact(buf)
 }
 
-/// Serve one client to completion.  Errors are logged, never propagated: a bad
-/// client only ever loses its own connection.
+/// Serve one client to completion on a server of its own (default [`Limits`], a
+/// registry of one): the captive `serve --stdio` case and in-process tests.
 ///
 /// `default_export` is what the empty export name means (none: it is refused).
 pub fn serve_connection(
@@ -154,12 +197,28 @@ pub fn serve_connection(
     peer: &str,
     default_export: Option<&str>,
 ) {
+    let shared = Shared::new(store, default_export.map(str::to_string), Limits::default());
+    let session = shared.sessions.register(peer, Box::new(|_| {}));
+    serve_session(&shared, reader, writer, &session);
+}
+
+/// Serve one registered client to completion.  Errors are logged, never
+/// propagated: a bad client only ever loses its own connection.
+pub fn serve_session(
+    shared: &Arc<Shared>,
+    reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    session: &Session,
+) {
+    let peer = format!("{} (session {})", session.peer(), session.id());
     // Small: it batches request headers and small writes; large payloads bypass it.
     let mut r = BufReader::with_capacity(16 << 10, reader);
-    let w: Writer = Arc::new(Mutex::new(BufWriter::with_capacity(256 << 10, writer)));
+    // Small too: READ data bypasses it (writev), so it only holds reply headers.
+    let w: Writer = Arc::new(Mutex::new(BufWriter::with_capacity(64 << 10, writer)));
     let mut c = Conn {
-        store,
-        default_export: default_export.map(str::to_string),
+        shared: shared.clone(),
+        store: shared.store.clone(),
+        session: session.state().clone(),
         structured: false,
         meta_context: None,
         no_zeroes: false,
@@ -168,6 +227,7 @@ pub fn serve_connection(
     match c.negotiate(&mut r, &w) {
         Ok(Some(view)) => {
             log::info!("nbd {peer}: serving {}", view.name);
+            session.set_export(&view.name, view.writable);
             if let Err(e) = c.transmit(&mut r, &w, view) {
                 log::info!("nbd {peer}: connection ended: {e}");
             }
@@ -176,6 +236,47 @@ pub fn serve_connection(
         Err(e) => log::info!("nbd {peer}: negotiation failed: {e}"),
     }
     let _ = w.lock().unwrap().flush();
+    // Every request is answered: close the socket now, not when the last handle
+    // to it goes (the registry holds one to shut it down).
+    session.close(std::net::Shutdown::Both);
+}
+
+/// Answer a client the server cannot take (over `serve --max-connections`): greet
+/// it, then fail every option with `NBD_REP_ERR_POLICY` and `msg` (the spec's
+/// "known ... but server-side policy forbids" error; the server "MUST simply
+/// error inbound options until the client gets the hint"), so that nbdinfo and
+/// qemu show the message, until the client aborts or leaves, or after
+/// [`MAX_REFUSED_OPTIONS`] options.  `NBD_OPT_EXPORT_NAME` cannot carry an
+/// error: it is answered by closing.  The caller bounds the time (socket
+/// timeouts).
+pub fn refuse_connection(reader: Box<dyn Read + Send>, mut writer: Box<dyn Write + Send>, msg: &str) {
+    let mut r = BufReader::with_capacity(4096, reader);
+    let mut go = || -> std::io::Result<()> {
+        writer.write_all(&greeting())?;
+        let mut cf = [0u8; 4];
+        r.read_exact(&mut cf)?;
+        client_flags(&cf).map_err(|e| std::io::Error::other(e.0))?;
+        for _ in 0..MAX_REFUSED_OPTIONS {
+            let mut h = [0u8; 16];
+            r.read_exact(&mut h)?;
+            let (opt, len) = option_header(&h).map_err(|e| std::io::Error::other(e.0))?;
+            if len > MAX_OPTION_LEN {
+                return Ok(());
+            }
+            std::io::copy(&mut (&mut r).take(len as u64), &mut std::io::sink())?;
+            match opt {
+                OPT_EXPORT_NAME => return Ok(()),
+                OPT_ABORT => {
+                    writer.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                    return Ok(());
+                }
+                _ => writer.write_all(&option_reply(opt, REP_ERR_POLICY, msg.as_bytes()))?,
+            }
+            writer.flush()?;
+        }
+        Ok(())
+    };
+    let _ = go();
 }
 
 impl Conn {
@@ -186,7 +287,7 @@ impl Conn {
     }
 
     fn resolve(&self, name: &str) -> Result<View, String> {
-        let name = match (name, &self.default_export) {
+        let name = match (name, &self.shared.default_export) {
             ("", Some(d)) => d.as_str(),
             ("", None) => {
                 return Err("no default export: name one of the exports (nbdinfo --list)".into())
@@ -378,7 +479,7 @@ impl Conn {
         w: &Writer,
         view: View,
     ) -> std::io::Result<()> {
-        let (tx, rx) = mpsc::sync_channel::<(Request, Vec<u8>)>(64);
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH);
         let rx = Arc::new(Mutex::new(rx));
         let failed = Arc::new(AtomicBool::new(false));
         let view = Arc::new(view);
@@ -389,10 +490,15 @@ impl Conn {
                 let view = view.clone();
                 sc.spawn(move || loop {
                     let job = rx.lock().unwrap().recv();
-                    let Ok((req, payload)) = job else { break };
+                    let Ok(Job { req, payload, lease }) = job else {
+                        break;
+                    };
                     if self.handle(w, &view, req, payload).is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
+                    // The payload and reply buffer are gone: give the bytes back.
+                    drop(lease);
+                    self.session.request_done();
                 });
             }
             let res = self.read_loop(r, w, &view, &tx, &failed);
@@ -407,9 +513,12 @@ impl Conn {
         r: &mut BufReader<R>,
         w: &Writer,
         view: &View,
-        tx: &mpsc::SyncSender<(Request, Vec<u8>)>,
+        tx: &mpsc::SyncSender<Job>,
         failed: &AtomicBool,
     ) -> std::io::Result<()> {
+        // This connection's share of payload memory (the server's is in `shared`).
+        let conn_budget = Budget::new(self.shared.limits.conn_bytes);
+        let closing = self.session.closing();
         loop {
             if failed.load(Ordering::Relaxed) {
                 return Err(std::io::Error::other("a reply could not be sent"));
@@ -417,7 +526,23 @@ impl Conn {
             let mut h = [0u8; REQUEST_LEN];
             read_exact(r, &mut h)?;
             let req = Request::decode(&h).map_err(|e| std::io::Error::other(e.0))?;
-            let payload = match request_payload(&req) {
+            let framing = request_payload(&req);
+            // Lease the bytes this request will hold (WRITE data, READ reply buffer)
+            // before reading or allocating any of them; wait (reading nothing more
+            // from this client) while the budgets are spent.
+            let cost = match framing {
+                Payload::Data(n) => n as u64,
+                _ if req.typ == CMD_READ && req.length <= MAX_PAYLOAD => req.length as u64,
+                _ => 0,
+            };
+            let lease = match conn_budget.acquire(cost, closing) {
+                Some(mine) => match self.shared.budget.acquire(cost, closing) {
+                    Some(all) => (mine, all),
+                    None => return Ok(()),
+                },
+                None => return Ok(()),
+            };
+            let payload = match framing {
                 Payload::None => Vec::new(),
                 Payload::Data(n) => read_payload(r, n as usize)?,
                 Payload::Discard(n) => {
@@ -441,8 +566,16 @@ impl Conn {
                 log::debug!("client disconnected from {}", view.name);
                 return Ok(());
             }
-            tx.send((req, payload))
-                .map_err(|_| std::io::Error::other("workers gone"))?;
+            self.session.request_started();
+            let job = Job {
+                req,
+                payload,
+                lease,
+            };
+            if tx.send(job).is_err() {
+                self.session.request_done();
+                return Err(std::io::Error::other("workers gone"));
+            }
         }
     }
 
@@ -583,22 +716,12 @@ impl Conn {
     }
 
     fn do_read(&self, w: &Writer, view: &View, req: Request) -> std::io::Result<()> {
-        // Each worker reuses one buffer for ordinary reads: no allocation and no
-        // zeroing of fresh memory per request.
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let len = req.length as usize;
-        if len > REUSED_READ_BUFFER {
-            return self.send_read(w, view, req, &mut vec![0u8; len]);
-        }
-        BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            if b.len() < len {
-                b.resize(len, 0);
-            }
-            self.send_read(w, view, req, &mut b[..len])
-        })
+        // Ordinary reads reuse a pooled buffer: no allocation and no zeroing of
+        // fresh memory per request.  Its bytes are leased (see `read_loop`).
+        let mut buf = self.shared.bufs.take(req.length as usize);
+        let res = self.send_read(w, view, req, &mut buf);
+        self.shared.bufs.give(buf);
+        res
     }
 
     fn send_read(

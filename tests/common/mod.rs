@@ -280,3 +280,231 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     }
     run("qemu-io", &args)
 }
+
+impl Server {
+    /// Start with extra environment, logging at info level (RUST_LOG=info unless
+    /// `vars` sets it) to the file `log`, so a test can quote the server's lines.
+    pub fn start_logged(env: &Env, vars: &[(&str, &str)], log: &Path) -> Server {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut all = vec![("RUST_LOG", "info")];
+        all.extend_from_slice(vars);
+        let port = free_port();
+        let sock = env.path("nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+            .env("DRCLONE_STORE", &env.store)
+            .envs(all.iter().copied())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--socket"])
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let s = Server { child, port, sock };
+        let ctl = env.store.join("control.sock");
+        for _ in 0..1500 {
+            if std::os::unix::net::UnixStream::connect(&ctl).is_ok() && s.sock.exists() {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("drclone serve did not start: {}", log_tail(log, 20));
+    }
+
+    /// The process id (for `kill -9` at a chosen moment).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The last `n` lines of a log file (for failure messages).
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Lines of a log file that contain any of `pats` (at most 40, for failure messages).
+pub fn log_grep(log: &Path, pats: &[&str]) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let hits: Vec<&str> = text
+        .lines()
+        .filter(|l| pats.iter().any(|p| l.contains(p)))
+        .collect();
+    let n = hits.len();
+    let mut out = hits[..n.min(40)].join("\n");
+    if n > 40 {
+        out.push_str(&format!("\n... {} more", n - 40));
+    }
+    out
+}
+
+/// Python helpers for libnbd clients; every script given to [`PyChild`] or
+/// [`py`] may start with it.
+///  * `block(tag, n, size)`: deterministic incompressible bytes, unique per (tag, n);
+///  * `stamp(n, size)` / `unstamp(b)`: a counter in every 8-byte word (None if torn);
+///  * `stop`: an Event set when the test writes a line to stdin (`watch_stdin()`);
+///  * `say(...)`: print and flush (the test reads lines as they come).
+pub const PY_PRELUDE: &str = r#"
+import nbd, os, sys, struct, hashlib, threading, json, errno
+def block(tag, n, size):
+    return hashlib.shake_128(b"%s:%d" % (tag.encode(), n)).digest(size)
+def stamp(n, size):
+    return struct.pack("<Q", n) * (size // 8)
+def unstamp(b):
+    w = b[:8]
+    return struct.unpack("<Q", w)[0] if w * (len(b) // 8) == b else None
+stop = threading.Event()
+def watch_stdin():
+    def w():
+        sys.stdin.readline()
+        stop.set()
+    threading.Thread(target=w, daemon=True).start()
+def say(*a):
+    print(*a, flush=True)
+def connect(uri, meta=None):
+    h = nbd.NBD()
+    if meta:
+        h.add_meta_context(meta)
+    h.connect_uri(uri)
+    return h
+"#;
+
+/// A Python client (Debian's /usr/bin/python3, which has libnbd) running beside
+/// the test: the test reads its output line by line and writes lines to its stdin.
+/// It runs under `timeout` so a hung peer fails the test instead of hanging CI.
+pub struct PyChild {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    err: PathBuf,
+}
+
+impl PyChild {
+    /// Start `PY_PRELUDE` + `script`; its stderr goes to `ENV/NAME.err`.
+    pub fn spawn(env: &Env, name: &str, script: &str) -> PyChild {
+        let err = env.path(&format!("{name}.err"));
+        let mut child = std::process::Command::new("timeout")
+            .args(["--kill-after=10", "600", "/usr/bin/python3", "-c"])
+            .arg(format!("{PY_PRELUDE}\n{script}"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        PyChild { child, out, err }
+    }
+
+    /// The next line of output (without the newline); panics with the script's
+    /// stderr if it ended instead.
+    pub fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        if l.is_empty() {
+            let st = self.child.wait().unwrap();
+            panic!(
+                "python client ended ({st}) before printing a line: {}",
+                std::fs::read_to_string(&self.err).unwrap_or_default()
+            );
+        }
+        l.trim_end().to_string()
+    }
+
+    /// Write one line to the script's stdin.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Close stdin, wait, require success; returns the rest of its output.
+    pub fn finish(mut self) -> String {
+        use std::io::Read;
+        drop(self.child.stdin.take());
+        let mut rest = String::new();
+        self.out.read_to_string(&mut rest).unwrap();
+        let st = self.child.wait().unwrap();
+        assert!(
+            st.success(),
+            "python client failed ({st}): {}{rest}",
+            std::fs::read_to_string(&self.err).unwrap_or_default()
+        );
+        rest
+    }
+}
+
+impl Drop for PyChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `drclone mount` of the store at `ENV/mnt` (hosted by the daemon when one
+/// runs); unmounted on drop.
+pub struct Mount {
+    pub child: std::process::Child,
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    pub fn start(env: &Env) -> Mount {
+        let dir = env.path("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+            .env("DRCLONE_STORE", &env.store)
+            .arg("mount")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..500 {
+            if std::fs::read_to_string("/proc/self/mounts")
+                .unwrap()
+                .contains(&format!(" {} fuse", dir.display()))
+            {
+                return Mount { child, dir };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("drclone mount did not come up");
+    }
+
+    /// Unmount with SIGTERM; the mount process must exit cleanly.
+    pub fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "drclone mount exited with {st}");
+        assert!(!std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(&format!(" {} fuse", self.dir.display())));
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// A `drclone` command's result without asserting on it: (success, stdout, stderr).
+pub fn try_cmd(env: &Env, args: &[&str]) -> (bool, String, String) {
+    let out = env.cmd().args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -5,11 +5,11 @@ use std::collections::{HashMap, HashSet};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::codec::hex;
+use crate::engine::codec::hex;
 use crate::error::Result;
-use crate::keys::{self, ChunkId};
-use crate::meta::{ChunkLoc, MapVal};
-use crate::store::{Block, Store, HEAD_EPOCH};
+use crate::engine::keys::{self, ChunkId};
+use crate::engine::meta::{ChunkLoc, MapVal};
+use crate::engine::store::{Block, Store, HEAD_EPOCH};
 
 /// Space used by the store and the savings.
 #[derive(Debug, Serialize)]

@@ -7,22 +7,47 @@
 //! same command code against its open store and answers with the exit code and the
 //! captured stdout and stderr.  Clients find the daemon by themselves.
 //!
-//! SIGTERM or SIGINT stops the listeners, flushes and seals the store, removes the
-//! sockets and exits 0.
+//! Every NBD connection is a session in the server's registry
+//! ([`crate::nbd::sessions`]); the limits of [`crate::nbd::limits`] apply
+//! (connection cap, handshake and idle timeouts, payload budgets).  A reaper
+//! thread enforces the timeouts.
+//!
+//! SIGTERM or SIGINT drains: the listeners stop accepting; every session stops
+//! taking requests (its socket is shut down for reading) while what it already
+//! took is served and answered; sessions still busy after [`DRAIN_GRACE`] are
+//! dropped.  Then the mounts go, the store is flushed, destaged and sealed
+//! ([`Store::close`]), the sockets are removed, and the daemon exits 0.  If a
+//! session never leaves (a request stuck in the engine), the store is flushed but
+//! not closed, and the daemon exits with an error.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{Shutdown, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::store::Store;
 use crate::error::{Error, IoContext, Result};
-use crate::nbd::server::serve_connection;
-use crate::store::Store;
+use crate::nbd::limits::{Limits, MAX_REFUSING};
+use crate::nbd::server::{refuse_connection, serve_connection, serve_session, Shared};
+use crate::nbd::sessions::Sessions;
+
+/// How long a SIGTERM drain waits for sessions to finish what they took (and
+/// then again after dropping the rest).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// The session registry of the NBD server running in this process, if any (for
+/// `drclone sessions` over the control socket, and failover later).
+pub fn sessions() -> Option<Arc<Sessions>> {
+    CURRENT.get().map(|s| s.sessions.clone())
+}
+
+static CURRENT: OnceLock<Arc<Shared>> = OnceLock::new();
 
 pub const CONTROL_SOCKET: &str = "control.sock";
 
@@ -71,6 +96,8 @@ pub struct Options {
     pub socket: Option<PathBuf>,
     /// What the empty export name serves.
     pub default_export: Option<String>,
+    /// Connection cap, timeouts and memory budgets of the NBD server.
+    pub limits: Limits,
 }
 
 /// Serve one NBD connection on stdin/stdout (the captive-server pattern).
@@ -103,52 +130,119 @@ pub fn serve_activated(
     store: Arc<Store>,
     l: UnixListener,
     default_export: Option<String>,
+    limits: Limits,
 ) -> Result<()> {
+    let stop = stop_on_signals()?;
+    l.set_nonblocking(true)
+        .map_err(|e| Error::io("activation socket", e))?;
+    let shared = start_shared(store.clone(), default_export, limits);
+    let mut threads = vec![accept_loop(
+        stop.clone(),
+        "activation socket".into(),
+        move || would_block(l.accept()).map(|o| o.map(|(s, _)| (s, "activated".to_string()))),
+        shared.clone(),
+    )];
+    threads.push(reaper(stop.clone(), shared.clone()));
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drain(&store, &shared, threads)?;
+    store.close()
+}
+
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone())
             .map_err(|e| Error::io("signal handler", e))?;
     }
-    l.set_nonblocking(true)
-        .map_err(|e| Error::io("activation socket", e))?;
-    accept_loop(
-        stop.clone(),
-        "activation socket".into(),
-        move || would_block(l.accept()).map(|o| o.map(|(s, _)| (s, "activated".to_string()))),
-        store.clone(),
-        default_export,
-    );
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    store.close()
+    Ok(stop)
 }
 
-fn accept_loop<L, S>(
-    stop: Arc<AtomicBool>,
-    what: String,
-    accept: L,
-    store: Arc<Store>,
-    default: Option<String>,
-) where
+/// The NBD server's shared state, published for [`sessions`].
+fn start_shared(store: Arc<Store>, default_export: Option<String>, limits: Limits) -> Arc<Shared> {
+    log::info!(
+        "nbd limits: {} connections, {} MiB in flight per connection, {} MiB in total, \
+         handshake timeout {} s, idle timeout {}",
+        limits.max_connections,
+        limits.conn_bytes >> 20,
+        limits.total_bytes >> 20,
+        limits.handshake_timeout.as_secs(),
+        limits
+            .idle_timeout
+            .map_or("off".to_string(), |t| format!("{} s", t.as_secs()))
+    );
+    let shared = Shared::new(store, default_export, limits);
+    let _ = CURRENT.set(shared.clone());
+    shared
+}
+
+/// Enforce the handshake and idle timeouts until `stop`.
+fn reaper(stop: Arc<AtomicBool>, shared: Arc<Shared>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let l = &shared.limits;
+        let shortest = l.idle_timeout.map_or(l.handshake_timeout, |i| i.min(l.handshake_timeout));
+        let tick = (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(tick);
+            shared.sessions.reap(l.handshake_timeout, l.idle_timeout);
+        }
+    })
+}
+
+/// The SIGTERM drain (see the module doc): called once `stop` is set.
+fn drain(store: &Store, shared: &Shared, threads: Vec<JoinHandle<()>>) -> Result<()> {
+    // No new connections: every accept loop has returned.
+    for t in threads {
+        let _ = t.join();
+    }
+    let n = shared.sessions.count();
+    if n > 0 {
+        log::info!("draining {n} NBD sessions");
+    }
+    if !shared.sessions.drain(DRAIN_GRACE) {
+        let left = shared.sessions.count();
+        log::error!("{left} NBD sessions did not finish: flushing, leaving the store open");
+        store.flush()?;
+        return Err(Error::Busy(format!(
+            "store {} ({left} NBD sessions would not stop)",
+            store.dir().display()
+        )));
+    }
+    Ok(())
+}
+
+fn accept_loop<L, S>(stop: Arc<AtomicBool>, what: String, accept: L, shared: Arc<Shared>) -> JoinHandle<()>
+where
     L: Fn() -> std::io::Result<Option<(S, String)>> + Send + 'static,
-    S: Read + Write + Send + 'static + TryCloneStream,
+    S: Read + Write + Send + Sync + 'static + TryCloneStream,
 {
+    let refusing = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             match accept() {
                 Ok(Some((stream, peer))) => {
-                    let store = store.clone();
-                    let default = default.clone();
-                    std::thread::spawn(move || match stream.try_clone_stream() {
-                        Ok(r) => serve_connection(
-                            store,
-                            Box::new(r),
-                            Box::new(stream),
-                            &peer,
-                            default.as_deref(),
-                        ),
-                        Err(e) => log::warn!("nbd {peer}: {e}"),
+                    if shared.sessions.count() >= shared.limits.max_connections {
+                        refuse(stream, peer, &shared.limits, &refusing);
+                        continue;
+                    }
+                    // Registered here, not in the new thread, so the cap is exact.
+                    let (r, closer) = match (stream.try_clone_stream(), stream.try_clone_stream()) {
+                        (Ok(r), Ok(c)) => (r, c),
+                        (Err(e), _) | (_, Err(e)) => {
+                            log::warn!("nbd {peer}: {e}");
+                            continue;
+                        }
+                    };
+                    let session = shared.sessions.register(
+                        &peer,
+                        Box::new(move |how| {
+                            let _ = closer.shut(how);
+                        }),
+                    );
+                    let shared = shared.clone();
+                    std::thread::spawn(move || {
+                        serve_session(&shared, Box::new(r), Box::new(stream), &session)
                     });
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
@@ -158,12 +252,40 @@ fn accept_loop<L, S>(
                 }
             }
         }
+    })
+}
+
+/// A connection over the cap: answered with an error on a thread of its own
+/// (at most [`MAX_REFUSING`] at once, bounded by the handshake timeout), or
+/// closed at once when even those are busy.
+fn refuse<S>(stream: S, peer: String, limits: &Limits, refusing: &Arc<AtomicUsize>)
+where
+    S: Read + Write + Send + Sync + 'static + TryCloneStream,
+{
+    let msg = format!("too many connections (limit {})", limits.max_connections);
+    log::warn!("nbd {peer}: refused: {msg}");
+    if refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let refusing = refusing.clone();
+    let timeout = limits.handshake_timeout;
+    std::thread::spawn(move || {
+        if let Ok(r) = stream.try_clone_stream() {
+            if stream.set_timeouts(timeout).is_ok() {
+                refuse_connection(Box::new(r), Box::new(stream), &msg);
+            }
+        }
+        refusing.fetch_sub(1, Ordering::Relaxed);
     });
 }
 
-/// Streams that can be split into a reader and a writer.
+/// Streams that can be split into a reader and a writer, and shut down.
 pub trait TryCloneStream: Sized {
     fn try_clone_stream(&self) -> std::io::Result<Self>;
+    fn shut(&self, how: Shutdown) -> std::io::Result<()>;
+    /// Read and write timeouts (each call, not the total).
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
 }
 impl TryCloneStream for std::net::TcpStream {
     fn try_clone_stream(&self) -> std::io::Result<Self> {
@@ -171,11 +293,25 @@ impl TryCloneStream for std::net::TcpStream {
         self.set_nodelay(true)?;
         self.try_clone()
     }
+    fn shut(&self, how: Shutdown) -> std::io::Result<()> {
+        self.shutdown(how)
+    }
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
 }
 impl TryCloneStream for UnixStream {
     fn try_clone_stream(&self) -> std::io::Result<Self> {
         self.set_nonblocking(false)?;
         self.try_clone()
+    }
+    fn shut(&self, how: Shutdown) -> std::io::Result<()> {
+        self.shutdown(how)
+    }
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
     }
 }
 
@@ -210,13 +346,11 @@ pub fn run(
     handler: Arc<Handler>,
     ready: impl FnOnce(&[String]),
 ) -> Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| Error::io("signal handler", e))?;
-    }
+    let stop = stop_on_signals()?;
     let ctl_path = control_path(store.dir());
     let ctl = bind_unix(&ctl_path)?;
+    let shared = start_shared(store.clone(), opts.default_export.clone(), opts.limits.clone());
+    let mut threads = vec![reaper(stop.clone(), shared.clone())];
     let mut endpoints = vec![];
     if let Some(addr) = &opts.listen {
         let l = TcpListener::bind(addr).map_err(|e| Error::io(format!("listen {addr}"), e))?;
@@ -227,24 +361,22 @@ pub fn run(
                 .map(|a| a.to_string())
                 .unwrap_or(addr.clone())
         ));
-        accept_loop(
+        threads.push(accept_loop(
             stop.clone(),
             addr.clone(),
             move || would_block(l.accept()).map(|o| o.map(|(s, a)| (s, a.to_string()))),
-            store.clone(),
-            opts.default_export.clone(),
-        );
+            shared.clone(),
+        ));
     }
     if let Some(path) = &opts.socket {
         let l = bind_unix(path)?;
         endpoints.push(format!("nbd+unix:///?socket={}", path.display()));
-        accept_loop(
+        threads.push(accept_loop(
             stop.clone(),
             path.display().to_string(),
             move || would_block(l.accept()).map(|o| o.map(|(s, _)| (s, "unix".to_string()))),
-            store.clone(),
-            opts.default_export.clone(),
-        );
+            shared.clone(),
+        ));
     }
     {
         let store = store.clone();
@@ -273,14 +405,16 @@ pub fn run(
         std::thread::sleep(Duration::from_millis(50));
     }
     log::info!(
-        "shutting down: unmounting, flushing store {}",
+        "shutting down: draining NBD clients, unmounting, flushing store {}",
         store.dir().display()
     );
+    let drained = drain(&store, &shared, threads);
     crate::fuse::unmount_all();
     let _ = std::fs::remove_file(&ctl_path);
     if let Some(p) = &opts.socket {
         let _ = std::fs::remove_file(p);
     }
+    drained?;
     store.close()
 }
 

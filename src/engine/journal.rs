@@ -1,7 +1,7 @@
 //! The write journal: the durable log behind the write-back overlay.
 //!
 //! Small writes (anything short of a whole block) are acknowledged once they are
-//! in the overlay ([`crate::overlay`]) and appended here; FLUSH and FUA then cost
+//! in the overlay ([`crate::engine::overlay`]) and appended here; FLUSH and FUA then cost
 //! one `fdatasync` of the journal instead of hashing, compressing and storing every
 //! partly written 64 KiB block (the answer of ZFS's ZIL and BlueStore's deferred
 //! writes to small writes into large blocks; docs/DESIGN.md "Small writes").
@@ -34,87 +34,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, IoContext, Result};
 
-pub const SEGMENT_MAGIC: [u8; 8] = *b"DRJOURNL";
-pub const SEGMENT_VERSION: u32 = 1;
-pub const SEGMENT_HEADER_LEN: usize = 24;
-pub const RECORD_MAGIC: [u8; 4] = *b"DRJR";
-pub const RECORD_HEADER_LEN: usize = 40;
-pub const KIND_PAGES: u8 = 1;
-pub const KIND_TOMBSTONE: u8 = 2;
-/// Segments rotate at this size.
-pub const SEGMENT_BYTES: u64 = 64 << 20;
-
-/// One decoded journal record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub segment: u64,
-    pub kind: u8,
-    pub lineage: u64,
-    pub block: u64,
-    pub offset: u32,
-    pub data: Vec<u8>,
-}
-
-fn encode_record(out: &mut Vec<u8>, kind: u8, lineage: u64, block: u64, offset: u32, data: &[u8]) {
-    out.clear();
-    out.extend_from_slice(&RECORD_MAGIC);
-    out.extend_from_slice(&[kind, 0, 0, 0]);
-    out.extend_from_slice(&[0; 4]); // crc, filled below
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(&lineage.to_be_bytes());
-    out.extend_from_slice(&block.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(data);
-    let crc = crc32fast::hash(&out[12..]);
-    out[8..12].copy_from_slice(&crc.to_be_bytes());
-}
-
-/// Decode the records of one segment's bytes.  Returns the records and, when the
-/// segment ends in a torn or corrupt record, a description of where.
-pub fn decode_segment(seg: u64, bytes: &[u8]) -> (Vec<Record>, Option<String>) {
-    let mut out = Vec::new();
-    let mut off = SEGMENT_HEADER_LEN;
-    while off < bytes.len() {
-        let rest = &bytes[off..];
-        let bad = |what: &str| Some(format!("offset {off}: {what}"));
-        if rest.len() < RECORD_HEADER_LEN {
-            return (out, bad("torn record header"));
-        }
-        if rest[0..4] != RECORD_MAGIC {
-            return (out, bad("not a record (bad magic)"));
-        }
-        let be32 = |r: std::ops::Range<usize>| u32::from_be_bytes(rest[r].try_into().unwrap());
-        let be64 = |r: std::ops::Range<usize>| u64::from_be_bytes(rest[r].try_into().unwrap());
-        let len = be32(12..16) as usize;
-        if rest.len() < RECORD_HEADER_LEN + len {
-            return (out, bad("torn record data"));
-        }
-        if crc32fast::hash(&rest[12..RECORD_HEADER_LEN + len]) != be32(8..12) {
-            return (out, bad("record CRC mismatch"));
-        }
-        let kind = rest[4];
-        if kind != KIND_PAGES && kind != KIND_TOMBSTONE {
-            return (out, bad(&format!("unknown record kind {kind}")));
-        }
-        out.push(Record {
-            segment: seg,
-            kind,
-            lineage: be64(16..24),
-            block: be64(24..32),
-            offset: be32(32..36),
-            data: rest[RECORD_HEADER_LEN..RECORD_HEADER_LEN + len].to_vec(),
-        });
-        off += RECORD_HEADER_LEN + len;
-    }
-    (out, None)
-}
+pub use crate::engine::format::journal::*;
 
 struct Active {
     id: u64,
     file: Arc<File>,
     size: u64,
-    /// Where write-back was last started ([`crate::pack::start_writeback`]).
+    /// Where write-back was last started ([`crate::engine::pack::start_writeback`]).
     flushed: u64,
     /// Rotated segments not yet fdatasync'ed.
     unsynced: Vec<Arc<File>>,
@@ -154,6 +80,9 @@ fn create_segment(dir: &Path, id: u64) -> Result<File> {
     h[8..12].copy_from_slice(&SEGMENT_VERSION.to_be_bytes());
     h[16..24].copy_from_slice(&id.to_be_bytes());
     f.write_all(&h).at(&path)?;
+    // The new segment's directory entry must be durable before a FLUSH can count
+    // on the records in it (an fdatasync of the file does not persist its name).
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
     Ok(f)
 }
 
@@ -162,7 +91,13 @@ impl Journal {
     /// and the records of the segments a previous run left (to replay, in order).
     /// The old segments stay on disk, counted live, until the caller has applied
     /// their records, released them ([`Journal::release`]) and trimmed.
-    pub fn open(dir: &Path, page: usize) -> Result<(Journal, Vec<Record>)> {
+    ///
+    /// Each record comes with the byte offset where it starts in its segment (its
+    /// journal position is `(record.segment, start)`).  New segments get ids above
+    /// every existing one and at least `floor`: the store passes one more than the
+    /// highest segment any journal horizon (`J` key) names, so a stale horizon can
+    /// never cover a record written after it.
+    pub fn open(dir: &Path, page: usize, floor: u64) -> Result<(Journal, Vec<(Record, u64)>)> {
         std::fs::create_dir_all(dir).at(dir)?;
         let mut ids = Vec::new();
         for e in std::fs::read_dir(dir).at(dir)? {
@@ -205,6 +140,15 @@ impl Journal {
                 )));
             }
             let (recs, torn) = decode_segment(id, &bytes);
+            let mut start = SEGMENT_HEADER_LEN as u64;
+            let recs: Vec<(Record, u64)> = recs
+                .into_iter()
+                .map(|r| {
+                    let at = start;
+                    start += (RECORD_HEADER_LEN + r.data.len()) as u64;
+                    (r, at)
+                })
+                .collect();
             if let Some(t) = torn {
                 log::warn!(
                     "journal segment {}: replay stops at {t} (a write cut short by a crash \
@@ -219,13 +163,13 @@ impl Journal {
             );
             let pages = recs
                 .iter()
-                .filter(|r| r.kind == KIND_PAGES)
-                .map(|r| r.data.len().div_ceil(page))
+                .filter(|(r, _)| r.kind == KIND_PAGES)
+                .map(|(r, _)| r.data.len().div_ceil(page))
                 .sum();
             live.insert(id, (pages, bytes.len() as u64));
             records.extend(recs);
         }
-        let id = ids.last().map_or(1, |l| l + 1);
+        let id = ids.last().map_or(1, |l| l + 1).max(floor).max(1);
         let file = Arc::new(create_segment(dir, id)?);
         live.insert(id, (0, SEGMENT_HEADER_LEN as u64));
         let j = Journal {
@@ -273,7 +217,7 @@ impl Journal {
             return Err(Error::io(segment_path(&self.dir, a.id), e));
         }
         a.size += n;
-        a.flushed = crate::pack::start_writeback(&a.file, a.flushed, a.size);
+        a.flushed = crate::engine::pack::start_writeback(&a.file, a.flushed, a.size);
         let mut live = self.live.lock().unwrap();
         let e = live.entry(a.id).or_insert((0, 0));
         e.1 = a.size;
@@ -283,6 +227,13 @@ impl Journal {
             e.0 += data.len().div_ceil(self.page);
         }
         Ok(a.id)
+    }
+
+    /// The journal's current end: (active segment, bytes in it).  Every record
+    /// appended before this call starts before it.
+    pub fn position(&self) -> (u64, u64) {
+        let a = self.active.lock().unwrap();
+        (a.id, a.size)
     }
 
     /// Rotate segments at `bytes` (tests).
@@ -312,6 +263,10 @@ impl Journal {
 
     /// Make every record appended so far durable.
     pub fn sync(&self) -> Result<()> {
+        crate::fail_point!("journal-sync", |_| Err(Error::io(
+            segment_path(&self.dir, self.position().0),
+            std::io::Error::from_raw_os_error(libc::EIO)
+        )));
         // Everything appended before this call ends at `want`.
         let want = {
             let a = self.active.lock().unwrap();
@@ -364,10 +319,10 @@ impl Journal {
 
     /// Delete the dead prefix of the journal.  `sync` must first make durable
     /// everything the dead records were destaged into (packs, then the map).
-    pub fn trim(&self, sync: impl FnOnce() -> Result<()>) -> Result<usize> {
+    pub fn trim(&self, sync: impl FnOnce() -> Result<()>) -> Result<Option<u64>> {
         let dead = self.dead_prefix();
         if dead.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         sync()?;
         for id in &dead {
@@ -379,8 +334,14 @@ impl Journal {
             }
             self.live.lock().unwrap().remove(id);
         }
+        // The removals durable before the caller drops the horizons that covered
+        // these segments' records (a segment that came back after a power loss
+        // with its horizons gone would replay stale pages).
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .at(&self.dir)?;
         log::debug!("journal: trimmed {} segment(s)", dead.len());
-        Ok(dead.len())
+        Ok(dead.last().copied())
     }
 
     /// Start over with an empty active segment when nothing is live (clean close:
@@ -427,7 +388,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("j");
         {
-            let (j, old) = Journal::open(&dir, 4096).unwrap();
+            let (j, old) = Journal::open(&dir, 4096, 0).unwrap();
             assert!(old.is_empty());
             j.append_pages(7, 3, 4096, &[0xab; 4096]).unwrap();
             j.append_tombstone(7, 3).unwrap();
@@ -439,8 +400,11 @@ mod tests {
         let len = std::fs::metadata(&seg).unwrap().len();
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.set_len(len - 100).unwrap();
-        let (j, recs) = Journal::open(&dir, 4096).unwrap();
+        let (j, recs) = Journal::open(&dir, 4096, 0).unwrap();
         assert_eq!(recs.len(), 2, "the torn record is not replayed");
+        assert_eq!(recs[0].1, SEGMENT_HEADER_LEN as u64, "positions start after the header");
+        assert_eq!(recs[1].1, (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + 4096) as u64);
+        let recs: Vec<Record> = recs.into_iter().map(|r| r.0).collect();
         assert_eq!(
             (recs[0].kind, recs[0].lineage, recs[0].block, recs[0].offset),
             (KIND_PAGES, 7, 3, 4096)
@@ -449,7 +413,7 @@ mod tests {
         assert_eq!(recs[1].kind, KIND_TOMBSTONE);
         // The old segment counts one live page until released and trimmed.
         assert_eq!(j.segments(), 2);
-        assert_eq!(j.trim(|| Ok(())).unwrap(), 0);
+        assert_eq!(j.trim(|| Ok(())).unwrap(), None);
         j.release(1, 1);
         let mut synced = false;
         assert_eq!(
@@ -458,7 +422,7 @@ mod tests {
                 Ok(())
             })
             .unwrap(),
-            1
+            Some(1)
         );
         assert!(synced, "trim syncs before it deletes");
         assert!(!seg.exists());
@@ -467,7 +431,7 @@ mod tests {
     #[test]
     fn a_flush_syncs_what_was_appended_and_only_that() {
         let d = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(d.path(), 4096).unwrap();
+        let (mut j, _) = Journal::open(d.path(), 4096, 0).unwrap();
         j.set_segment_bytes(SEGMENT_HEADER_LEN as u64 + 3 * (RECORD_HEADER_LEN as u64 + 4096));
         let n = |j: &Journal| j.fdatasyncs.load(std::sync::atomic::Ordering::Relaxed);
         j.append_pages(1, 1, 0, &[1; 4096]).unwrap();
@@ -492,7 +456,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("j");
         {
-            let (j, _) = Journal::open(&dir, 4096).unwrap();
+            let (j, _) = Journal::open(&dir, 4096, 0).unwrap();
             j.append_pages(1, 1, 0, &[5; 4096]).unwrap();
             j.append_pages(1, 2, 0, &[6; 4096]).unwrap();
         }
@@ -500,10 +464,10 @@ mod tests {
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes[SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + 10] ^= 1; // first record's data
         std::fs::write(&seg, &bytes).unwrap();
-        let (_, recs) = Journal::open(&dir, 4096).unwrap();
+        let (_, recs) = Journal::open(&dir, 4096, 0).unwrap();
         assert!(recs.is_empty(), "nothing after a corrupt record is trusted");
         std::fs::write(segment_path(&dir, 99), b"definitely not a journal segment").unwrap();
-        let err = Journal::open(&dir, 4096)
+        let err = Journal::open(&dir, 4096, 0)
             .err()
             .expect("foreign segment refused");
         let msg = err.to_string();
@@ -516,7 +480,7 @@ mod tests {
     #[test]
     fn rotation_and_tail_only_advances_past_dead_segments() {
         let d = tempfile::tempdir().unwrap();
-        let (j, _) = Journal::open(d.path(), 4096).unwrap();
+        let (j, _) = Journal::open(d.path(), 4096, 0).unwrap();
         let big = vec![9u8; 1 << 20];
         let mut segs = Vec::new();
         for b in 0..(SEGMENT_BYTES / (1 << 20)) * 2 + 4 {
@@ -529,10 +493,10 @@ mod tests {
         for s in segs.iter().filter(|s| **s == second) {
             j.release(*s, 256);
         }
-        assert_eq!(j.trim(|| Ok(())).unwrap(), 0);
+        assert_eq!(j.trim(|| Ok(())).unwrap(), None);
         for s in segs.iter().filter(|s| **s == first) {
             j.release(*s, 256);
         }
-        assert_eq!(j.trim(|| Ok(())).unwrap(), 2);
+        assert_eq!(j.trim(|| Ok(())).unwrap(), Some(second));
     }
 }

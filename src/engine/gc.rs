@@ -10,7 +10,7 @@
 //!    versions, and drop a parentless lineage's oldest version when it is a zero
 //!    marker (it shadows nothing).  Mark the chunks of live versions.
 //! 3. Sweep the chunk index of the snapshot: every chunk neither marked nor touched
-//!    since step 1 is deleted from the index (see [`crate::chunks`] for why the
+//!    since step 1 is deleted from the index (see [`crate::engine::chunks`] for why the
 //!    touched rule closes the race with writers that deduplicate against it).
 //! 4. Delete packs with no live chunk; rewrite sealed packs whose dead fraction is at
 //!    least [`COMPACT_DEAD_FRACTION`] into the open pack, then delete them.
@@ -29,10 +29,10 @@ use rocksdb::WriteBatch;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::keys::{self, ChunkId};
-use crate::meta::{ChunkLoc, MapVal, PackRec};
-use crate::pack::RECORD_HEADER_LEN;
-use crate::store::Store;
+use crate::engine::keys::{self, ChunkId};
+use crate::engine::meta::{ChunkLoc, MapVal, PackRec};
+use crate::engine::pack::RECORD_HEADER_LEN;
+use crate::engine::store::{Exclusive, Store};
 
 /// Rewrite a sealed pack once this fraction of it is dead.
 pub const COMPACT_DEAD_FRACTION: f64 = 0.2;
@@ -75,7 +75,7 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
     let db = &store.db;
     let (snap, lineages, points) = {
         let _m = store.meta.lock().unwrap();
-        let _g = store.gate.write().unwrap();
+        let _g = store.gate.exclusive();
         store.chunks.begin_gc();
         (db.db.snapshot(), store.lineage_map(), store.all_points()?)
     };
@@ -84,6 +84,7 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
     // Phase 2: versions.
     let mut live: HashSet<ChunkId> = HashSet::new();
     let mut batch = WriteBatch::default();
+    let mut zero_candidates: Vec<Box<[u8]>> = Vec::new();
     let empty: Vec<u64> = Vec::new();
     store.scan_map(&snap, |l, _b, versions| {
         let visible = vis.get(&l).unwrap_or(&empty);
@@ -93,11 +94,18 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
         for (i, ((_, val, key), is_live)) in versions.iter().zip(&flags).enumerate() {
             let droppable_zero =
                 Some(i) == oldest_live && parentless && matches!(val, MapVal::Zero);
-            if *is_live && !droppable_zero {
+            if droppable_zero {
+                // Live, but it shadows nothing.  A writer may rewrite this very key
+                // (it is at the lineage's current epoch) after the snapshot: it is
+                // dropped later, under the gate, only if it still holds a zero.
+                zero_candidates.push(key.clone());
+            } else if *is_live {
                 if let MapVal::Data(id) = val {
                     live.insert(*id);
                 }
             } else {
+                // Dead versions are at epochs no writer writes again (writers only
+                // write at the current epoch, whose newest version the head sees).
                 batch.delete(key);
                 rep.versions_dropped += 1;
             }
@@ -114,6 +122,11 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
         }
     }
     db.write(batch, true)?;
+    crate::fail_point!("gc-before-zero-drop");
+    for keys in zero_candidates.chunks(BATCH) {
+        let g = store.gate.exclusive();
+        rep.versions_dropped += drop_zero_markers(store, &g, keys)?;
+    }
     store.forget_cached_mappings();
 
     // Phase 3: chunks.
@@ -147,33 +160,45 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
     // Phase 4: packs.  Seal the open pack first so its garbage can be reclaimed too.
     // Under the gate, no write is between appending a record and committing its
     // index entries, so every pack sealed now has all its `R` entries: only those
-    // are candidates.
-    let (open, known) = {
-        let _g = store.gate.write().unwrap();
+    // are candidates.  The backend's listing is taken under the gate as well: a
+    // pack opened after the gate is released is in neither list, and is never
+    // mistaken for an orphan (hypothesis 1 of issue 9: a listing taken after the
+    // gate was released held packs writers had opened meanwhile, which GC then
+    // deleted as orphans).
+    let (open, known, listed) = {
+        let _g = store.gate.exclusive();
         store.chunks.seal_open()?;
-        let mut known: HashMap<u64, bool> = HashMap::new();
+        let mut known: HashMap<u64, PackRec> = HashMap::new();
         for (k, v) in db.scan_prefix(&[keys::PACK])? {
             if let (Some(id), Some(rec)) = (keys::parse_pack(&k), PackRec::decode(&v)) {
-                known.insert(id, rec.sealed);
+                known.insert(id, rec);
             }
         }
-        (store.chunks.open_pack_id(), known)
+        (
+            store.chunks.open_pack_id(),
+            known,
+            store.chunks.backend.list()?,
+        )
     };
-    for id in store.chunks.backend.list()? {
+    crate::fail_point!("gc-after-pack-listing");
+    for id in listed {
         if !known.contains_key(&id) {
             log::info!("gc: deleting orphan pack {id} (no index record)");
             store.chunks.backend.delete(id)?;
             rep.packs_deleted += 1;
         }
     }
-    let mut ids: Vec<u64> = known
+    let mut ids: Vec<(u64, Option<u64>)> = known
         .into_iter()
-        .filter(|&(id, sealed)| sealed && Some(id) != open)
-        .map(|(id, _)| id)
+        .filter(|(id, rec)| rec.sealed && Some(*id) != open)
+        .map(|(id, rec)| (id, rec.len))
         .collect();
     ids.sort_unstable();
-    for id in ids {
-        let total = store.chunks.backend.len(id)?.unwrap_or(0);
+    for (id, len) in ids {
+        let total = match len {
+            Some(l) => l,
+            None => store.chunks.backend.len(id)?.unwrap_or(0),
+        };
         let mut live_bytes = 0u64;
         db.for_prefix(&keys::reverse_prefix(id), |k, v| {
             if let (Some((_, off)), Ok(cid)) = (keys::parse_reverse(k), <ChunkId>::try_from(v)) {
@@ -203,4 +228,23 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Delete the zero markers in `keys` that still hold a zero marker.  Under the gate
+/// no writer is between reading its epoch and committing, so what is read here is
+/// what a writer last committed: a key a writer rewrote with data since GC's
+/// snapshot keeps its data (hypothesis 2 of issue 9: the key was deleted from the
+/// snapshot's word, and a fresh write at the same epoch was lost with it).
+fn drop_zero_markers(store: &Store, _gate: &Exclusive<'_>, keys: &[Box<[u8]>]) -> Result<u64> {
+    let mut batch = WriteBatch::default();
+    for k in keys {
+        if let Some(v) = store.db.get(k)? {
+            if MapVal::decode(&v) == Some(MapVal::Zero) {
+                batch.delete(k);
+            }
+        }
+    }
+    let n = batch.len() as u64;
+    store.db.write(batch, false)?;
+    Ok(n)
 }

@@ -35,93 +35,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, IoContext, Result};
-use crate::keys::ChunkId;
+pub use crate::engine::format::pack::*;
 
-/// `BLAKE3("drclone pack file v1")[0..8]`; never change it.
-pub const PACK_MAGIC: [u8; 8] = [0x5b, 0x09, 0x66, 0xde, 0x39, 0xa9, 0xb9, 0x1e];
-/// `BLAKE3("drclone pack record v1")[0..4]`; never change it.
-pub const RECORD_MAGIC: [u8; 4] = [0xe4, 0x64, 0x6c, 0xcd];
-pub const PACK_VERSION: u32 = 1;
-pub const PACK_HEADER_LEN: usize = 32;
-pub const RECORD_HEADER_LEN: usize = 56;
 
-/// A record header, decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecordHeader {
-    pub flags: u8,
-    pub raw_len: u32,
-    pub stored_len: u32,
-    pub crc: u32,
-    pub id: ChunkId,
-}
-
-impl RecordHeader {
-    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
-        let mut h = [0u8; RECORD_HEADER_LEN];
-        h[0..4].copy_from_slice(&RECORD_MAGIC);
-        h[4] = self.flags;
-        h[8..12].copy_from_slice(&self.raw_len.to_be_bytes());
-        h[12..16].copy_from_slice(&self.stored_len.to_be_bytes());
-        h[16..20].copy_from_slice(&self.crc.to_be_bytes());
-        h[24..56].copy_from_slice(&self.id);
-        h
-    }
-
-    pub fn decode(h: &[u8]) -> std::result::Result<RecordHeader, String> {
-        if h.len() < RECORD_HEADER_LEN {
-            return Err(format!("record header truncated to {} bytes", h.len()));
-        }
-        if h[0..4] != RECORD_MAGIC {
-            return Err("record magic is wrong (not a chunk record)".into());
-        }
-        Ok(RecordHeader {
-            flags: h[4],
-            raw_len: u32::from_be_bytes(h[8..12].try_into().unwrap()),
-            stored_len: u32::from_be_bytes(h[12..16].try_into().unwrap()),
-            crc: u32::from_be_bytes(h[16..20].try_into().unwrap()),
-            id: h[24..56].try_into().unwrap(),
-        })
-    }
-}
-
-pub fn crc(payload: &[u8]) -> u32 {
-    crc32fast::hash(payload)
-}
-
-/// The header of one chunk's record.
-pub fn record_header(
-    id: &ChunkId,
-    flags: u8,
-    raw_len: u32,
-    payload: &[u8],
-) -> [u8; RECORD_HEADER_LEN] {
-    RecordHeader {
-        flags,
-        raw_len,
-        stored_len: payload.len() as u32,
-        crc: crc(payload),
-        id: *id,
-    }
-    .encode()
-}
-
-/// Build the whole record (header + payload) for one chunk.
-pub fn record(id: &ChunkId, flags: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
-    r.extend_from_slice(&record_header(id, flags, raw_len, payload));
-    r.extend_from_slice(payload);
-    r
-}
-
-pub fn pack_header(id: u64) -> [u8; PACK_HEADER_LEN] {
-    let mut h = [0u8; PACK_HEADER_LEN];
-    h[0..8].copy_from_slice(&PACK_MAGIC);
-    h[8..12].copy_from_slice(&PACK_VERSION.to_be_bytes());
-    h[16..24].copy_from_slice(&id.to_be_bytes());
-    h
-}
-
-/// Streams one new pack.  Appends go to the end; `sync` makes them durable.
+/// Streams one new pack.  Appends go to the end; a [`PackSync`] from
+/// [`PackWriter::syncer`] makes them durable without holding the writer.
 pub trait PackWriter: Send {
     /// Append bytes; returns the offset they start at.
     fn append(&mut self, data: &[u8]) -> Result<u64>;
@@ -130,12 +48,26 @@ pub trait PackWriter: Send {
     fn append_parts(&mut self, parts: &[&[u8]]) -> Result<u64> {
         self.append(&parts.concat())
     }
-    /// Make everything appended so far durable.
-    fn sync(&mut self) -> Result<()>;
+    /// A handle that makes everything appended to this pack up to the moment it is
+    /// called durable.  FLUSH takes it under the open-pack lock and syncs after
+    /// releasing the lock, so appends never wait for a flush's fsync, and a pack
+    /// that rotates meanwhile is still synced (docs/DESIGN.md §8, "FLUSH").
+    fn syncer(&self) -> Arc<dyn PackSync>;
     /// Bytes written so far.
     fn len(&self) -> u64;
-    /// Make the pack durable and immutable.
-    fn seal(self: Box<Self>) -> Result<()>;
+    /// Make the pack durable and immutable; returns its sealed length in bytes,
+    /// which the caller keeps in the pack's record (so nothing later needs to ask
+    /// the backend for it).
+    fn seal(self: Box<Self>) -> Result<u64>;
+}
+
+/// Makes a pack's appends durable (see [`PackWriter::syncer`]).
+pub trait PackSync: Send + Sync {
+    /// fdatasync (or the backend's equivalent) of everything appended so far;
+    /// returns at once when nothing was appended since the last sync.
+    fn sync(&self) -> Result<()>;
+    /// What to name in an error or a latch message (the pack's path).
+    fn describe(&self) -> String;
 }
 
 /// Storage of immutable packs.
@@ -183,13 +115,26 @@ impl LocalPacks {
             .join(format!("{id:016x}.pack"))
     }
 
+    /// An open read handle of a pack, cached.  A pack that does not exist is
+    /// [`Error::PackGone`].  A handle is cached only while its file still exists,
+    /// checked under the same lock `delete` holds while it unlinks, so a reader
+    /// racing a delete can never leave a deleted pack open (and its space held).
     fn handle(&self, id: u64) -> Result<Arc<File>> {
         if let Some(f) = self.handles.read().unwrap().get(&id) {
             return Ok(f.clone());
         }
         let path = self.path(id);
-        let f = Arc::new(File::open(&path).at(&path)?);
+        let f = match File::open(&path) {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::PackGone { pack: id })
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
         let mut h = self.handles.write().unwrap();
+        if !path.exists() {
+            return Err(Error::PackGone { pack: id });
+        }
         if h.len() >= MAX_HANDLES {
             h.clear();
         }
@@ -199,11 +144,41 @@ impl LocalPacks {
 }
 
 struct LocalWriter {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     len: u64,
     /// Where write-back was last started (see [`start_writeback`]).
     flushed: u64,
+    sync: Arc<LocalSync>,
+}
+
+/// [`PackSync`] of a local pack file.
+struct LocalSync {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Bytes appended, and bytes known durable.
+    appended: std::sync::atomic::AtomicU64,
+    synced: std::sync::atomic::AtomicU64,
+}
+
+impl PackSync for LocalSync {
+    fn sync(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let target = self.appended.load(Ordering::SeqCst);
+        if self.synced.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        crate::fail_point!("pack-sync", |_| Err(Error::io(
+            &self.path,
+            std::io::Error::from_raw_os_error(libc::EIO)
+        )));
+        self.file.sync_data().at(&self.path)?;
+        self.synced.fetch_max(target, Ordering::SeqCst);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
 }
 
 /// Start write-back of what was appended since `from` once 8 MiB have gathered,
@@ -237,22 +212,38 @@ impl PackWriter for LocalWriter {
     fn append_parts(&mut self, parts: &[&[u8]]) -> Result<u64> {
         let off = self.len;
         let mut at = off;
+        crate::fail_point!("pack-write", |arg: Option<String>| Err(Error::io(
+            &self.path,
+            std::io::Error::from_raw_os_error(if arg.as_deref() == Some("enospc") {
+                libc::ENOSPC
+            } else {
+                libc::EIO
+            })
+        )));
         for p in parts {
             self.file.write_all_at(p, at).at(&self.path)?;
             at += p.len() as u64;
         }
         self.len = at;
+        self.sync
+            .appended
+            .store(at, std::sync::atomic::Ordering::SeqCst);
         self.flushed = start_writeback(&self.file, self.flushed, self.len);
         Ok(off)
     }
-    fn sync(&mut self) -> Result<()> {
-        self.file.sync_data().at(&self.path)
+    fn syncer(&self) -> Arc<dyn PackSync> {
+        self.sync.clone()
     }
     fn len(&self) -> u64 {
         self.len
     }
-    fn seal(self: Box<Self>) -> Result<()> {
-        self.file.sync_all().at(&self.path)
+    fn seal(self: Box<Self>) -> Result<u64> {
+        crate::fail_point!("pack-seal", |_| Err(Error::io(
+            &self.path,
+            std::io::Error::from_raw_os_error(libc::EIO)
+        )));
+        self.file.sync_all().at(&self.path)?;
+        Ok(self.len)
     }
 }
 
@@ -260,7 +251,13 @@ impl PackBackend for LocalPacks {
     fn create(&self, id: u64) -> Result<Box<dyn PackWriter>> {
         let path = self.path(id);
         let parent = path.parent().unwrap().to_path_buf();
-        std::fs::create_dir_all(&parent).at(&parent)?;
+        if !parent.is_dir() {
+            std::fs::create_dir_all(&parent).at(&parent)?;
+            // A new fan-out directory: its entry in packs/ must be durable too.
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .at(&self.dir)?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -268,7 +265,14 @@ impl PackBackend for LocalPacks {
             .truncate(true)
             .open(&path)
             .at(&path)?;
+        let file = Arc::new(file);
         let mut w = LocalWriter {
+            sync: Arc::new(LocalSync {
+                file: file.clone(),
+                path: path.clone(),
+                appended: Default::default(),
+                synced: Default::default(),
+            }),
             file,
             path,
             len: 0,
@@ -282,6 +286,10 @@ impl PackBackend for LocalPacks {
 
     fn read_at(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let f = self.handle(id)?;
+        crate::fail_point!("pack-read", |_| Err(Error::io(
+            self.path(id),
+            std::io::Error::from_raw_os_error(libc::EIO)
+        )));
         f.read_exact_at(buf, offset)
             .map_err(|e| Error::io(self.path(id), e))
     }
@@ -347,7 +355,9 @@ impl PackBackend for LocalPacks {
     }
 
     fn delete(&self, id: u64) -> Result<()> {
-        self.handles.write().unwrap().remove(&id);
+        // Under the handle lock: see `handle`.
+        let mut h = self.handles.write().unwrap();
+        h.remove(&id);
         let path = self.path(id);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),

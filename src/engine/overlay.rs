@@ -3,7 +3,7 @@
 //! A write that covers a whole block goes straight to the chunk store and the map.
 //! A smaller one lands here as whole pages (`min(4 KiB, chunk size)`; the edges of
 //! an unaligned write are filled from the current content first), is appended to
-//! the [`crate::journal::Journal`] and acknowledged.  Nothing is read, hashed or
+//! the [`crate::engine::journal::Journal`] and acknowledged.  Nothing is read, hashed or
 //! compressed on that path.  Later the store *destages* a block: base content plus
 //! its pages become one chunk and one map entry.  Entries are destaged oldest
 //! first, which lets many writes to one block share one destage and lets the
@@ -157,6 +157,37 @@ impl Overlay {
 
     /// Copy out the pages a read of `len` bytes at byte `offset` of the volume
     /// touches (blocks `first..first + count` of `lineage`).
+    /// Blocks `first..=last` of `lineage` that hold pages (block status asks this
+    /// before it resolves the map).
+    pub fn blocks_in(&self, lineage: u64, first: u64, last: u64) -> std::collections::HashSet<u64> {
+        let g = self.inner.lock().unwrap();
+        if g.map.is_empty() {
+            return Default::default();
+        }
+        if last - first >= g.map.len() as u64 {
+            g.map
+                .keys()
+                .filter(|(l, b)| *l == lineage && (first..=last).contains(b))
+                .map(|k| k.1)
+                .collect()
+        } else {
+            (first..=last)
+                .filter(|b| g.map.contains_key(&(lineage, *b)))
+                .collect()
+        }
+    }
+
+    /// Every block of the given lineages that holds pages, oldest first (a point
+    /// destages exactly these under the gate).
+    pub fn keys_of(&self, lineages: &std::collections::HashSet<u64>) -> Vec<Key> {
+        let g = self.inner.lock().unwrap();
+        g.order
+            .values()
+            .filter(|k| lineages.contains(&k.0))
+            .copied()
+            .collect()
+    }
+
     pub fn snapshot(&self, lineage: u64, offset: u64, len: usize, cs: u64) -> Snapshot {
         let mut s = Snapshot::default();
         if self.is_empty() || len == 0 {

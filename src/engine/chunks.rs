@@ -13,7 +13,7 @@
 //!   unsealed pack against its CRC and drops index entries that do not check out, so
 //!   a phantom chunk is never deduplicated against or served.  Every read also
 //!   checks the chunk against its content address (or GCM tag).
-//! * GC safety: see [`crate::gc`].  While a GC runs, every chunk a writer stores or
+//! * GC safety: see [`crate::engine::gc`].  While a GC runs, every chunk a writer stores or
 //!   deduplicates against is first recorded in the `touched` set, and the sweep
 //!   deletes nothing touched; both happen under one mutex, so a writer either
 //!   touches a chunk before the sweep looks, or finds it already gone from the index
@@ -25,17 +25,15 @@ use std::sync::{Arc, Mutex};
 
 use rocksdb::WriteBatch;
 
-use crate::codec::{self, Codec};
+use crate::engine::codec::{self, Codec};
 use crate::error::{Error, Result};
-use crate::keys::{self, ChunkId};
-use crate::meta::{ChunkLoc, Db, PackRec};
-use crate::pack::{self, PackBackend, PackWriter, RecordHeader, RECORD_HEADER_LEN};
+use crate::engine::keys::{self, ChunkId};
+use crate::engine::meta::{ChunkLoc, Db, PackRec};
+use crate::engine::pack::{self, PackBackend, PackWriter, RecordHeader, RECORD_HEADER_LEN};
 
 struct OpenPack {
     id: u64,
     writer: Box<dyn PackWriter>,
-    /// Length at the last sync: a FLUSH with nothing appended since skips the fsync.
-    synced: u64,
 }
 
 /// Totals over the chunk index.
@@ -81,9 +79,9 @@ impl Sealer {
                         }
                     }
                     if let Err(e) = t.seal_all() {
-                        log::error!(
-                            "sealing a full pack failed (the next flush will report it): {e}"
-                        );
+                        // The latch is tripped: every later write and flush fails.
+                        log::error!("sealing a full pack failed: {e}");
+                        break;
                     }
                 }
             })
@@ -110,23 +108,28 @@ impl Sealer {
         self.wake.notify_one();
     }
 
+    /// Seal every queued pack: fsync it, then record it sealed with its length.
+    /// A failure trips the store's latch (fsyncgate: the pack's acknowledged
+    /// records may be lost, and a later fsync that succeeds would prove nothing).
     fn seal_all(&self) -> Result<()> {
         let _s = self.sealing.lock().unwrap();
         loop {
+            self.db.latch.check()?;
             let Some(p) = self.queue.lock().unwrap().pop() else {
                 return Ok(());
             };
             let id = p.id;
-            if let Err(e) = p.writer.seal() {
-                return Err(e);
-            }
+            let what = p.writer.syncer().describe();
+            let len = p
+                .writer
+                .seal()
+                .map_err(|e| self.db.latch.trip(format!("fsync sealing pack {what}"), e))?;
             let mut b = WriteBatch::default();
-            b.put(keys::pack(id), PackRec { sealed: true }.encode());
+            b.put(keys::pack(id), PackRec::sealed(len).encode());
             self.db.write(b, false)?;
-            log::debug!("sealed pack {id}");
+            log::debug!("sealed pack {id} ({len} bytes)");
         }
-    }
-}
+    }}
 
 /// Cache capacity in chunks: `DRCLONE_CACHE_MIB` (default 1 GiB).
 fn cache_items(chunk_size: u64) -> usize {
@@ -158,7 +161,7 @@ pub struct ChunkStore {
     /// skips the RocksDB lookup (perf: 11% of a sequential read).  Safe without
     /// invalidation because packs are append-only and deleted whole, never reused:
     /// a cached location either still holds the chunk's record (the header names
-    /// the id, the CRC covers the payload) or its pack is gone (NotFound), and
+    /// the id, the CRC covers the payload) or its pack is gone ([`Error::PackGone`]), and
     /// then the reader drops the entry and asks the index.  Compaction and sweep
     /// drop what they move or delete anyway.  `DRCLONE_LOC_CACHE_MIB` (default
     /// 24: about 262,000 entries, 16 GiB of 64 KiB chunks).
@@ -249,7 +252,7 @@ impl ChunkStore {
                     dropped += 1;
                 }
             }
-            batch.put(keys::pack(pack), PackRec { sealed: true }.encode());
+            batch.put(keys::pack(pack), PackRec::sealed(len).encode());
             self.db.write(batch, true)?;
             if dropped > 0 {
                 log::warn!(
@@ -356,7 +359,17 @@ impl ChunkStore {
                 *open = Some(self.new_pack()?);
             }
             let op = open.as_mut().unwrap();
-            let offset = op.writer.append_parts(rec)?;
+            let offset = op.writer.append_parts(rec).map_err(|e| {
+                // A full disk fails this write only; any other error latches.
+                if e.kind() == crate::ErrorKind::NoSpace {
+                    e
+                } else {
+                    self.db.latch.trip(
+                        format!("write to pack {}", op.writer.syncer().describe()),
+                        e,
+                    )
+                }
+            })?;
             let pack = op.id;
             let rotated = op.writer.len() >= self.pack_target;
             if rotated {
@@ -381,17 +394,13 @@ impl ChunkStore {
     fn new_pack(&self) -> Result<OpenPack> {
         let mut batch = WriteBatch::default();
         let id = self.db.next_counter("pack", &mut batch)?;
-        batch.put(keys::pack(id), PackRec { sealed: false }.encode());
+        batch.put(keys::pack(id), PackRec::open().encode());
         // The pack record must be durable before the pack file exists, so recovery
         // always knows about an unsealed pack.
         self.db.write(batch, true)?;
         let writer = self.backend.create(id)?;
         log::debug!("opened pack {id}");
-        Ok(OpenPack {
-            id,
-            writer,
-            synced: 0,
-        })
+        Ok(OpenPack { id, writer })
     }
 
     /// Read a chunk's plaintext, checking its integrity (or from the cache).
@@ -434,9 +443,7 @@ impl ChunkStore {
             match self.read_loc_checked(id, &loc, false) {
                 // A GC compaction may have moved the chunk between the index lookup
                 // and the read; look it up again once.
-                Err(Error::Io { source, .. })
-                    if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound =>
-                {
+                Err(Error::PackGone { .. }) if attempt == 0 => {
                     self.locs.remove(id);
                 }
                 other => return other,
@@ -526,7 +533,7 @@ impl ChunkStore {
                 dst.copy_from_slice(&c[..dst.len()]);
                 return Ok(());
             }
-            let raw = loc.flags & crate::codec::FLAG_COMPRESSION_MASK == 0
+            let raw = loc.flags & crate::engine::codec::FLAG_COMPRESSION_MASK == 0
                 && loc.stored_len == loc.raw_len;
             if raw {
                 // Stored raw: header and payload in one preadv, the payload straight
@@ -549,9 +556,7 @@ impl ChunkStore {
                         Ok(())
                     });
                 match r {
-                    Err(Error::Io { source, .. })
-                        if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound =>
-                    {
+                    Err(Error::PackGone { .. }) if attempt == 0 => {
                         self.locs.remove(id);
                     }
                     other => return other,
@@ -566,9 +571,7 @@ impl ChunkStore {
                     .map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))
             });
             match r {
-                Err(Error::Io { source, .. })
-                    if attempt == 0 && source.kind() == std::io::ErrorKind::NotFound =>
-                {
+                Err(Error::PackGone { .. }) if attempt == 0 => {
                     self.locs.remove(id);
                 }
                 other => return other,
@@ -577,29 +580,60 @@ impl ChunkStore {
         unreachable!()
     }
 
-    /// Make every chunk stored so far durable, then the metadata that points at it.
-    pub fn sync(&self) -> Result<()> {
+    /// Make every chunk stored so far durable (packs only, not the metadata).
+    ///
+    /// The open pack is looked at FIRST, then the queue of full packs is sealed,
+    /// then the pack that was open is synced: a pack that rotates at any moment
+    /// of this is either sealed from the queue or synced through its handle, so no
+    /// record appended before the call is left behind (hypothesis 6 of issue 9:
+    /// sealing first and taking the open pack after missed a pack rotated in
+    /// between).  Failures trip the latch.
+    pub fn sync_packs(&self) -> Result<()> {
+        self.db.latch.check()?;
+        let open = self.open.lock().unwrap().as_ref().map(|o| o.writer.syncer());
+        crate::fail_point!("flush-between-open-and-seal");
         self.seal_full()?;
-        if let Some(op) = self.open.lock().unwrap().as_mut() {
-            let len = op.writer.len();
-            if len > op.synced {
-                op.writer.sync()?;
-                op.synced = len;
-            }
+        if let Some(s) = open {
+            s.sync()
+                .map_err(|e| self.db.latch.trip(format!("fdatasync of pack {}", s.describe()), e))?;
         }
-        self.db.sync_wal()
+        Ok(())
     }
 
+    /// Make every chunk stored so far durable, then the metadata that points at it
+    /// (packs before the WAL: a durable index or map entry never points at pack
+    /// bytes that are not).
+    pub fn sync(&self) -> Result<()> {
+        self.sync_packs()?;
+        self.db.sync_wal()
+    }
     /// Seal the open pack (on shutdown, or before compaction).
     pub fn seal_open(&self) -> Result<()> {
         self.seal_full()?;
         if let Some(op) = self.open.lock().unwrap().take() {
-            op.writer.seal()?;
+            let what = op.writer.syncer().describe();
+            let len = op
+                .writer
+                .seal()
+                .map_err(|e| self.db.latch.trip(format!("fsync sealing pack {what}"), e))?;
             let mut b = WriteBatch::default();
-            b.put(keys::pack(op.id), PackRec { sealed: true }.encode());
+            b.put(keys::pack(op.id), PackRec::sealed(len).encode());
             self.db.write(b, true)?;
         }
         Ok(())
+    }
+    /// Packs whose record says they are not sealed (the open pack, full packs
+    /// waiting for the sealer).
+    pub fn unsealed_packs(&self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for (k, v) in self.db.scan_prefix(&[keys::PACK])? {
+            if let (Some(id), Some(rec)) = (keys::parse_pack(&k), PackRec::decode(&v)) {
+                if !rec.sealed {
+                    out.push(id);
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn open_pack_id(&self) -> Option<u64> {

@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
-use crate::store::{Block, Store, View};
+use crate::engine::store::{Block, Store, View};
 
 /// Bytes read and written per step.
 const STEP: u64 = 8 << 20;

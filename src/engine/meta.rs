@@ -11,7 +11,9 @@ use rocksdb::{BlockBasedOptions, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::keys::{self, ChunkId};
+use crate::engine::keys::{self, ChunkId};
+use crate::engine::latch::Latch;
+use crate::engine::types::{PointKind, RetentionPolicy, Role};
 
 /// Version byte of every value written by this release.
 pub const VALUE_V1: u8 = 1;
@@ -21,9 +23,12 @@ pub const VALUE_V1: u8 = 1;
 pub struct GroupRec {
     pub name: String,
     pub created: u64,
-    /// Retention policy text, e.g. `5m:24h,1h:7d`, if one is set.
+    /// Retention policy, e.g. `5m:24h,1h:7d`, if one is set.
     #[serde(default)]
-    pub retention: Option<String>,
+    pub retention: Option<RetentionPolicy>,
+    /// DR role (protected until a failover).
+    #[serde(default)]
+    pub role: Role,
 }
 
 /// A named volume (`GROUP/DISK`) and the lineage that is its head.
@@ -65,8 +70,7 @@ pub struct PointRec {
     pub group: String,
     /// Seconds since the Unix epoch.
     pub time: u64,
-    /// `crash` or `app`.
-    pub kind: String,
+    pub kind: PointKind,
     pub label: Option<String>,
     pub volumes: Vec<PointVolume>,
 }
@@ -75,15 +79,48 @@ pub struct PointRec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackRec {
     pub sealed: bool,
+    /// Sealed length in bytes (records written before this field existed lack it;
+    /// then the backend is asked).  An object store can answer GC from this record
+    /// instead of a HEAD request per pack.
+    pub len: Option<u64>,
 }
 
 impl PackRec {
-    pub fn encode(&self) -> [u8; 2] {
-        [VALUE_V1, self.sealed as u8]
+    /// A pack being written.
+    pub fn open() -> PackRec {
+        PackRec {
+            sealed: false,
+            len: None,
+        }
     }
+
+    /// A sealed pack of `len` bytes.
+    pub fn sealed(len: u64) -> PackRec {
+        PackRec {
+            sealed: true,
+            len: Some(len),
+        }
+    }
+
+    /// `[1, sealed]` or `[1, sealed, len u64 BE]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![VALUE_V1, self.sealed as u8];
+        if let Some(l) = self.len {
+            v.extend_from_slice(&l.to_be_bytes());
+        }
+        v
+    }
+
     pub fn decode(v: &[u8]) -> Option<PackRec> {
         match v {
-            [VALUE_V1, s] => Some(PackRec { sealed: *s != 0 }),
+            [VALUE_V1, s] => Some(PackRec {
+                sealed: *s != 0,
+                len: None,
+            }),
+            [VALUE_V1, s, l @ ..] if l.len() == 8 => Some(PackRec {
+                sealed: *s != 0,
+                len: Some(u64::from_be_bytes(l.try_into().unwrap())),
+            }),
             _ => None,
         }
     }
@@ -130,7 +167,7 @@ pub struct ChunkLoc {
     pub stored_len: u32,
     /// Length of the plaintext.
     pub raw_len: u32,
-    /// [`crate::codec`] flags.
+    /// [`crate::engine::codec`] flags.
     pub flags: u8,
 }
 
@@ -174,6 +211,9 @@ pub struct Db {
     /// Set by every unsynced write, cleared by `sync_wal`: a FLUSH after only
     /// journaled small writes skips the WAL sync.
     unsynced: std::sync::atomic::AtomicBool,
+    /// The store's fsyncgate latch ([`crate::engine::latch`]): a failed WAL write or
+    /// sync trips it, and every later write is refused.
+    pub latch: Latch,
 }
 
 impl Db {
@@ -216,6 +256,7 @@ impl Db {
             db,
             path: path.to_path_buf(),
             unsynced: std::sync::atomic::AtomicBool::new(false),
+            latch: Latch::new(path.parent().unwrap_or(path)),
         })
     }
 
@@ -257,10 +298,22 @@ impl Db {
     }
 
     /// Apply a batch; `sync` makes it durable before returning.
+    /// Commit a batch (synced or not).  Refused once the latch has tripped; a
+    /// failure trips it (RocksDB itself turns read-only after a failed WAL write).
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        self.latch.check()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(batch, &wo).map_err(|e| self.err(e))?;
+        crate::fail_point!("db-write", |_| Err(self.latch.trip(
+            format!("write to the metadata database {}", self.path.display()),
+            "injected failure (failpoint db-write)"
+        )));
+        self.db.write_opt(batch, &wo).map_err(|e| {
+            self.latch.trip(
+                format!("write to the metadata database {}", self.path.display()),
+                e,
+            )
+        })?;
         if !sync {
             // After the write: a sync that sees the flag clear started after it.
             self.unsynced
@@ -270,17 +323,27 @@ impl Db {
     }
 
     /// Make every write so far durable (nothing to do if none was unsynced).
+    /// Make every committed batch durable (fsync of the WAL); skipped when nothing
+    /// was written unsynced since the last one.  A failure trips the latch.
     pub fn sync_wal(&self) -> Result<()> {
+        self.latch.check()?;
         if !self
             .unsynced
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
             return Ok(());
         }
+        crate::fail_point!("wal-sync", |_| Err(self.latch.trip(
+            format!("sync of the metadata database WAL in {}", self.path.display()),
+            "injected failure (failpoint wal-sync)"
+        )));
         self.db.flush_wal(true).map_err(|e| {
             self.unsynced
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            self.err(e)
+            self.latch.trip(
+                format!("sync of the metadata database WAL in {}", self.path.display()),
+                e,
+            )
         })
     }
 
@@ -348,7 +411,9 @@ mod tests {
         }
         assert_eq!(MapVal::decode(&[2, 0]), None);
         assert_eq!(MapVal::decode(&[1, 1, 0]), None);
-        let p = PackRec { sealed: true };
+        let p = PackRec::sealed(123);
         assert_eq!(PackRec::decode(&p.encode()), Some(p));
+        let old = PackRec::decode(&[1, 1]).unwrap();
+        assert!(old.sealed && old.len.is_none(), "records without a length still decode");
     }
 }

@@ -6,15 +6,21 @@
 //!
 //! | tag | key                                   | value                          |
 //! |-----|---------------------------------------|--------------------------------|
-//! | `G` | group name                            | [`crate::meta::GroupRec`]      |
-//! | `V` | group `\0` disk                       | [`crate::meta::VolumeRec`]     |
-//! | `L` | lineage u64                           | [`crate::meta::LineageRec`]    |
-//! | `P` | group `\0` point id u64               | [`crate::meta::PointRec`]      |
-//! | `M` | lineage u64, block u64, !epoch u64    | [`crate::meta::MapVal`]        |
-//! | `C` | chunk id (32 bytes)                   | [`crate::meta::ChunkLoc`]      |
+//! | `G` | group name                            | [`crate::engine::meta::GroupRec`]      |
+//! | `V` | group `\0` disk                       | [`crate::engine::meta::VolumeRec`]     |
+//! | `L` | lineage u64                           | [`crate::engine::meta::LineageRec`]    |
+//! | `P` | group `\0` point id u64               | [`crate::engine::meta::PointRec`]      |
+//! | `M` | lineage u64, block u64, !epoch u64    | [`crate::engine::meta::MapVal`]        |
+//! | `C` | chunk id (32 bytes)                   | [`crate::engine::meta::ChunkLoc`]      |
 //! | `R` | pack u64, offset u64                  | chunk id (32 bytes)            |
-//! | `K` | pack u64                              | [`crate::meta::PackRec`]       |
+//! | `K` | pack u64                              | [`crate::engine::meta::PackRec`]       |
 //! | `N` | counter name                          | u64 (next value)               |
+//! | `J` | segment u64, lineage u64, block u64   | offset u64: the journal horizon |
+//!
+//! A `J` key says: "the records of (lineage, block) that start before journal
+//! position (segment, offset) are in the block map".  It is written in the same
+//! batch as the map entry that absorbed them (destage, or a whole-block write over
+//! pages), so it is durable exactly when that entry is; replay skips what it covers.
 //!
 //! `!epoch` is `u64::MAX - epoch`, so within one (lineage, block) the newest version
 //! sorts first and "newest version at or below epoch E" is a single seek to
@@ -29,6 +35,7 @@ pub const CHUNK: u8 = b'C';
 pub const REVERSE: u8 = b'R';
 pub const PACK: u8 = b'K';
 pub const COUNTER: u8 = b'N';
+pub const HORIZON: u8 = b'J';
 
 pub type ChunkId = [u8; 32];
 
@@ -192,6 +199,33 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0xff; prefix.len() + 1]
 }
 
+/// `J|segment|lineage|block`: the journal horizon of a block (see the table above).
+pub fn horizon(segment: u64, lineage: u64, block: u64) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[0] = HORIZON;
+    k[1..9].copy_from_slice(&segment.to_be_bytes());
+    k[9..17].copy_from_slice(&lineage.to_be_bytes());
+    k[17..25].copy_from_slice(&block.to_be_bytes());
+    k
+}
+
+/// `(segment, lineage, block)` of a `J` key.
+pub fn parse_horizon(key: &[u8]) -> Option<(u64, u64, u64)> {
+    if key.len() != 25 || key[0] != HORIZON {
+        return None;
+    }
+    let be = |r: std::ops::Range<usize>| u64::from_be_bytes(key[r].try_into().unwrap());
+    Some((be(1..9), be(9..17), be(17..25)))
+}
+
+/// The first `J` key of segments after `segment` (delete `[J, this)` to drop the
+/// horizons of every segment up to and including `segment`).
+pub fn horizon_after(segment: u64) -> Vec<u8> {
+    let mut k = vec![HORIZON];
+    k.extend_from_slice(&(segment + 1).to_be_bytes());
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,3 +256,4 @@ mod tests {
         assert_eq!(parse_map(&[0u8; 3]), None);
     }
 }
+

@@ -24,7 +24,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::keys::ChunkId;
+use crate::engine::keys::ChunkId;
 
 pub const FLAG_ZSTD: u8 = 1;
 pub const FLAG_LZ4: u8 = 2;

@@ -13,6 +13,19 @@
 //! `fsync` is a durable flush; `fallocate(PUNCH_HOLE)` is a trim (partial chunks at
 //! the edges are zero-filled); `lseek(SEEK_DATA/SEEK_HOLE)` answers from the block
 //! map, so `cp --sparse` and `qemu-img` skip holes.
+//!
+//! A head's size can grow while it is open (`drclone volume resize`, or through the
+//! mount: `fallocate` or `truncate` past the end grow the volume, as they grow a
+//! plain file).  So a head's attributes are never cached by the kernel (TTL 0: every
+//! `stat`, and `losetup -c`, asks), and an open file's view is refreshed when a
+//! request reaches past the size it last knew.  Shrinking is refused (EPERM), and
+//! `fallocate(KEEP_SIZE)` past the end fails with EOPNOTSUPP: a thin volume has
+//! nothing to reserve beyond its size.
+//!
+//! An open file holds a lease on its view ([`Store::lease`]): while it is open,
+//! `point rm` of its point and `volume rm` of its head are refused as in use, so a
+//! reader never finds its data collected under it.  The lease ends with the
+//! kernel's RELEASE, which follows the last `close` of the file shortly after.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -27,9 +40,12 @@ use fuser::{
 };
 
 use crate::error::Error;
-use crate::store::{Block, Store, View};
+use crate::engine::store::{Block, Lease, Store, View};
 
+/// How long the kernel may cache names and the attributes of directories and points.
 const TTL: Duration = Duration::from_secs(1);
+/// Attributes of heads are not cached: their size may grow at any time.
+const HEAD_ATTR_TTL: Duration = Duration::ZERO;
 const MAX_IO: u32 = 1 << 20;
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -48,10 +64,17 @@ struct Inodes {
     next: u64,
 }
 
+/// An open file: its view, and the lease that keeps the view from being removed
+/// while the file is open (`point rm` and `volume rm` are refused as in use).
+struct OpenFile {
+    view: Arc<View>,
+    _lease: Lease,
+}
+
 pub struct DrFs {
     store: Arc<Store>,
     inodes: Mutex<Inodes>,
-    handles: Mutex<HashMap<u64, Arc<View>>>,
+    handles: Mutex<HashMap<u64, OpenFile>>,
     next_fh: AtomicU64,
     uid: u32,
     gid: u32,
@@ -203,8 +226,60 @@ impl DrFs {
             .lock()
             .unwrap()
             .get(&fh.0)
-            .cloned()
+            .map(|o| o.view.clone())
             .ok_or(Errno::EBADF)
+    }
+
+    /// The view of an open file for a request that ends at byte `end`.  A head
+    /// that has grown since the file was opened is re-read, so the request sees the
+    /// new size; a view of a volume removed (or removed and created again under the
+    /// same name) keeps the size it had.
+    fn handle_for(&self, fh: FileHandle, end: u64) -> Result<Arc<View>, Errno> {
+        let v = self.handle(fh)?;
+        if end <= v.size || !v.writable {
+            return Ok(v);
+        }
+        match self.store.refresh(&v) {
+            Ok(fresh) if fresh.lineage == v.lineage && fresh.size > v.size => {
+                let fresh = Arc::new(fresh);
+                if let Some(o) = self.handles.lock().unwrap().get_mut(&fh.0) {
+                    o.view = fresh.clone();
+                }
+                Ok(fresh)
+            }
+            Ok(_) => Ok(v),
+            Err(e) => {
+                log::debug!("fuse: refreshing {}: {e}", v.name);
+                Ok(v)
+            }
+        }
+    }
+
+    /// Grow the head behind `n` to at least `size` bytes (rounded up to 512, the
+    /// volume granularity), as writing past the end of a plain file would.
+    fn grow(&self, n: &Node, size: u64) -> Result<(), Errno> {
+        let Node::Head(g, d) = n else {
+            return Err(Errno::EROFS);
+        };
+        let size = size.checked_next_multiple_of(512).ok_or(Errno::EFBIG)?;
+        match self.store.resize_volume(g, d, size) {
+            Ok(_) => Ok(()),
+            // Another grower got there first: what counts is the size now.
+            Err(_) if self.view(n).is_ok_and(|v| v.size >= size) => Ok(()),
+            Err(Error::Invalid(m)) => {
+                log::warn!("fuse: growing {g}/{d} to {size}: {m}");
+                Err(Errno::EFBIG)
+            }
+            Err(e) => Err(errno(&e)),
+        }
+    }
+}
+
+/// How long the kernel may keep a node's attributes.
+fn attr_ttl(n: &Node) -> &'static Duration {
+    match n {
+        Node::Head(..) => &HEAD_ATTR_TTL,
+        _ => &TTL,
     }
 }
 
@@ -228,7 +303,7 @@ impl Filesystem for DrFs {
             Some((_, node, _)) => {
                 let ino = self.ino(node.clone());
                 match self.attr(ino, &node) {
-                    Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                    Ok(a) => reply.entry_with_ttls(attr_ttl(&node), &TTL, &a, Generation(0)),
                     Err(e) => reply.error(e),
                 }
             }
@@ -237,12 +312,11 @@ impl Filesystem for DrFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self
-            .node(ino)
-            .ok_or(Errno::ENOENT)
-            .and_then(|n| self.attr(ino.0, &n))
-        {
-            Ok(a) => reply.attr(&TTL, &a),
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.attr(ino.0, &n) {
+            Ok(a) => reply.attr(attr_ttl(&n), &a),
             Err(e) => reply.error(e),
         }
     }
@@ -268,16 +342,24 @@ impl Filesystem for DrFs {
         let Some(n) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        match self.attr(ino.0, &n) {
-            // A volume's size changes only with `drclone volume resize`; truncating to
-            // the current size (as `O_TRUNC`-free tools do) is accepted.
-            Ok(a) if size.is_some_and(|s| s != a.size) => reply.error(Errno::EPERM),
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
-        }
+        let a = match self.attr(ino.0, &n) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
+        // Truncating up grows the volume; to the current size (as `O_TRUNC` does) is
+        // accepted; down is refused: it would discard data.
+        let a = match size {
+            Some(s) if s < a.size => return reply.error(Errno::EPERM),
+            Some(s) if s > a.size => match self.grow(&n, s).and_then(|()| self.attr(ino.0, &n)) {
+                Ok(a) => a,
+                Err(e) => return reply.error(e),
+            },
+            _ => a,
+        };
+        reply.attr(attr_ttl(&n), &a)
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let Some(n) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -294,8 +376,17 @@ impl Filesystem for DrFs {
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
         };
+        let user = format!("a file open in a FUSE mount (pid {})", req.pid());
+        let lease = match self.store.lease(&view, &user) {
+            Ok(l) => l,
+            Err(e) => return reply.error(errno(&e)),
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap().insert(fh, Arc::new(view));
+        let open = OpenFile {
+            view: Arc::new(view),
+            _lease: lease,
+        };
+        self.handles.lock().unwrap().insert(fh, open);
         reply.opened(FileHandle(fh), fopen);
     }
 
@@ -310,7 +401,7 @@ impl Filesystem for DrFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let v = match self.handle(fh) {
+        let v = match self.handle_for(fh, offset.saturating_add(size as u64)) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
         };
@@ -340,14 +431,14 @@ impl Filesystem for DrFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let v = match self.handle(fh) {
+        let Some(end) = offset.checked_add(data.len() as u64) else {
+            return reply.error(Errno::EFBIG);
+        };
+        let v = match self.handle_for(fh, end) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
         };
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > v.size)
-        {
+        if end > v.size {
             return reply.error(Errno::ENOSPC);
         }
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
@@ -484,37 +575,58 @@ impl Filesystem for DrFs {
         );
     }
 
+    /// Preallocation (mode 0) and zeroing (`ZERO_RANGE`) past the end grow the
+    /// volume, as they grow a plain file; within it preallocation has nothing to do
+    /// (the store is thin).  `PUNCH_HOLE` trims, ignoring what lies past the end.
+    /// Anything else with `KEEP_SIZE` past the end fails with EOPNOTSUPP: the volume
+    /// has no room beyond its size to reserve, and reporting success would leave a
+    /// caller believing it had.  Other modes (collapse, insert, unshare) fail with
+    /// EOPNOTSUPP.
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let v = match self.handle(fh) {
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        if mode & !(PUNCH | ZERO | KEEP) != 0 || mode & (PUNCH | ZERO) == PUNCH | ZERO {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let Some(end) = offset.checked_add(length) else {
+            return reply.error(Errno::EFBIG);
+        };
+        let mut v = match self.handle_for(fh, end) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
         };
-        let end = offset.saturating_add(length).min(v.size);
-        if offset >= end {
+        if !v.writable {
+            return reply.error(Errno::EROFS);
+        }
+        if end > v.size && mode & PUNCH == 0 {
+            if mode & KEEP != 0 {
+                return reply.error(Errno::EOPNOTSUPP);
+            }
+            let Some(n) = self.node(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            v = match self.grow(&n, end).and_then(|()| self.handle_for(fh, end)) {
+                Ok(v) if v.size >= end => v,
+                Ok(_) => return reply.error(Errno::ENOSPC),
+                Err(e) => return reply.error(e),
+            };
+            log::info!("fuse: fallocate grew {} to {} bytes", v.name, v.size);
+        }
+        let end = end.min(v.size);
+        if mode & (PUNCH | ZERO) == 0 || offset >= end {
             return reply.ok();
         }
-        let res = if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
-            self.store.zero(&v, offset, end - offset)
-        } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
-            // Preallocation: the store is thin, nothing to reserve.
-            if v.writable {
-                Ok(())
-            } else {
-                Err(Error::ReadOnly(v.name.clone()))
-            }
-        } else {
-            return reply.error(Errno::EOPNOTSUPP);
-        };
-        match res {
+        match self.store.zero(&v, offset, end - offset) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -529,7 +641,7 @@ impl Filesystem for DrFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let v = match self.handle(fh) {
+        let v = match self.handle_for(fh, offset.max(0) as u64 + 1) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
         };

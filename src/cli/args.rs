@@ -1,0 +1,158 @@
+//! The command-line grammar (clap): every command, flag and help text.
+//! `docs/DESIGN.md` §13: the daemon parses forwarded argv with these same types.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+pub(crate) struct Cli {
+    /// Store directory.
+    #[arg(
+        long,
+        global = true,
+        env = "DRCLONE_STORE",
+        default_value = "./drclone-store"
+    )]
+    pub(crate) store: PathBuf,
+    /// Key file of an encrypted store (default: the path recorded at init).
+    #[arg(long, global = true, env = "DRCLONE_KEY_FILE")]
+    pub(crate) key_file: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Create a new store.
+    Init {
+        /// Chunk size (power of two, 4K to 4M).
+        #[arg(long, default_value = "64K")]
+        chunk_size: String,
+        /// Compression of stored chunks.
+        #[arg(long, default_value = "zstd")]
+        compression: String,
+        /// Encrypt chunks with AES-256-GCM under the key in --key-file (created if missing).
+        #[arg(long)]
+        encrypt: bool,
+        /// Target size of a pack file.
+        #[arg(long, default_value = "64M", hide = true)]
+        pack_size: String,
+    },
+    /// Manage groups (protected applications).
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Manage volumes (GROUP/DISK).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Import a raw image into a volume's head (sparse, deduplicated).
+    Import { volume: String, file: PathBuf },
+    /// Export a head or a point (GROUP/DISK[@POINT]) to a sparse raw file.
+    Export { volume: String, file: PathBuf },
+    /// Manage recovery points.
+    #[command(subcommand)]
+    Point(PointCmd),
+    /// Manage retention.
+    #[command(subcommand)]
+    Retention(RetentionCmd),
+    /// Make a writable volume from a point: GROUP/DISK@POINT GROUP2/DISK2.
+    Clone { source: String, target: String },
+    /// Space used, and the dedup and compression ratios.
+    Df,
+    /// NBD clients of the running `serve` (id, peer, export, since when).
+    Sessions,
+    /// Reclaim space no head or point references.
+    Gc,
+    /// Re-read every chunk and check it.
+    Verify,
+    /// Mount volumes (GROUP/DISK) and points (GROUP/@ID/DISK) as files; stays in the
+    /// foreground until Ctrl-C, SIGTERM or `fusermount3 -u DIR`.
+    Mount { dir: PathBuf },
+    /// Unmount a drclone mount, including a stale one left by a crash.
+    Unmount { dir: PathBuf },
+    /// Serve volumes and points over NBD; other commands then go through this daemon.
+    Serve {
+        /// TCP address for NBD.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// Do not listen on TCP (only --socket, or --stdio).
+        #[arg(long)]
+        no_tcp: bool,
+        /// Also serve NBD on this unix socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Serve one NBD connection on stdin/stdout, then exit (captive server).
+        #[arg(long, short = 's')]
+        stdio: bool,
+        /// The export an empty export name means (e.g. for `nbd://HOST/`).
+        #[arg(long)]
+        default_export: Option<String>,
+        /// NBD connections served at once; more get "too many connections".
+        #[arg(long, default_value_t = 512)]
+        max_connections: usize,
+        /// Seconds a client may take to choose an export before it is dropped.
+        #[arg(long, default_value_t = 30)]
+        handshake_timeout: u64,
+        /// Drop a client idle this many seconds (default: never).
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum GroupCmd {
+    /// Create a group.
+    Create { group: String },
+    /// List groups.
+    List,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        volume: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// List volumes.
+    List,
+    /// Grow a volume.
+    Resize {
+        volume: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// Remove a volume's head (points keep their data).
+    Rm { volume: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PointCmd {
+    /// Take a recovery point of every volume of GROUP at once.
+    Create {
+        group: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// Mark the point app-consistent (the source was quiesced).
+        #[arg(long)]
+        app_consistent: bool,
+    },
+    /// List a group's points, oldest first.
+    List { group: String },
+    /// Remove a point.
+    Rm { group: String, point: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum RetentionCmd {
+    /// Record a retention policy such as "5m:24h,1h:7d,1d:30d".
+    Set { group: String, policy: String },
+}

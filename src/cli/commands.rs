@@ -1,0 +1,560 @@
+//! The commands: each parses nothing and prints little; the library does the work.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::json;
+use drclone::engine::codec::Compression;
+use drclone::daemon::{self, ControlRequest, ControlResponse};
+use drclone::engine::imex;
+use drclone::engine::store::{InitOptions, Store};
+use drclone::util::{human, parse_size, parse_volume_ref};
+
+use super::args::*;
+
+pub(crate) fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("drclone: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Append a result to `out`: JSON with --json, else the text.
+fn print(out: &mut String, json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        out.push_str(&serde_json::to_string_pretty(&value).expect("json"));
+        out.push('\n');
+    } else {
+        let t = text();
+        if !t.is_empty() {
+            out.push_str(&t);
+            out.push('\n');
+        }
+    }
+}
+
+
+fn run(cli: Cli) -> Result<i32> {
+    let json = cli.json;
+    match &cli.cmd {
+        Cmd::Init {
+            chunk_size,
+            compression,
+            encrypt,
+            pack_size,
+        } => {
+            let cs = parse_size(chunk_size)?;
+            let opts = InitOptions {
+                chunk_size: u32::try_from(cs).context("chunk size too large")?,
+                compression: compression.parse::<Compression>()?,
+                encrypt: *encrypt,
+                key_file: cli.key_file.clone(),
+                pack_size: parse_size(pack_size)?,
+            };
+            Store::init(&cli.store, &opts)?;
+            let cfg = Store::read_config(&cli.store)?;
+            let mut out = String::new();
+            print(&mut out, json, serde_json::to_value(&cfg)?, || {
+                format!(
+                    "initialised store {} (chunk size {}, {:?}{})",
+                    cli.store.display(),
+                    human(cfg.chunk_size as u64),
+                    cfg.compression,
+                    if cfg.encrypted { ", encrypted" } else { "" }
+                )
+            });
+            print!("{out}");
+            return Ok(0);
+        }
+        Cmd::Serve {
+            listen,
+            no_tcp,
+            socket,
+            stdio,
+            default_export,
+            max_connections,
+            handshake_timeout,
+            idle_timeout,
+        } => {
+            if daemon::connect(&cli.store).is_some() {
+                bail!(
+                    "drclone serve is already running on store {}",
+                    cli.store.display()
+                );
+            }
+            let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
+            store.start_destager();
+            if *stdio {
+                daemon::serve_stdio(store, default_export.as_deref())?;
+                return Ok(0);
+            }
+            let limits = drclone::nbd::limits::Limits {
+                max_connections: *max_connections,
+                handshake_timeout: std::time::Duration::from_secs(*handshake_timeout),
+                idle_timeout: idle_timeout.map(std::time::Duration::from_secs),
+                ..Default::default()
+            };
+            if let Some(l) = daemon::activation_listener() {
+                daemon::serve_activated(store, l, default_export.clone(), limits)?;
+                return Ok(0);
+            }
+            let opts = daemon::Options {
+                listen: (!no_tcp).then(|| listen.clone()),
+                socket: socket.clone(),
+                default_export: default_export.clone(),
+                limits,
+            };
+            let handler: Arc<daemon::Handler> = Arc::new(handle_forwarded);
+            daemon::run(store, opts, handler, |eps| {
+                println!("drclone: serving {}", eps.join(" "));
+            })?;
+            return Ok(0);
+        }
+        _ => {}
+    }
+    // A running daemon owns the store: send it the command.
+    if let Some(conn) = daemon::connect(&cli.store) {
+        if let Cmd::Mount { dir } = &cli.cmd {
+            // The daemon hosts the mount; this process holds the foreground.
+            let resp = daemon::forward(
+                conn,
+                &ControlRequest {
+                    argv: std::env::args().collect(),
+                    cwd: std::env::current_dir()?,
+                },
+            )?;
+            print!("{}", resp.stdout);
+            eprint!("{}", resp.stderr);
+            if resp.code != 0 {
+                return Ok(resp.code);
+            }
+            drclone::fuse::wait_until_unmounted(dir)?;
+            if let Some(conn) = daemon::connect(&cli.store) {
+                let argv = vec![
+                    "drclone".to_string(),
+                    "unmount".to_string(),
+                    std::path::absolute(dir)?.display().to_string(),
+                ];
+                let _ = daemon::forward(
+                    conn,
+                    &ControlRequest {
+                        argv,
+                        cwd: std::env::current_dir()?,
+                    },
+                );
+            }
+            return Ok(0);
+        }
+        let req = ControlRequest {
+            argv: std::env::args().collect(),
+            cwd: std::env::current_dir()?,
+        };
+        let resp = daemon::forward(conn, &req)?;
+        print!("{}", resp.stdout);
+        eprint!("{}", resp.stderr);
+        return Ok(resp.code);
+    }
+    if let Cmd::Unmount { dir } = &cli.cmd {
+        drclone::fuse::fusermount_unmount(dir)?;
+        return Ok(0);
+    }
+    if let Cmd::Mount { dir } = &cli.cmd {
+        // A standalone mount owns the store, so it runs the control socket too (a
+        // daemon without NBD listeners): every other command keeps working while
+        // it runs.  It ends when the mount goes (fusermount3 -u) or on a signal.
+        let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
+        store.start_destager();
+        drclone::fuse::mount_hosted(store.clone(), dir)?;
+        let watched = dir.clone();
+        std::thread::spawn(move || {
+            let _ = drclone::fuse::wait_until_unmounted(&watched);
+            // SAFETY: raising a signal this process handles (daemon::run's flag).
+            unsafe { libc::raise(libc::SIGTERM) };
+        });
+        let opts = daemon::Options {
+            listen: None,
+            socket: None,
+            default_export: None,
+            limits: Default::default(),
+        };
+        let handler: Arc<daemon::Handler> = Arc::new(handle_forwarded);
+        let shown = (cli.store.clone(), dir.clone());
+        daemon::run(store, opts, handler, move |_| {
+            println!(
+                "drclone: mounted {} on {}",
+                shown.0.display(),
+                shown.1.display()
+            );
+        })?;
+        return Ok(0);
+    }
+    let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
+    let mut out = String::new();
+    let res = dispatch(&store, cli.cmd, json, &mut out, None);
+    print!("{out}");
+    store.close()?;
+    res.map(|()| 0)
+}
+
+/// Run a command forwarded over the control socket against the daemon's store.
+fn handle_forwarded(store: &Arc<Store>, req: ControlRequest) -> ControlResponse {
+    let cli = match Cli::try_parse_from(&req.argv) {
+        Ok(c) => c,
+        Err(e) => {
+            return ControlResponse {
+                code: 2,
+                stdout: String::new(),
+                stderr: e.to_string(),
+            }
+        }
+    };
+    if matches!(cli.cmd, Cmd::Init { .. } | Cmd::Serve { .. }) {
+        return ControlResponse {
+            code: 1,
+            stdout: String::new(),
+            stderr: format!(
+                "drclone: error: drclone serve is already running on store {}\n",
+                store.dir().display()
+            ),
+        };
+    }
+    let mut out = String::new();
+    match dispatch(store, cli.cmd, cli.json, &mut out, Some(&req.cwd)) {
+        Ok(()) => ControlResponse {
+            code: 0,
+            stdout: out,
+            stderr: String::new(),
+        },
+        Err(e) => ControlResponse {
+            code: 1,
+            stdout: out,
+            stderr: format!("drclone: error: {e:#}\n"),
+        },
+    }
+}
+
+/// A path given by the user, relative to the client's working directory.
+fn user_path(p: &Path, cwd: Option<&Path>) -> PathBuf {
+    match cwd {
+        Some(c) if p.is_relative() => c.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Progress bars only for a local command on a terminal.
+fn bar(len: u64, what: &str, forwarded: bool) -> indicatif::ProgressBar {
+    if forwarded {
+        indicatif::ProgressBar::hidden()
+    } else {
+        imex::progress_bar(len, what)
+    }
+}
+
+fn dispatch(
+    store: &Arc<Store>,
+    cmd: Cmd,
+    json: bool,
+    out: &mut String,
+    cwd: Option<&Path>,
+) -> Result<()> {
+    let fwd = cwd.is_some();
+    match cmd {
+        Cmd::Mount { dir } => {
+            let dir = user_path(&dir, cwd);
+            drclone::fuse::mount_hosted(store.clone(), &dir)?;
+            print(out, json, json!({"mounted": dir}), || {
+                format!(
+                    "drclone: mounted on {} (hosted by the daemon)",
+                    dir.display()
+                )
+            });
+        }
+        Cmd::Unmount { dir } => {
+            let dir = user_path(&dir, cwd);
+            if !drclone::fuse::unmount_hosted(&dir) {
+                drclone::fuse::fusermount_unmount(&dir)?;
+            }
+            print(out, json, json!({"unmounted": dir}), || {
+                format!("unmounted {}", dir.display())
+            });
+        }
+        Cmd::Init { .. } | Cmd::Serve { .. } => unreachable!("handled before opening"),
+        Cmd::Group(GroupCmd::Create { group }) => {
+            let g = store.create_group(&group)?;
+            print(out, json, serde_json::to_value(&g)?, || {
+                format!("created group {group}")
+            });
+        }
+        Cmd::Group(GroupCmd::List) => {
+            let gs = store.groups()?;
+            print(out, json, serde_json::to_value(&gs)?, || {
+                gs.iter()
+                    .map(|g| g.name.clone())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Volume(VolumeCmd::Create { volume, size }) => {
+            let (g, d, p) = parse_volume_ref(&volume)?;
+            if p.is_some() {
+                bail!("volume create takes GROUP/DISK, not a point");
+            }
+            let v = store.create_volume(&g, &d, parse_size(&size)?)?;
+            print(out, json, serde_json::to_value(&v)?, || {
+                format!("created volume {volume} ({})", human(v.size))
+            });
+        }
+        Cmd::Volume(VolumeCmd::List) => {
+            let vs = store.volumes(None)?;
+            print(out, json, serde_json::to_value(&vs)?, || {
+                let mut s = format!("{:<32} {:>12}", "VOLUME", "SIZE");
+                for v in &vs {
+                    s += &format!(
+                        "\n{:<32} {:>12}",
+                        format!("{}/{}", v.group, v.disk),
+                        human(v.size)
+                    );
+                }
+                s
+            });
+        }
+        Cmd::Volume(VolumeCmd::Resize { volume, size }) => {
+            let (g, d, _) = parse_volume_ref(&volume)?;
+            let v = store.resize_volume(&g, &d, parse_size(&size)?)?;
+            print(out, json, serde_json::to_value(&v)?, || {
+                format!("{volume} is now {}", human(v.size))
+            });
+        }
+        Cmd::Volume(VolumeCmd::Rm { volume }) => {
+            let (g, d, _) = parse_volume_ref(&volume)?;
+            store.remove_volume(&g, &d)?;
+            print(out, json, json!({"removed": volume}), || {
+                format!("removed volume {volume}")
+            });
+        }
+        Cmd::Import { volume, file } => {
+            let view = store.view_ref(&volume)?;
+            let pb = bar(view.size, &format!("import {volume}"), fwd);
+            let file = user_path(&file, cwd);
+            let t = std::time::Instant::now();
+            let rep = imex::import(store, &view, &file, &pb)?;
+            store.flush()?;
+            let secs = t.elapsed().as_secs_f64();
+            print(
+                out,
+                json,
+                json!({"volume": volume, "bytes": rep.bytes, "data_bytes": rep.data_bytes,
+                               "hole_bytes": rep.hole_bytes, "seconds": secs}),
+                || {
+                    format!(
+                        "imported {} into {volume} ({} data, {} holes) in {secs:.2}s",
+                        file.display(),
+                        human(rep.data_bytes),
+                        human(rep.hole_bytes)
+                    )
+                },
+            );
+        }
+        Cmd::Export { volume, file } => {
+            let view = store.view_ref(&volume)?;
+            let pb = bar(view.size, &format!("export {volume}"), fwd);
+            let file = user_path(&file, cwd);
+            let rep = imex::export(store, &view, &file, &pb)?;
+            print(
+                out,
+                json,
+                json!({"volume": view.name, "bytes": rep.bytes, "data_bytes": rep.data_bytes}),
+                || {
+                    format!(
+                        "exported {} to {} ({} data)",
+                        view.name,
+                        file.display(),
+                        human(rep.data_bytes)
+                    )
+                },
+            );
+        }
+        Cmd::Point(PointCmd::Create {
+            group,
+            label,
+            app_consistent,
+        }) => {
+            let p = store.create_point(&group, app_consistent, label)?;
+            print(out, json, serde_json::to_value(&p)?, || {
+                format!("created point {} of {group}", p.id)
+            });
+        }
+        Cmd::Point(PointCmd::List { group }) => {
+            let ps = store.points(&group)?;
+            let arr: Vec<_> = ps
+                .iter()
+                .map(|p| {
+                    json!({"id": p.id.to_string(), "time": p.time, "kind": p.kind, "label": p.label,
+                                "volumes": p.volumes.iter().map(|v| &v.disk).collect::<Vec<_>>()})
+                })
+                .collect();
+            print(out, json, json!(arr), || {
+                let mut s = format!("{:>6}  {:<20}  {:<5}  LABEL", "ID", "TIME (UTC)", "KIND");
+                for p in &ps {
+                    s += &format!(
+                        "\n{:>6}  {:<20}  {:<5}  {}",
+                        p.id,
+                        fmt_time(p.time),
+                        p.kind,
+                        p.label.as_deref().unwrap_or("")
+                    );
+                }
+                s
+            });
+        }
+        Cmd::Point(PointCmd::Rm { group, point }) => {
+            let p = store.remove_point(&group, &point)?;
+            print(out, json, json!({"removed": p.id.to_string()}), || {
+                format!("removed point {} of {group}", p.id)
+            });
+        }
+        Cmd::Retention(RetentionCmd::Set { group, policy }) => {
+            let policy: drclone::engine::types::RetentionPolicy = policy.parse()?;
+            store.set_retention(&group, Some(policy.clone()))?;
+            let policy = policy.to_string();
+            print(
+                out,
+                json,
+                json!({"group": group, "retention": policy}),
+                || format!("retention of {group}: {policy}"),
+            );
+        }
+        Cmd::Clone { source, target } => {
+            let (sg, sd, sp) = parse_volume_ref(&source)?;
+            let sp = sp.context("clone source must name a point: GROUP/DISK@POINT")?;
+            let (tg, td, tp) = parse_volume_ref(&target)?;
+            if tp.is_some() {
+                bail!("clone target must be GROUP/DISK");
+            }
+            let t = std::time::Instant::now();
+            let v = store.clone_volume(&sg, &sd, &sp, &tg, &td)?;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            print(
+                out,
+                json,
+                json!({"volume": target, "size": v.size, "time_ms": ms}),
+                || format!("cloned {source} to {target} in {ms:.1} ms"),
+            );
+        }
+        Cmd::Sessions => {
+            let l = daemon::sessions().map(|s| s.list()).unwrap_or_default();
+            print(out, json, serde_json::to_value(&l)?, || {
+                l.iter()
+                    .map(|s| {
+                        format!(
+                            "{:>4} {:<22} {:<24} {} since {} ({} in flight)",
+                            s.id,
+                            s.peer,
+                            s.export.as_deref().unwrap_or("(negotiating)"),
+                            if s.writable { "rw" } else { "ro" },
+                            s.started,
+                            s.in_flight
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Df => {
+            let r = drclone::engine::maint::df(store)?;
+            print(out, json, serde_json::to_value(&r)?, || {
+                format!(
+                    "logical    {}\nreferenced {}\nunique     {}\nstored     {}\npacks      {}\ndedup      {:.2}x\ncompress   {:.2}x",
+                    human(r.logical_bytes), human(r.referenced_bytes), human(r.unique_bytes),
+                    human(r.stored_bytes), human(r.pack_bytes), r.dedup_ratio, r.compression_ratio
+                )
+            });
+        }
+        Cmd::Gc => {
+            let r = drclone::engine::gc::gc(store)?;
+            print(out, json, serde_json::to_value(&r)?, || {
+                format!(
+                    "gc: freed {} chunks, deleted {} packs, compacted {}; packs {} -> {}",
+                    r.chunks_freed,
+                    r.packs_deleted,
+                    r.packs_compacted,
+                    human(r.pack_bytes_before),
+                    human(r.pack_bytes_after)
+                )
+            });
+        }
+        Cmd::Verify => {
+            let pb = bar(0, "verify", fwd);
+            pb.set_style(indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} chunks",
+            )?);
+            let r = drclone::engine::maint::verify(store, &pb)?;
+            print(out, json, serde_json::to_value(&r)?, || {
+                let mut s = format!(
+                    "checked {} chunks ({})",
+                    r.chunks_checked,
+                    human(r.bytes_checked)
+                );
+                for b in &r.bad {
+                    s += &format!(
+                        "\nBAD chunk {} (pack {} offset {}): {}\n    used by: {}",
+                        b.chunk,
+                        b.pack,
+                        b.offset,
+                        b.error,
+                        if b.used_by.is_empty() {
+                            "nothing (garbage)".into()
+                        } else {
+                            b.used_by.join(", ")
+                        }
+                    );
+                }
+                s
+            });
+            if !r.ok {
+                bail!(
+                    "verify found {} bad chunk(s) in store {}",
+                    r.bad.len(),
+                    store.dir().display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC without a time-zone crate.
+fn fmt_time(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

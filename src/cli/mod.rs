@@ -1,0 +1,5 @@
+//! The `drclone` command line: a thin layer over the library (`anyhow` lives here
+//! only; the library returns typed errors).
+
+pub(crate) mod args;
+pub(crate) mod commands;

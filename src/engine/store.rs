@@ -1,0 +1,777 @@
+//! The store: groups, volumes, recovery points, clones and the versioned block map.
+//!
+//! See `docs/DESIGN.md` for the full design.  In short:
+//!
+//! * Every volume's head writes into a *lineage*.  The block map holds versioned
+//!   keys `M|lineage|block|!epoch`; a head writes at its lineage's current epoch.
+//! * A recovery point records `(lineage, epoch)` for every volume of its group and
+//!   bumps each lineage's epoch, all in one synced write batch: O(volumes), never
+//!   O(blocks), and atomic across the group.
+//! * A clone is a new lineage whose parent is a point's `(lineage, epoch)`; reads fall
+//!   through to the parent where the clone has no version of its own.  O(1).
+//! * A read of block `b` in view `(lineage, epoch)` is one seek to
+//!   `M|lineage|b|!epoch`: the first key found is the newest version at or below the
+//!   epoch, however many points exist.
+//!
+//! Concurrency: the `gate` is a readers-writer lock.  Every data write holds it
+//! shared from the moment it reads its lineage's epoch until its map entries are in
+//! RocksDB; point creation, clone creation, volume removal and the start of a GC hold
+//! it exclusively.  So no write straddles a point (a point is immutable once taken)
+//! and GC's snapshot never misses a write that has stored chunks but not yet its map.
+//! Read-modify-write of partial blocks is serialised per block by striped mutexes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::chunks::ChunkStore;
+use crate::engine::codec::{Codec, Compression, MasterKey};
+use crate::engine::journal::{self, Journal};
+use crate::engine::keys::{self, ChunkId};
+use crate::engine::meta::{Db, LineageRec};
+use crate::engine::overlay::{self, Overlay};
+use crate::engine::pack::LocalPacks;
+use crate::error::{Error, IoContext, Result};
+use crate::util::now_secs;
+pub(crate) use crate::engine::map::HeadCache;
+pub(crate) use crate::engine::write::Destager;
+
+pub const CONFIG_FILE: &str = "store.json";
+pub const STORE_FORMAT: u32 = 1;
+pub(crate) const STRIPES: usize = 1024;
+/// Writes of at least this many whole blocks hash and compress in parallel.
+pub(crate) const PARALLEL_BLOCKS: usize = 4;
+
+/// The store's immutable configuration, kept as `store.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub format: u32,
+    pub chunk_size: u32,
+    pub compression: Compression,
+    pub encrypted: bool,
+    pub key_file: Option<PathBuf>,
+    pub key_check: Option<String>,
+    pub pack_size: u64,
+    pub created: u64,
+    /// The store's identity (a random UUID), so two stores can tell each other
+    /// apart (replication records where a point came from).  Stores made before it
+    /// existed get one on their next open.
+    #[serde(default)]
+    pub uuid: Option<uuid::Uuid>,
+}
+
+/// Options of `drclone init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub chunk_size: u32,
+    pub compression: Compression,
+    pub encrypt: bool,
+    pub key_file: Option<PathBuf>,
+    pub pack_size: u64,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_size: 64 << 10,
+            compression: Compression::Zstd,
+            encrypt: false,
+            key_file: None,
+            pack_size: 64 << 20,
+        }
+    }
+}
+
+/// What a reader or writer addresses: a head (epoch = `u64::MAX`) or a point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub name: String,
+    pub lineage: u64,
+    pub epoch: u64,
+    pub size: u64,
+    pub writable: bool,
+}
+
+pub const HEAD_EPOCH: u64 = u64::MAX;
+
+/// How one block of a view resolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Never written (or only zeros over nothing): a hole.
+    Hole,
+    /// Reads as zeros but shadows older data.
+    Zero,
+    Data(ChunkId),
+}
+
+/// The store's gate: a readers-writer lock between data writes (shared) and the
+/// operations that must see no write half-way through (exclusive): point and clone
+/// creation, volume removal, GC's snapshot and pack listing, and GC's removal of
+/// zero markers.  Functions that must run under it take its guard as an argument,
+/// so the compiler checks the rule (docs/DESIGN.md §6, "Locks").
+#[derive(Default)]
+pub(crate) struct Gate(RwLock<()>);
+
+/// Proof that the gate is held shared (a data write or a destage is in progress).
+pub(crate) struct Shared<'a>(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>);
+
+/// Proof that the gate is held exclusively: no write is between reading its
+/// lineage's epoch and committing its map entries, and none can start.
+pub(crate) struct Exclusive<'a>(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>);
+
+impl Gate {
+    /// Hold the gate shared (writers, destage).
+    pub(crate) fn shared(&self) -> Shared<'_> {
+        Shared(self.0.read().unwrap())
+    }
+
+    /// Hold the gate exclusively (waits for every shared holder to leave).
+    pub(crate) fn exclusive(&self) -> Exclusive<'_> {
+        Exclusive(self.0.write().unwrap())
+    }
+}
+
+/// Views in use: NBD connections and open FUSE files hold a [`Lease`] on the view
+/// they serve, and removing a point or a volume that a lease covers is refused
+/// (issue 9 hypothesis 8: a served point removed and collected left its reader
+/// reading zeros).  Taking a lease and removing a view both run under this mutex,
+/// so a lease is never taken on a view that is already gone.
+#[derive(Default)]
+pub(crate) struct Leases {
+    pub(crate) inner: Mutex<HashMap<(u64, u64), Vec<(u64, String)>>>,
+    pub(crate) next: std::sync::atomic::AtomicU64,
+}
+
+/// A view in use (see [`Store::lease`]); dropping it ends the use.
+pub struct Lease {
+    pub(crate) leases: Arc<Leases>,
+    pub(crate) key: (u64, u64),
+    pub(crate) id: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut g = self.leases.inner.lock().unwrap();
+        if let Some(v) = g.get_mut(&self.key) {
+            v.retain(|(id, _)| *id != self.id);
+            if v.is_empty() {
+                g.remove(&self.key);
+            }
+        }
+    }
+}
+
+pub struct Store {
+    pub(crate) dir: PathBuf,
+    pub(crate) head_cache: HeadCache,
+    pub(crate) bg: Destager,
+    pub cfg: Config,
+    pub(crate) db: Arc<Db>,
+    pub chunks: ChunkStore,
+    pub(crate) gate: Gate,
+    pub(crate) leases: Arc<Leases>,
+    pub(crate) meta: Mutex<()>,
+    pub(crate) gc_lock: Mutex<()>,
+    pub(crate) lineages: RwLock<HashMap<u64, LineageRec>>,
+    pub(crate) stripes: Vec<Mutex<()>>,
+    /// Write-back overlay of partly written blocks of heads, and the journal that
+    /// makes it durable.  See "Small writes" in docs/DESIGN.md.
+    pub(crate) overlay: Overlay,
+    pub(crate) journal: Journal,
+    /// Overlay capacity in bytes of pages.
+    pub(crate) dirty_limit: usize,
+    /// Journal size that makes the oldest blocks destage so its tail can advance.
+    pub(crate) journal_limit: u64,
+    /// One writer at a time relieves overlay or journal pressure.
+    pub(crate) destaging: Mutex<()>,
+}
+
+/// Write `store.json` atomically: a temporary file, fsynced, renamed into place,
+/// and the directory fsynced, so a store's config exists completely or not at all.
+fn write_config(dir: &Path, cfg: &Config) -> Result<()> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let tmp = dir.join("store.json.tmp");
+    let body = serde_json::to_vec_pretty(cfg).expect("config serializes");
+    std::fs::write(&tmp, body)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .at(&tmp)?;
+    std::fs::rename(&tmp, &cfg_path).at(&cfg_path)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .at(dir)
+}
+
+/// The emergency reserve: a file of zeros the store keeps so that a full disk
+/// never locks the operator out.  Opening needs a little space (RocksDB writes an
+/// options file, the journal a segment); if that fails with ENOSPC the reserve is
+/// deleted and the open retried, so `volume rm` and `gc` can free space.  It is
+/// recreated when an open finds the room.  4 MiB: enough to open, remove and
+/// collect garbage (dropping dead packs needs no space), and small enough not to
+/// matter to a store's footprint.
+const RESERVE_FILE: &str = "reserve";
+const RESERVE_BYTES: u64 = 4 << 20;
+
+fn is_enospc(e: &Error) -> bool {
+    e.kind() == crate::ErrorKind::NoSpace || e.to_string().contains("No space left on device")
+}
+
+fn release_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            log::warn!(
+                "store {}: the disk is full; released the emergency reserve ({}) so the \
+                 store opens. Free space now: remove points or volumes, then `drclone gc`.",
+                dir.display(),
+                path.display()
+            );
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Create the reserve if it is missing and the file system has room for it and
+/// as much again (best effort: a store works without it).
+fn keep_reserve(dir: &Path) {
+    let path = dir.join(RESERVE_FILE);
+    if path.exists() {
+        return;
+    }
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: statvfs fills the zeroed struct; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return;
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let size: u64 = RESERVE_BYTES;
+    if free < 2 * size {
+        log::warn!(
+            "store {}: {} free, not enough to keep the {} emergency reserve",
+            dir.display(),
+            crate::util::human(free),
+            crate::util::human(size)
+        );
+        return;
+    }
+    let tmp = dir.join("reserve.tmp");
+    let res = std::fs::File::create(&tmp).and_then(|f| {
+        use std::io::Write;
+        let zeros = vec![0u8; 1 << 20];
+        let mut f = std::io::BufWriter::new(f);
+        for _ in 0..size >> 20 {
+            f.write_all(&zeros)?;
+        }
+        f.into_inner()?.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    });
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        log::warn!(
+            "store {}: could not create the emergency reserve: {e}",
+            dir.display()
+        );
+    }
+}
+
+/// Overlay capacity in bytes: `DRCLONE_DIRTY_MIB` (default 256 MiB).
+fn dirty_limit() -> usize {
+    crate::util::env_budget("DRCLONE_DIRTY_MIB", 256, 1, 4096)
+}
+
+/// Journal size limit in bytes: `DRCLONE_JOURNAL_MIB` (default 1 GiB).
+fn journal_limit() -> u64 {
+    crate::util::env_budget("DRCLONE_JOURNAL_MIB", 1024, 1, 1 << 20) as u64
+}
+
+
+impl Store {
+    /// Create a new store in `dir` (which may exist but must not hold a store).
+    pub fn init(dir: &Path, opts: &InitOptions) -> Result<()> {
+        let cs = opts.chunk_size;
+        if !(4096..=(4 << 20)).contains(&cs) || !cs.is_power_of_two() {
+            return Err(Error::invalid(format!(
+                "chunk size {cs} is not a power of two between 4K and 4M"
+            )));
+        }
+        let cfg_path = dir.join(CONFIG_FILE);
+        if cfg_path.exists() {
+            return Err(Error::Exists(format!(
+                "a drclone store in {}",
+                dir.display()
+            )));
+        }
+        if dir.exists() && std::fs::read_dir(dir).at(dir)?.next().is_some() {
+            return Err(Error::invalid(format!(
+                "{} is not empty; drclone init needs a new or empty directory",
+                dir.display()
+            )));
+        }
+        let (key_file, key_check) = if opts.encrypt {
+            let path = opts.key_file.clone().ok_or_else(|| {
+                Error::Key(
+                    "--encrypt needs --key-file F (an existing key, or where to write a new one)"
+                        .into(),
+                )
+            })?;
+            let path = std::path::absolute(&path).at(&path)?;
+            let key = if path.exists() {
+                MasterKey::load(&path)?
+            } else {
+                let k = MasterKey::generate();
+                k.save(&path)?;
+                log::info!(
+                    "wrote a new key to {}; keep a copy off this host",
+                    path.display()
+                );
+                k
+            };
+            (Some(path), Some(key.check_value()))
+        } else {
+            if opts.key_file.is_some() {
+                return Err(Error::invalid("--key-file given without --encrypt"));
+            }
+            (None, None)
+        };
+        std::fs::create_dir_all(dir).at(dir)?;
+        let cfg = Config {
+            format: STORE_FORMAT,
+            chunk_size: cs,
+            compression: opts.compression,
+            encrypted: opts.encrypt,
+            key_file,
+            key_check,
+            pack_size: opts.pack_size,
+            created: now_secs(),
+            uuid: Some(uuid::Uuid::new_v4()),
+        };
+        Db::open(&dir.join("meta"), true)?;
+        LocalPacks::new(&dir.join("packs"))?;
+        write_config(dir, &cfg)
+    }
+
+    /// The store's UUID.
+    pub fn uuid(&self) -> uuid::Uuid {
+        self.cfg.uuid.expect("open gives every store a uuid")
+    }
+
+    /// Read a store's configuration without opening it.
+    pub fn read_config(dir: &Path) -> Result<Config> {
+        let path = dir.join(CONFIG_FILE);
+        let body = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!(
+                    "drclone store {} (no {CONFIG_FILE}; create one with `drclone init`)",
+                    dir.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let cfg: Config = serde_json::from_slice(&body).map_err(|e| Error::Format {
+            store: dir.to_path_buf(),
+            what: format!("{CONFIG_FILE} does not parse: {e}"),
+        })?;
+        if cfg.format != STORE_FORMAT {
+            return Err(Error::Format {
+                store: dir.to_path_buf(),
+                what: format!(
+                    "store format {} is not supported by this drclone (which reads format {STORE_FORMAT})",
+                    cfg.format
+                ),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Open a store.  `key_file` overrides the key path recorded at init.
+    pub fn open(dir: &Path, key_file: Option<&Path>) -> Result<Store> {
+        let mut cfg = Self::read_config(dir)?;
+        if cfg.uuid.is_none() {
+            cfg.uuid = Some(uuid::Uuid::new_v4());
+            write_config(dir, &cfg)?;
+            log::info!("store {}: assigned uuid {}", dir.display(), cfg.uuid.unwrap());
+        }
+        let key = if cfg.encrypted {
+            let path = key_file
+                .map(Path::to_path_buf)
+                .or_else(|| cfg.key_file.clone())
+                .ok_or_else(|| {
+                    Error::Key(format!(
+                        "store {} is encrypted: give its key with --key-file",
+                        dir.display()
+                    ))
+                })?;
+            let key = MasterKey::load(&path)?;
+            if Some(key.check_value()) != cfg.key_check {
+                return Err(Error::Key(format!(
+                    "wrong key for store {}: key file {} does not match the key the store was created with",
+                    dir.display(),
+                    path.display()
+                )));
+            }
+            Some(key)
+        } else {
+            None
+        };
+        let db = match Db::open(&dir.join("meta"), false) {
+            Err(e) if is_enospc(&e) && release_reserve(dir) => Db::open(&dir.join("meta"), false)?,
+            other => other?,
+        };
+        let db = Arc::new(db);
+        let codec = Codec::new(cfg.compression, key.as_ref());
+        let backend = Arc::new(LocalPacks::new(&dir.join("packs"))?);
+        let chunks = ChunkStore::open(
+            db.clone(),
+            codec,
+            backend,
+            dir.to_path_buf(),
+            cfg.pack_size,
+            cfg.chunk_size as u64,
+            true,
+        )?;
+        let mut lineages = HashMap::new();
+        for (k, v) in db.scan_prefix(&[keys::LINEAGE])? {
+            let rec: LineageRec = db.decode_rec(&k, &v)?;
+            lineages.insert(rec.id, rec);
+        }
+        let overlay = Overlay::new(cfg.chunk_size as usize);
+        // Journal horizons: (lineage, block) -> the newest position whose earlier
+        // records the map already holds.
+        let mut horizons: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
+        let mut top_segment = 0u64;
+        db.for_prefix(&[keys::HORIZON], |k, v| {
+            if let (Some((seg, l, b)), Ok(off)) = (keys::parse_horizon(k), <[u8; 8]>::try_from(v)) {
+                let pos = (seg, u64::from_be_bytes(off));
+                let h = horizons.entry((l, b)).or_insert(pos);
+                *h = (*h).max(pos);
+                top_segment = top_segment.max(seg);
+            }
+            true
+        })?;
+        let jdir = dir.join("journal");
+        let (mut journal, replay) = match Journal::open(&jdir, overlay.page_size(), top_segment + 1) {
+            Err(e) if is_enospc(&e) && release_reserve(dir) => {
+                Journal::open(&jdir, overlay.page_size(), top_segment + 1)?
+            }
+            other => other?,
+        };
+        // Segments small enough that the tail can advance within the limit.
+        let journal_limit = journal_limit();
+        journal.set_segment_bytes((journal_limit / 4).min(journal::SEGMENT_BYTES));
+        let store = Store {
+            dir: dir.to_path_buf(),
+            head_cache: HeadCache::new(),
+            bg: Destager::default(),
+            cfg,
+            db,
+            chunks,
+            gate: Gate::default(),
+            leases: Arc::default(),
+            meta: Mutex::new(()),
+            gc_lock: Mutex::new(()),
+            lineages: RwLock::new(lineages),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            overlay,
+            journal,
+            dirty_limit: dirty_limit(),
+            journal_limit,
+            destaging: Mutex::new(()),
+        };
+        store.replay_journal(replay, &horizons)?;
+        keep_reserve(dir);
+        Ok(store)
+    }
+
+    /// Apply the journal a previous run left (it did not close cleanly), destage
+    /// it all into the map, sync, and drop the old segments.  A pages record is
+    /// skipped when the block's journal horizon covers it (the map already holds
+    /// it, or a later whole-block write replaced it); a tombstone (written by
+    /// earlier versions) voids the block's earlier records.
+    fn replay_journal(
+        &self,
+        records: Vec<(journal::Record, u64)>,
+        horizons: &HashMap<(u64, u64), (u64, u64)>,
+    ) -> Result<()> {
+        if records.is_empty() {
+            return self.trim_journal();
+        }
+        let (cs, page) = (self.chunk_size() as usize, self.overlay.page_size());
+        let (n, mut skipped) = (records.len(), 0usize);
+        for (r, start) in records {
+            let key = (r.lineage, r.block);
+            let rel = if r.kind == journal::KIND_TOMBSTONE {
+                self.overlay.remove(key).unwrap_or_default()
+            } else if horizons.get(&key).is_some_and(|h| (r.segment, start) < *h) {
+                skipped += 1;
+                self.journal.release(r.segment, r.data.len().div_ceil(page));
+                continue;
+            } else {
+                let off = r.offset as usize;
+                if off % page != 0 || r.data.len() % page != 0 || off + r.data.len() > cs {
+                    return Err(Error::Format {
+                        store: self.dir.clone(),
+                        what: format!(
+                            "journal segment {}: record for lineage {} block {} covers \
+                             {off}+{} bytes, not whole pages of a {cs}-byte block",
+                            r.segment,
+                            r.lineage,
+                            r.block,
+                            r.data.len()
+                        ),
+                    });
+                }
+                self.overlay.put(key, off, &r.data, r.segment)
+            };
+            self.release(rel);
+        }
+        log::info!(
+            "store {}: replayed {n} journal record(s) into {} block(s) ({skipped} already in the map)",
+            self.dir.display(),
+            self.overlay.len()
+        );
+        self.destage(None)?;
+        self.trim_journal()
+    }
+
+    pub(crate) fn release(&self, rel: overlay::Released) {
+        for (seg, pages) in rel {
+            self.journal.release(seg, pages);
+        }
+    }
+
+    /// Delete journal segments whose pages are all destaged, after syncing what
+    /// they were destaged into; then drop the horizons that covered them.
+    pub(crate) fn trim_journal(&self) -> Result<()> {
+        if let Some(seg) = self.journal.trim(|| self.chunks.sync())? {
+            let mut b = WriteBatch::default();
+            b.delete_range(vec![keys::HORIZON], keys::horizon_after(seg));
+            self.db.write(b, false)?;
+        }
+        Ok(())
+    }
+
+    /// Cap the write-back overlay at `blocks` blocks' worth of pages (tests use
+    /// tiny caps).
+    pub fn set_dirty_limit(&mut self, blocks: usize) {
+        self.dirty_limit = (blocks.max(1) as u64 * self.chunk_size()) as usize;
+    }
+
+    /// Cap the journal at `limit` bytes in segments of `segment` bytes (tests use
+    /// tiny ones).
+    pub fn set_journal_limit(&mut self, limit: u64, segment: u64) {
+        self.journal_limit = limit;
+        self.journal.set_segment_bytes(segment);
+    }
+
+    /// Journal segments on disk (for tests).
+    pub fn journal_segments(&self) -> usize {
+        self.journal.segments()
+    }
+
+    /// Number of keys in the metadata database (a full scan; for tests and tools).
+    pub fn metadata_key_count(&self) -> Result<u64> {
+        let mut n = 0;
+        let mut it = self.db.db.raw_iterator();
+        it.seek_to_first();
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        it.status().map_err(|e| self.db.err(e))?;
+        Ok(n)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.cfg.chunk_size as u64
+    }
+
+    /// Make every acknowledged write durable (FLUSH): small writes are in the
+    /// journal, whole blocks in packs and the map.  Refused once the latch has
+    /// tripped; a failed sync trips it (fsyncgate: no later FLUSH may succeed).
+    pub fn flush(&self) -> Result<()> {
+        self.db.latch.check()?;
+        crate::engine::latch::guarded(
+            &self.db.latch,
+            || format!("fdatasync of the journal in {}", self.dir.join("journal").display()),
+            || self.journal.sync(),
+        )?;
+        self.chunks.sync()?;
+        self.trim_journal()
+    }
+
+    /// Destage everything, seal the open pack and empty the journal (clean
+    /// shutdown).
+    pub fn close(&self) -> Result<()> {
+        self.stop_destager();
+        self.db.latch.check()?;
+        self.destage(None)?;
+        self.chunks.seal_open()?;
+        self.db.sync_wal()?;
+        self.journal.reset()?;
+        let mut b = WriteBatch::default();
+        b.delete_range(vec![keys::HORIZON], vec![keys::HORIZON + 1]);
+        self.db.write(b, true)
+    }
+
+    /// The store's fsyncgate latch (see [`crate::engine::latch`]).
+    pub fn latch(&self) -> &crate::engine::latch::Latch {
+        &self.db.latch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(cs: u32) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        Store::init(
+            &p,
+            &InitOptions {
+                chunk_size: cs,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let s = Store::open(&p, None).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn point_stays_identical_after_head_overwrite() {
+        let (_d, s) = store(4096);
+        s.create_group("g").unwrap();
+        s.create_volume("g", "d", 64 << 10).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        s.write(&head, 100, &[7u8; 10000]).unwrap();
+        let p = s.create_point("g", false, None).unwrap();
+        s.write(&head, 0, &[9u8; 65536]).unwrap();
+        let pv = s.view("g", "d", Some(&p.id.to_string())).unwrap();
+        let got = s.read(&pv, 0, 65536).unwrap();
+        let mut want = vec![0u8; 65536];
+        want[100..10100].fill(7);
+        assert_eq!(got, want);
+        assert_eq!(s.read(&head, 0, 65536).unwrap(), vec![9u8; 65536]);
+        assert!(matches!(s.write(&pv, 0, b"x"), Err(Error::ReadOnly(_))));
+    }
+
+    #[test]
+    fn small_writes_replay_after_a_crash_and_a_bad_journal_is_refused_unharmed() {
+        let (d, s) = store(65536);
+        let p = d.path().join("s");
+        s.create_group("g").unwrap();
+        s.create_volume("g", "d", 1 << 20).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        s.write(&head, 0, &[1u8; 65536]).unwrap();
+        s.write(&head, 4096, &[2u8; 8192]).unwrap(); // aligned pages
+        s.write(&head, 70000, &[3u8; 100]).unwrap(); // unaligned, over a hole
+        s.flush().unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        want[..65536].fill(1);
+        want[4096..12288].fill(2);
+        want[70000..70100].fill(3);
+        assert_eq!(s.read(&head, 0, 1 << 20).unwrap(), want);
+        assert!(!s.overlay.is_empty(), "small writes wait in the overlay");
+        drop(s); // a crash: no close, no destage
+        let jdir = p.join("journal");
+        let segs = |d: &Path| std::fs::read_dir(d).unwrap().count();
+        assert!(segs(&jdir) >= 1);
+        // A foreign file among the segments: refused, naming it, and nothing is lost.
+        let bad = jdir.join("0000000000000000.log");
+        std::fs::write(&bad, b"garbage that is not a journal").unwrap();
+        let err = Store::open(&p, None).err().expect("bad segment refused");
+        assert!(err.to_string().contains("0000000000000000.log"), "{err}");
+        std::fs::remove_file(&bad).unwrap();
+        let s = Store::open(&p, None).unwrap();
+        assert!(s.overlay.is_empty(), "replay destages everything");
+        assert_eq!(s.journal_segments(), 1, "old segments are trimmed");
+        let head = s.view("g", "d", None).unwrap();
+        assert_eq!(s.read(&head, 0, 1 << 20).unwrap(), want);
+        s.close().unwrap();
+    }
+
+    #[test]
+    fn a_journal_record_that_does_not_fit_the_block_is_refused() {
+        let (d, s) = store(65536);
+        let p = d.path().join("s");
+        s.create_group("g").unwrap();
+        s.create_volume("g", "d", 1 << 20).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        s.write(&head, 0, &[5u8; 65536]).unwrap();
+        s.flush().unwrap();
+        let lineage = head.lineage;
+        drop(s);
+        {
+            // A CRC-valid record that reaches past the end of its block: written by
+            // a store with another chunk size, or by a bug; never applied.
+            let (j, _) = Journal::open(&p.join("journal"), 4096, 0).unwrap();
+            j.append_pages(lineage, 0, 61440, &[9u8; 8192]).unwrap();
+        }
+        let err = Store::open(&p, None).err().expect("bad record refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("61440+8192") && msg.contains("65536-byte block"),
+            "{msg}"
+        );
+        // Nothing stored was touched: without the bad segment the data is intact.
+        for e in std::fs::read_dir(p.join("journal")).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let s = Store::open(&p, None).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        assert_eq!(s.read(&head, 0, 65536).unwrap(), vec![5u8; 65536]);
+    }
+
+    #[test]
+    fn clone_falls_through_and_diverges() {
+        let (_d, s) = store(4096);
+        s.create_group("g").unwrap();
+        s.create_volume("g", "d", 32768).unwrap();
+        let head = s.view("g", "d", None).unwrap();
+        s.write(&head, 0, &[1u8; 32768]).unwrap();
+        s.create_point("g", false, None).unwrap();
+        s.create_group("t").unwrap();
+        s.clone_volume("g", "d", "latest", "t", "c").unwrap();
+        let c = s.view("t", "c", None).unwrap();
+        assert_eq!(s.read(&c, 0, 32768).unwrap(), vec![1u8; 32768]);
+        s.write(&c, 4096, &[2u8; 4096]).unwrap();
+        s.zero(&c, 8192, 100).unwrap();
+        let got = s.read(&c, 0, 16384).unwrap();
+        assert_eq!(&got[4096..8192], &[2u8; 4096][..]);
+        assert_eq!(&got[8192..8292], &[0u8; 100][..]);
+        assert_eq!(&got[8292..], &[1u8; 16384 - 8292][..]);
+        assert_eq!(s.read(&head, 0, 32768).unwrap(), vec![1u8; 32768]);
+        let ext = s.extents(&head, 0, 32768).unwrap();
+        assert_eq!(ext.len(), 1);
+    }
+
+    #[test]
+    fn bad_ranges_names_and_sizes_error() {
+        let (_d, s) = store(4096);
+        assert!(s.create_volume("nogroup", "d", 4096).is_err());
+        s.create_group("g").unwrap();
+        assert!(matches!(s.create_group("g"), Err(Error::Exists(_))));
+        assert!(s.create_volume("g", "d", 1000).is_err());
+        assert!(s.create_volume("g", "bad/name", 4096).is_err());
+        s.create_volume("g", "d", 8192).unwrap();
+        let h = s.view("g", "d", None).unwrap();
+        assert!(s.write(&h, 8000, &[1u8; 200]).is_err());
+        assert!(s.read(&h, u64::MAX, 2).is_err());
+        assert!(s.view("g", "d", Some("latest")).is_err());
+        assert!(s.view("g", "d", Some("zzz")).is_err());
+        assert!(s.resize_volume("g", "d", 4096).is_err());
+        assert_eq!(s.resize_volume("g", "d", 16384).unwrap().size, 16384);
+    }
+}
