@@ -9,3 +9,4 @@ source scripts/env.sh
 # the race and fault tests drive (they are inert unless a test configures them).
 cargo build --release --locked --all-targets --features failpoints
 cargo test --release --locked --features failpoints --lib --bins --tests
+bash scripts/fuzz.sh
