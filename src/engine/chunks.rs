@@ -153,6 +153,8 @@ pub struct ChunkStore {
     open: Mutex<Option<OpenPack>>,
     sealer: Arc<Sealer>,
     touched: Mutex<Option<HashSet<ChunkId>>>,
+    /// Chunks lost in the crash this open recovered from (see `take_lost`).
+    lost: Mutex<Vec<ChunkId>>,
     pack_target: u64,
     /// Verified plaintext of recently read chunks.  Chunks are immutable by id, so
     /// the cache is never stale.  Size: `DRCLONE_CACHE_MIB` (default 1024).
@@ -187,6 +189,7 @@ impl ChunkStore {
             open: Mutex::new(None),
             sealer: Sealer::start(db.clone()),
             touched: Mutex::new(None),
+            lost: Mutex::new(Vec::new()),
             pack_target,
             cache: quick_cache::sync::Cache::new(cache_items(chunk_size)),
             locs: quick_cache::sync::Cache::new(crate::util::env_budget(
@@ -224,6 +227,7 @@ impl ChunkStore {
     /// Validate every record of every unsealed pack, drop index entries that a
     /// crash left dangling, and seal the pack.
     fn recover(&self) -> Result<()> {
+        let mut lost = Vec::new();
         for (k, v) in self.db.scan_prefix(&[keys::PACK])? {
             let Some(pack) = keys::parse_pack(&k) else {
                 continue;
@@ -247,6 +251,7 @@ impl ChunkStore {
                     if let Some(loc) = self.loc(&id)? {
                         if loc.pack == pack && loc.offset == off {
                             batch.delete(keys::chunk(&id));
+                            lost.push(id);
                         }
                     }
                     dropped += 1;
@@ -257,7 +262,7 @@ impl ChunkStore {
             if dropped > 0 {
                 log::warn!(
                     "store {}: pack {pack} lost {dropped} chunk(s) not made durable before a crash; \
-                     their index entries were dropped (no flushed write is affected)",
+                     their index entries were dropped (they belonged to writes no FLUSH had covered)",
                     self.store.display()
                 );
             } else {
@@ -267,7 +272,16 @@ impl ChunkStore {
                 );
             }
         }
+        *self.lost.lock().unwrap() = lost;
         Ok(())
+    }
+
+    /// Chunks whose records did not survive the crash this open recovered from
+    /// (their index entries were dropped).  Only unflushed whole-block writes can
+    /// reference them (invariant I2: everything else syncs its chunks before it
+    /// points at them); the store repairs those map entries at open.
+    pub(crate) fn take_lost(&self) -> Vec<ChunkId> {
+        std::mem::take(&mut *self.lost.lock().unwrap())
     }
 
     /// Read and check one record's header and payload CRC.
@@ -671,11 +685,14 @@ impl ChunkStore {
         Ok(freed)
     }
 
-    /// Copy the live records of a sealed pack into the open pack, repoint the index,
-    /// make that durable, then delete the old pack.  Returns bytes moved.
+    /// Copy the live records of a sealed pack into the open pack, make the copies
+    /// durable, only then repoint the index at them (invariant I2: an index entry
+    /// never points at pack bytes that are not durable), then delete the old pack.
+    /// Returns bytes moved.  Readers keep using the old copies until the repoint.
     pub(crate) fn compact(&self, pack: u64) -> Result<u64> {
         let mut moved = 0u64;
         let mut stale = WriteBatch::default();
+        let mut copies = Vec::new();
         for (rk, rv) in self.db.scan_prefix(&keys::reverse_prefix(pack))? {
             let Some((_, off)) = keys::parse_reverse(&rk) else {
                 continue;
@@ -700,14 +717,20 @@ impl ChunkStore {
                 ));
             }
             let new = self.append_record(loc.flags, loc.raw_len, loc.stored_len, &[&rec])?;
-            let mut b = WriteBatch::default();
-            Self::index(&mut b, &id, &new);
-            self.db.write(b, false)?;
-            self.locs.remove(&id);
+            copies.push((id, new));
             moved += rec.len() as u64;
         }
+        self.sync_packs()?;
+        let mut b = WriteBatch::default();
+        for (id, new) in &copies {
+            Self::index(&mut b, id, new);
+        }
+        self.db.write(b, false)?;
+        for (id, _) in &copies {
+            self.locs.remove(id);
+        }
         stale.delete(keys::pack(pack));
-        self.sync()?;
+        self.db.sync_wal()?;
         self.db.write(stale, true)?;
         self.backend.delete(pack)?;
         Ok(moved)

@@ -187,6 +187,9 @@ pub struct Store {
     pub(crate) journal_limit: u64,
     /// One writer at a time relieves overlay or journal pressure.
     pub(crate) destaging: Mutex<()>,
+    /// Lineages with whole-block map entries committed since the last FLUSH: the
+    /// next FLUSH moves them to a new epoch (see [`Store::flush`]).
+    pub(crate) unflushed: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// Write `store.json` atomically: a temporary file, fsynced, renamed into place,
@@ -483,7 +486,9 @@ impl Store {
             dirty_limit: dirty_limit(),
             journal_limit,
             destaging: Mutex::new(()),
+            unflushed: Mutex::new(Default::default()),
         };
+        store.repair_lost_chunks()?;
         store.replay_journal(replay, &horizons)?;
         keep_reserve(dir);
         Ok(store)
@@ -599,6 +604,14 @@ impl Store {
     /// Make every acknowledged write durable (FLUSH): small writes are in the
     /// journal, whole blocks in packs and the map.  Refused once the latch has
     /// tripped; a failed sync trips it (fsyncgate: no later FLUSH may succeed).
+    ///
+    /// Lineages that took whole-block writes since the last FLUSH move to a new
+    /// epoch first (under the exclusive gate, one unsynced batch that this FLUSH's
+    /// WAL sync makes durable).  So a whole-block write never overwrites, in
+    /// place, a map entry a FLUSH made durable: if RocksDB persists a later,
+    /// unflushed entry on its own (WAL write-back, a memtable flush) and its chunk
+    /// is lost in a power cut, recovery deletes that entry and the block reads as
+    /// of the last FLUSH (invariant I11, docs/DESIGN.md §8).
     pub fn flush(&self) -> Result<()> {
         self.db.latch.check()?;
         crate::engine::latch::guarded(
@@ -606,8 +619,63 @@ impl Store {
             || format!("fdatasync of the journal in {}", self.dir.join("journal").display()),
             || self.journal.sync(),
         )?;
+        let dirty: Vec<u64> = std::mem::take(&mut *self.unflushed.lock().unwrap())
+            .into_iter()
+            .collect();
+        if !dirty.is_empty() {
+            let g = self.gate.exclusive();
+            self.bump_epochs(&g, &dirty)?;
+        }
         self.chunks.sync()?;
         self.trim_journal()
+    }
+
+    /// Move `lineages` (those that still have a head) to a new epoch.
+    fn bump_epochs(&self, _gate: &Exclusive<'_>, lineages: &[u64]) -> Result<()> {
+        let mut lins = self.lineages.write().unwrap();
+        let mut b = WriteBatch::default();
+        let mut updated = Vec::new();
+        for id in lineages {
+            if let Some(l) = lins.get(id).filter(|l| l.has_head) {
+                let mut l = l.clone();
+                l.epoch += 1;
+                b.put(keys::lineage(l.id), crate::engine::meta::encode_rec(&l));
+                updated.push(l);
+            }
+        }
+        self.db.write(b, false)?;
+        for l in updated {
+            lins.insert(l.id, l);
+        }
+        Ok(())
+    }
+
+    /// After a crash that lost chunks (records a FLUSH never covered), delete the
+    /// map entries that point at them: only unflushed whole-block writes can, and
+    /// each sits at an epoch after the last FLUSH (see [`Store::flush`]), so the
+    /// block falls back to its content as of that FLUSH.
+    fn repair_lost_chunks(&self) -> Result<()> {
+        let lost: std::collections::HashSet<ChunkId> = self.chunks.take_lost().into_iter().collect();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let mut b = WriteBatch::default();
+        self.db.for_prefix(&[keys::MAP], |k, v| {
+            if let Some(crate::engine::meta::MapVal::Data(id)) = crate::engine::meta::MapVal::decode(v) {
+                if lost.contains(&id) {
+                    b.delete(k);
+                }
+            }
+            true
+        })?;
+        let n = b.len();
+        self.db.write(b, true)?;
+        log::warn!(
+            "store {}: {n} block(s) written after the last FLUSH lost their data in the crash \
+             and read as of that FLUSH",
+            self.dir.display()
+        );
+        Ok(())
     }
 
     /// Destage everything, seal the open pack and empty the journal (clean

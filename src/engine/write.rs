@@ -499,7 +499,12 @@ impl Store {
                 (v, _) => batch.put(keys::map(lin.id, *b, lin.epoch), v.encode()),
             }
         }
+        let new_versions = batch.len() > 0;
         self.db.write(batch, false)?;
+        if new_versions {
+            // The next FLUSH moves this lineage to a new epoch (Store::flush).
+            self.unflushed.lock().unwrap().insert(lin.id);
+        }
         for (b, _, _) in &blocks {
             self.head_cache.invalidate((lin.id, *b));
         }
