@@ -226,10 +226,19 @@ pub fn serve_session(
     };
     match c.negotiate(&mut r, &w) {
         Ok(Some(view)) => {
-            log::info!("nbd {peer}: serving {}", view.name);
-            session.set_export(&view.name, view.writable);
-            if let Err(e) = c.transmit(&mut r, &w, view) {
-                log::info!("nbd {peer}: connection ended: {e}");
+            // The view stays in use while the client is connected: removing its
+            // point or volume is refused meanwhile (invariant I8).  If it went
+            // between the option haggling and here, the client is disconnected
+            // rather than served something else.
+            match c.store.lease(&view, &format!("nbd {peer}")) {
+                Ok(_lease) => {
+                    log::info!("nbd {peer}: serving {}", view.name);
+                    session.set_export(&view.name, view.writable);
+                    if let Err(e) = c.transmit(&mut r, &w, view) {
+                        log::info!("nbd {peer}: connection ended: {e}");
+                    }
+                }
+                Err(e) => log::warn!("nbd {peer}: {} is gone: {e}", view.name),
             }
         }
         Ok(None) => log::debug!("nbd {peer}: client left during negotiation"),
