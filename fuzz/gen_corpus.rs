@@ -62,19 +62,43 @@ fn nbd_option() {
     string32(&mut default_export, "");
     default_export.extend_from_slice(&0u16.to_be_bytes());
     let seeds = [
-        ("go", vec![option(OPT_STRUCTURED_REPLY, &[]), option(OPT_SET_META_CONTEXT, &meta), option(OPT_GO, &go)]),
-        ("info-then-go", vec![option(OPT_INFO, &go), option(OPT_GO, &default_export)]),
-        ("list-meta", vec![option(OPT_LIST_META_CONTEXT, &meta), option(OPT_ABORT, &[])]),
+        (
+            "go",
+            vec![
+                option(OPT_STRUCTURED_REPLY, &[]),
+                option(OPT_SET_META_CONTEXT, &meta),
+                option(OPT_GO, &go),
+            ],
+        ),
+        (
+            "info-then-go",
+            vec![option(OPT_INFO, &go), option(OPT_GO, &default_export)],
+        ),
+        (
+            "list-meta",
+            vec![option(OPT_LIST_META_CONTEXT, &meta), option(OPT_ABORT, &[])],
+        ),
         ("list", vec![option(OPT_LIST, &[]), option(OPT_ABORT, &[])]),
         ("export-name", vec![option(OPT_EXPORT_NAME, b"app/db")]),
-        ("starttls-unsupported", vec![option(OPT_STARTTLS, &[]), option(OPT_GO, &go)]),
+        (
+            "starttls-unsupported",
+            vec![option(OPT_STARTTLS, &[]), option(OPT_GO, &go)],
+        ),
         ("go-torn", vec![option(OPT_GO, &go[..go.len() - 1])]),
     ];
     for (name, opts) in seeds {
         write("nbd_option", name, &handshake(both, &opts));
     }
-    write("nbd_option", "oldstyle-flags", &handshake(0, &[option(OPT_EXPORT_NAME, b"")]));
-    write("nbd_option", "unknown-flags", &handshake(0x103, &[option(OPT_GO, &go)]));
+    write(
+        "nbd_option",
+        "oldstyle-flags",
+        &handshake(0, &[option(OPT_EXPORT_NAME, b"")]),
+    );
+    write(
+        "nbd_option",
+        "unknown-flags",
+        &handshake(0x103, &[option(OPT_GO, &go)]),
+    );
 }
 
 fn nbd_request() {
@@ -83,7 +107,12 @@ fn nbd_request() {
         (0, CMD_READ, 0, 4096),
         (CMD_FLAG_FUA, CMD_WRITE, 1 << 20, 64),
         (0, CMD_FLUSH, 0, 0),
-        (CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 8192, 1 << 20),
+        (
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_WRITE_ZEROES,
+            8192,
+            1 << 20,
+        ),
         (0, CMD_TRIM, 1 << 30, 1 << 16),
         (CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, u32::MAX),
         (CMD_FLAG_DF, CMD_READ, u64::MAX - 511, 512),
@@ -93,7 +122,13 @@ fn nbd_request() {
     ];
     let mut stream = Vec::new();
     for (i, &(flags, typ, offset, length)) in reqs.iter().enumerate() {
-        let r = Request { flags, typ, cookie: i as u64 + 1, offset, length };
+        let r = Request {
+            flags,
+            typ,
+            cookie: i as u64 + 1,
+            offset,
+            length,
+        };
         let mut one = r.encode().to_vec();
         if let Payload::Data(n) = request_payload(&r) {
             one.extend((0..n).map(|b| b as u8));
@@ -102,7 +137,13 @@ fn nbd_request() {
         stream.extend_from_slice(&one);
     }
     write("nbd_request", "stream", &stream);
-    let big = Request { flags: 0, typ: CMD_WRITE, cookie: 99, offset: 0, length: MAX_PAYLOAD + 1 };
+    let big = Request {
+        flags: 0,
+        typ: CMD_WRITE,
+        cookie: 99,
+        offset: 0,
+        length: MAX_PAYLOAD + 1,
+    };
     write("nbd_request", "write-over-max-payload", &big.encode());
 }
 
@@ -140,10 +181,22 @@ fn pack_record() {
     use pack_format::*;
     let id: ChunkId = std::array::from_fn(|i| (i * 37) as u8);
     let payload: Vec<u8> = (0..300u32).map(|i| (i % 251) as u8).collect();
-    write("pack_record", "raw", &record(&id, 0, payload.len() as u32, &payload));
+    write(
+        "pack_record",
+        "raw",
+        &record(&id, 0, payload.len() as u32, &payload),
+    );
     // Flags as in src/engine/codec.rs: 1 zstd, 2 lz4, 4 encrypted.
-    write("pack_record", "zstd", &record(&id, 1, 65536, &payload[..40]));
-    write("pack_record", "lz4-encrypted", &record(&id, 6, 65536, &payload[..200]));
+    write(
+        "pack_record",
+        "zstd",
+        &record(&id, 1, 65536, &payload[..40]),
+    );
+    write(
+        "pack_record",
+        "lz4-encrypted",
+        &record(&id, 6, 65536, &payload[..200]),
+    );
     write("pack_record", "empty-payload", &record(&id, 0, 0, &[]));
     let mut bad = record(&id, 0, 64, &payload[..64]);
     bad[RECORD_HEADER_LEN + 5] ^= 1;

@@ -70,10 +70,17 @@ fn spec_string(s: &str) -> bool {
 fn check_client_flags(b: &[u8]) {
     let got = client_flags(b);
     let known = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
-    let raw = b.get(..4).map(|f| u32::from_be_bytes(f.try_into().unwrap()));
-    assert_eq!(got.is_ok(), raw.is_some_and(|f| f & !known == 0), "client_flags: {got:?}");
+    let raw = b
+        .get(..4)
+        .map(|f| u32::from_be_bytes(f.try_into().unwrap()));
+    assert_eq!(
+        got.is_ok(),
+        raw.is_some_and(|f| f & !known == 0),
+        "client_flags: {got:?}"
+    );
     if let Ok(f) = got {
-        let back = (f.fixed_newstyle as u32 * FLAG_C_FIXED_NEWSTYLE) | (f.no_zeroes as u32 * FLAG_C_NO_ZEROES);
+        let back = (f.fixed_newstyle as u32 * FLAG_C_FIXED_NEWSTYLE)
+            | (f.no_zeroes as u32 * FLAG_C_NO_ZEROES);
         assert_eq!(Some(back), raw, "client flags do not re-encode");
     }
 }
@@ -88,12 +95,20 @@ fn check_payload(payload: &[u8]) {
     }
     if let Ok((name, infos)) = parse_info_request(payload) {
         assert!(spec_string(&name));
-        assert_eq!(encode_info_request(&name, &infos), payload, "INFO/GO re-encoding");
+        assert_eq!(
+            encode_info_request(&name, &infos),
+            payload,
+            "INFO/GO re-encoding"
+        );
     }
     if let Ok((name, queries)) = parse_meta_request(payload) {
         assert!(spec_string(&name) && queries.len() <= 1024);
         assert!(queries.iter().all(|q| spec_string(q)));
-        assert_eq!(encode_meta_request(&name, &queries), payload, "meta-context re-encoding");
+        assert_eq!(
+            encode_meta_request(&name, &queries),
+            payload,
+            "meta-context re-encoding"
+        );
     }
     // A bounded reader never hands out more than it has.
     let mut r = Reader::new(payload);
@@ -127,9 +142,16 @@ fn check_option(opt: u32, payload: &[u8]) {
 /// Names and queries cut from the input's text, sent as a client would.
 fn check_client_encodings(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let mid = text.char_indices().nth(text.chars().count() / 2).map_or(text.len(), |(i, _)| i);
+    let mid = text
+        .char_indices()
+        .nth(text.chars().count() / 2)
+        .map_or(text.len(), |(i, _)| i);
     let (name, rest) = text.split_at(mid);
-    let infos: Vec<u16> = data.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).take(64).collect();
+    let infos: Vec<u16> = data
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .take(64)
+        .collect();
     let got = parse_info_request(&encode_info_request(name, &infos));
     if spec_string(name) {
         assert_eq!(got, Ok((name.to_string(), infos)));
@@ -160,7 +182,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok((opt, len)) = header else { break };
         assert_eq!(option_header_bytes(opt, len), rest[..16]);
         // The server drops a client whose option is over MAX_OPTION_LEN (or short).
-        let Some(payload) = rest[16..].get(..len as usize).filter(|_| len <= MAX_OPTION_LEN) else {
+        let Some(payload) = rest[16..]
+            .get(..len as usize)
+            .filter(|_| len <= MAX_OPTION_LEN)
+        else {
             check_payload(&rest[16..]);
             break;
         };

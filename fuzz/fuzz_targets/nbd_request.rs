@@ -32,7 +32,12 @@ use proto::*;
 /// read-only.  The fuzzer adds its own below.
 const BASE: u16 = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
 const WRITABLE: u16 = TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
-const SERVER_TFLAGS: [u16; 4] = [BASE | WRITABLE, BASE | WRITABLE | TF_SEND_DF, BASE | TF_READ_ONLY, BASE | TF_READ_ONLY | TF_SEND_DF];
+const SERVER_TFLAGS: [u16; 4] = [
+    BASE | WRITABLE,
+    BASE | WRITABLE | TF_SEND_DF,
+    BASE | TF_READ_ONLY,
+    BASE | TF_READ_ONLY | TF_SEND_DF,
+];
 
 const KNOWN_FLAGS: u16 =
     CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
@@ -49,10 +54,22 @@ fn be64(b: &[u8]) -> u64 {
 
 fn check_flags(req: &Request, tflags: u16) {
     let allowed = allowed_command_flags(req.typ, tflags);
-    assert_eq!(allowed & !KNOWN_FLAGS, 0, "unknown or PAYLOAD_LEN flag allowed: {allowed:#x}");
-    assert_eq!(allowed & CMD_FLAG_FUA != 0, tflags & TF_SEND_FUA != 0, "FUA vs SEND_FUA");
+    assert_eq!(
+        allowed & !KNOWN_FLAGS,
+        0,
+        "unknown or PAYLOAD_LEN flag allowed: {allowed:#x}"
+    );
+    assert_eq!(
+        allowed & CMD_FLAG_FUA != 0,
+        tflags & TF_SEND_FUA != 0,
+        "FUA vs SEND_FUA"
+    );
     if allowed & CMD_FLAG_DF != 0 {
-        assert!(req.typ == CMD_READ && tflags & TF_SEND_DF != 0, "DF on {}", req.typ);
+        assert!(
+            req.typ == CMD_READ && tflags & TF_SEND_DF != 0,
+            "DF on {}",
+            req.typ
+        );
     }
     if allowed & (CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO) != 0 {
         assert_eq!(req.typ, CMD_WRITE_ZEROES, "NO_HOLE/FAST_ZERO");
@@ -63,12 +80,22 @@ fn check_flags(req: &Request, tflags: u16) {
     if allowed & CMD_FLAG_REQ_ONE != 0 {
         assert_eq!(req.typ, CMD_BLOCK_STATUS, "REQ_ONE");
     }
-    for more in [TF_SEND_FUA, TF_SEND_DF, TF_SEND_WRITE_ZEROES, TF_SEND_FAST_ZERO, !0] {
+    for more in [
+        TF_SEND_FUA,
+        TF_SEND_DF,
+        TF_SEND_WRITE_ZEROES,
+        TF_SEND_FAST_ZERO,
+        !0,
+    ] {
         let wider = allowed_command_flags(req.typ, tflags | more);
         assert_eq!(allowed & !wider, 0, "announcing {more:#x} took flags away");
     }
     let ok = check_request_flags(req, tflags);
-    assert_eq!(ok.is_ok(), req.flags & !allowed == 0, "check_request_flags: {ok:?}");
+    assert_eq!(
+        ok.is_ok(),
+        req.flags & !allowed == 0,
+        "check_request_flags: {ok:?}"
+    );
 }
 
 fn check_payload(req: &Request) -> Payload {
@@ -111,8 +138,11 @@ fn check_replies(req: &Request, tail: &[u8]) {
     assert_eq!(e[26..], msg.as_bytes()[..mlen]);
 
     // One extent descriptor per 8 bytes that follow.
-    let extents: Vec<(u32, u32)> =
-        tail.chunks_exact(8).take(64).map(|c| (be32(&c[0..4]), be32(&c[4..8]))).collect();
+    let extents: Vec<(u32, u32)> = tail
+        .chunks_exact(8)
+        .take(64)
+        .map(|c| (be32(&c[0..4]), be32(&c[4..8])))
+        .collect();
     let bs = block_status(req.cookie, 1, &extents);
     assert_eq!(be16(&bs[6..8]), REPLY_TYPE_BLOCK_STATUS);
     assert_eq!(be64(&bs[8..16]), req.cookie);

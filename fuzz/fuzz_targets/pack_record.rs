@@ -25,7 +25,12 @@ const RESERVED: [std::ops::Range<usize>; 2] = [5..8, 20..24];
 fuzz_target!(|data: &[u8]| {
     let decoded = RecordHeader::decode(data);
     let well_formed = data.len() >= RECORD_HEADER_LEN && data[0..4] == RECORD_MAGIC;
-    assert_eq!(decoded.is_ok(), well_formed, "decode accepted/rejected {:?}", decoded);
+    assert_eq!(
+        decoded.is_ok(),
+        well_formed,
+        "decode accepted/rejected {:?}",
+        decoded
+    );
 
     // The header fields, decoded or (for rejected input) taken from zero-padded bytes.
     let mut raw = [0u8; RECORD_HEADER_LEN];
@@ -39,12 +44,19 @@ fuzz_target!(|data: &[u8]| {
             for r in RESERVED {
                 expect[r].fill(0);
             }
-            assert_eq!(e, expect, "re-encoded header differs outside the reserved bytes");
+            assert_eq!(
+                e, expect,
+                "re-encoded header differs outside the reserved bytes"
+            );
             h
         }
         Err(_) => RecordHeader::decode(&raw).expect("a full header with magic decodes"),
     };
-    assert_eq!(RecordHeader::decode(&h.encode()), Ok(h), "decode(encode(h)) != h");
+    assert_eq!(
+        RecordHeader::decode(&h.encode()),
+        Ok(h),
+        "decode(encode(h)) != h"
+    );
 
     // Build a record over the payload (whatever follows the header).
     let payload = data.get(RECORD_HEADER_LEN..).unwrap_or(&[]);
@@ -54,8 +66,15 @@ fuzz_target!(|data: &[u8]| {
     let rh = RecordHeader::decode(&rec).expect("a built record decodes");
     assert_eq!((rh.flags, rh.raw_len, rh.id), (h.flags, h.raw_len, h.id));
     assert_eq!(rh.stored_len as usize, payload.len());
-    assert_eq!(rh.crc, crc(&rec[RECORD_HEADER_LEN..]), "a built record's CRC fails");
-    assert_eq!(rec[..RECORD_HEADER_LEN], record_header(&h.id, h.flags, h.raw_len, payload));
+    assert_eq!(
+        rh.crc,
+        crc(&rec[RECORD_HEADER_LEN..]),
+        "a built record's CRC fails"
+    );
+    assert_eq!(
+        rec[..RECORD_HEADER_LEN],
+        record_header(&h.id, h.flags, h.raw_len, payload)
+    );
 
     if !payload.is_empty() {
         // CRC-32 detects every single-bit error: flip one, chosen by the input.
@@ -70,7 +89,9 @@ fuzz_target!(|data: &[u8]| {
     if well_formed
         && h.stored_len as usize == payload.len()
         && h.crc == crc(payload)
-        && RESERVED.iter().all(|r| data[r.clone()].iter().all(|&b| b == 0))
+        && RESERVED
+            .iter()
+            .all(|r| data[r.clone()].iter().all(|&b| b == 0))
     {
         assert_eq!(rec, data, "a valid record is not what record() builds");
     }
@@ -79,6 +100,9 @@ fuzz_target!(|data: &[u8]| {
     let id = h.raw_len as u64 | (h.stored_len as u64) << 32;
     let ph = pack_header(id);
     assert_eq!(ph[0..8], PACK_MAGIC);
-    assert_eq!(u32::from_be_bytes(ph[8..12].try_into().unwrap()), PACK_VERSION);
+    assert_eq!(
+        u32::from_be_bytes(ph[8..12].try_into().unwrap()),
+        PACK_VERSION
+    );
     assert_eq!(u64::from_be_bytes(ph[16..24].try_into().unwrap()), id);
 });
