@@ -31,7 +31,7 @@
 //! range of seeds); `DRCLONE_POWERLOSS_CUTS=N` sets the cuts per seed;
 //! `DRCLONE_POWERLOSS_KEEP_GOING=1` records failures and goes on (the model is
 //! reset to what was found) instead of stopping at the first;
-//! `DRCLONE_POWERLOSS_DIRSYNC=1` makes directory entries durable at once, to look
+//! `DRCLONE_CRASHFS_DIRSYNC=1` makes directory entries durable at once, to look
 //! past missing directory fsyncs.  A seed replays the same workload and cut
 //! points; which store operation a cut lands in can still vary with thread
 //! timing (the destager, sealer and RocksDB threads count file operations too).
@@ -191,6 +191,9 @@ struct Run {
     keep_going: bool,
     store_ops: u64,
     recovery_cuts: u64,
+    /// Seconds in the workload, in recovery (drop, reset, open), in the checks.
+    times: [f64; 3],
+    profile: BTreeMap<String, (u64, f64)>,
 }
 
 fn units_desc(u0: usize, u1: usize) -> String {
@@ -207,9 +210,6 @@ impl Run {
     fn new(cfg: Cfg, seed: u64) -> Run {
         support::init_log();
         let fs = CrashFs::mount();
-        if env_flag("DRCLONE_POWERLOSS_DIRSYNC") {
-            fs.set_dirsync(true);
-        }
         let dir = fs.root().join("store");
         Store::init(
             &dir,
@@ -236,6 +236,8 @@ impl Run {
             keep_going: env_flag("DRCLONE_POWERLOSS_KEEP_GOING"),
             store_ops: 0,
             recovery_cuts: 0,
+            times: [0.0; 3],
+            profile: BTreeMap::new(),
         };
         let s = r.open().expect("first open");
         s.create_group("g").unwrap();
@@ -365,8 +367,23 @@ impl Run {
         Ok(go)
     }
 
-    /// One random operation.  Ok(false) or Err: the cut came (or a failure).
+    /// One random operation, timed by kind (`DRCLONE_POWERLOSS_PROFILE=1`).
     fn step(&mut self) -> Result<bool, ()> {
+        let t = Instant::now();
+        let n = self.log.len();
+        let r = self.step_inner();
+        if env_flag("DRCLONE_POWERLOSS_PROFILE") {
+            if let Some(l) = self.log.get(n) {
+                let kind = l.split_whitespace().take(3).filter(|w| !w.starts_with('#')).take(2).collect::<Vec<_>>().join(" ");
+                let e = self.profile.entry(kind).or_default();
+                e.0 += 1;
+                e.1 += t.elapsed().as_secs_f64();
+            }
+        }
+        r
+    }
+
+    fn step_inner(&mut self) -> Result<bool, ()> {
         let gcw = self.cfg.gc_weight;
         let choice = self.rng.gen_range(0..100 + gcw);
         let live = self.m.live(None);
@@ -421,6 +438,8 @@ impl Run {
                 self.write(vi, u0, u1, 0, true, "")
             }
             52..=61 => self.flush(),
+            // At most five points: retention keeps the store (and each check) small.
+            62..=66 if self.m.points.len() >= 5 => self.remove_point(),
             62..=66 => self.create_point(),
             67..=68 => self.remove_point(),
             69..=70 => self.clone_volume(),
@@ -638,6 +657,7 @@ impl Run {
     /// Power off (the file system is dead already), drop the store, power on,
     /// recover (perhaps through a second cut), check.
     fn crash_and_recover(&mut self) {
+        let t0 = Instant::now();
         let tear = self.cfg.tear;
         self.store = None;
         self.fs.wait_closed();
@@ -673,12 +693,15 @@ impl Run {
             }
         };
         self.store = Some(s);
+        let t1 = Instant::now();
         let problems = self.check();
         if !problems.is_empty() {
             self.fail(problems);
         }
         self.writable_check();
         self.log.clear();
+        self.times[1] += (t1 - t0).as_secs_f64();
+        self.times[2] += t1.elapsed().as_secs_f64();
     }
 
     fn read_all(&self, vi: usize) -> drclone::Result<Vec<u32>> {
@@ -909,6 +932,7 @@ impl Run {
         for cut in 0..self.cfg.cuts {
             self.cut_no = cut;
             let n = self.rng.gen_range(1..=self.cfg.max_countdown);
+            let t0 = Instant::now();
             self.fs.arm(n);
             let mut steps = 0;
             while !self.fs.is_dead() && steps < 5000 {
@@ -921,6 +945,7 @@ impl Run {
             if !self.fs.is_dead() {
                 self.fs.cut();
             }
+            self.times[0] += t0.elapsed().as_secs_f64();
             self.crash_and_recover();
         }
         // A clean close at the end, then one last check.
@@ -950,6 +975,7 @@ fn suite(cfg: Cfg) {
     let t = Instant::now();
     let mut failures = Vec::new();
     let (mut total, mut ops, mut rcuts, mut fsops) = (0, 0, 0, 0);
+    let mut times = [0.0; 3];
     for seed in seeds {
         let mut r = Run::new(Cfg { cuts, ..cfg }, seed);
         r.run();
@@ -957,13 +983,23 @@ fn suite(cfg: Cfg) {
         ops += r.store_ops;
         rcuts += r.recovery_cuts;
         fsops += r.fs.ops();
+        for (t, x) in times.iter_mut().zip(r.times) {
+            *t += x;
+        }
         failures.extend(r.failures);
+        for (k, (n, t)) in &r.profile {
+            eprintln!("  {k:<24} {n:>6} ops {:>8.1} ms each", t / *n as f64 * 1000.0);
+        }
     }
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
-        "powerloss {}: {total} cuts (+{rcuts} during recovery) in {secs:.1} s = {:.1} cuts/s; {ops} store operations, {fsops} file operations",
+        "powerloss {}: {total} cuts (+{rcuts} during recovery) in {secs:.1} s = {:.1} cuts/s; {ops} store operations, {fsops} file operations; \
+         {:.1} s workload, {:.1} s recovery, {:.1} s checks",
         cfg.name,
-        total as f64 / secs
+        total as f64 / secs,
+        times[0],
+        times[1],
+        times[2]
     );
     assert!(failures.is_empty(), "{} failed cut(s):\n{}", failures.len(), failures.join("\n"));
 }
@@ -971,8 +1007,8 @@ fn suite(cfg: Cfg) {
 const BASE: Cfg = Cfg {
     name: "",
     base: 0,
-    seeds: 4,
-    cuts: 125,
+    seeds: 10,
+    cuts: 50,
     destager: false,
     tear: Tear::None,
     pack_size: 64 << 10,
@@ -981,7 +1017,7 @@ const BASE: Cfg = Cfg {
     journal_segment: 24 << 10,
     max_countdown: 300,
     recovery_cut: 0.1,
-    gc_weight: 4,
+    gc_weight: 2,
 };
 
 /// Strict loss of everything unsynced; writers destage themselves.
@@ -1030,7 +1066,7 @@ fn powerloss_gc_heavy() {
         base: 4000,
         destager: true,
         tear: Tear::All,
-        gc_weight: 20,
+        gc_weight: 10,
         ..BASE
     });
 }

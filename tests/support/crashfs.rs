@@ -21,6 +21,8 @@
 //! * A failed sync (injected) loses the file's unsynced writes for good
 //!   (fsyncgate): they stay visible to reads but no later sync makes them
 //!   durable.
+//! * `DRCLONE_CRASHFS_DIRSYNC=1` makes entries durable at once (as `mount -o
+//!   dirsync` would), to look past a missing directory fsync for other bugs.
 //! * Simplifications: no symlinks, xattrs, times that matter, or permissions
 //!   (tests run as root); locks are the kernel's local POSIX locks; every file is
 //!   opened with direct I/O and entries and attributes are never cached by the
@@ -995,7 +997,7 @@ impl CrashFs {
                 ops: 0,
                 faults: Vec::new(),
                 free: 64 << 30,
-                dirsync: false,
+                dirsync: std::env::var("DRCLONE_CRASHFS_DIRSYNC").is_ok_and(|v| v == "1"),
                 trace: Default::default(),
                 cut_trace: Vec::new(),
                 cut_at: None,
