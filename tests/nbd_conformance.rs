@@ -42,14 +42,22 @@ const COMMANDS: &[(u16, &str)] = &[
 
 /// Every flag bit, one at a time, plus none.
 fn flags() -> Vec<u16> {
-    std::iter::once(0).chain((0..16).map(|b| 1u16 << b)).collect()
+    std::iter::once(0)
+        .chain((0..16).map(|b| 1u16 << b))
+        .collect()
 }
 
 /// The spec's answer: the error for `flag` on `cmd` given what was announced.
 fn expected(cmd: u16, flag: u16, tflags: u16, writable: bool, meta: bool) -> u32 {
     let known = matches!(
         cmd,
-        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
+        CMD_READ
+            | CMD_WRITE
+            | CMD_FLUSH
+            | CMD_TRIM
+            | CMD_CACHE
+            | CMD_WRITE_ZEROES
+            | CMD_BLOCK_STATUS
     );
     if !known {
         // "The server SHOULD return NBD_EINVAL if it receives an unknown command."
@@ -119,7 +127,11 @@ fn every_command_with_every_flag_on_every_path() {
             // Transmission flags, per path.
             assert_eq!(c.size, SIZE, "{ctx}");
             assert_ne!(tf & TF_HAS_FLAGS, 0, "{ctx}");
-            assert_eq!(tf & TF_SEND_DF != 0, c.structured, "SEND_DF iff structured: {ctx}");
+            assert_eq!(
+                tf & TF_SEND_DF != 0,
+                c.structured,
+                "SEND_DF iff structured: {ctx}"
+            );
             assert_eq!(tf & TF_READ_ONLY != 0, !writable, "{ctx}");
             for f in [TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_SEND_FAST_ZERO] {
                 assert_eq!(tf & f != 0, writable, "{f:#x}: {ctx}");
@@ -217,7 +229,10 @@ fn unknown_client_flags_close_the_connection() {
         let mut s = hello(&d.sock, bad);
         // Whatever the client sends next, it gets no option reply.
         let _ = send_opt(&mut s, OPT_LIST, &[]);
-        assert!(closed_by_peer(&mut s), "client flags {bad:#x} were accepted");
+        assert!(
+            closed_by_peer(&mut s),
+            "client flags {bad:#x} were accepted"
+        );
     }
     // Known flags, in every combination, are fine.
     for ok in [0u32, 1, 2, 3] {
@@ -314,5 +329,8 @@ fn oversized_requests_get_einval_and_the_stream_stays_in_sync() {
     assert_eq!(c.call(0, CMD_READ, 0, big, &[]).error, EINVAL);
     let payload = vec![0x5a; big as usize];
     assert_eq!(c.call(0, CMD_WRITE, 0, big, &payload).error, EINVAL);
-    assert_eq!(c.call(0, CMD_READ, 0, LEN, &[]).data, vec![0u8; LEN as usize]);
+    assert_eq!(
+        c.call(0, CMD_READ, 0, LEN, &[]).data,
+        vec![0u8; LEN as usize]
+    );
 }

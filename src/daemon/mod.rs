@@ -181,7 +181,9 @@ fn start_shared(store: Arc<Store>, default_export: Option<String>, limits: Limit
 fn reaper(stop: Arc<AtomicBool>, shared: Arc<Shared>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let l = &shared.limits;
-        let shortest = l.idle_timeout.map_or(l.handshake_timeout, |i| i.min(l.handshake_timeout));
+        let shortest = l
+            .idle_timeout
+            .map_or(l.handshake_timeout, |i| i.min(l.handshake_timeout));
         let tick = (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(tick);
@@ -212,7 +214,12 @@ fn drain(store: &Store, shared: &Shared, threads: Vec<JoinHandle<()>>) -> Result
     Ok(())
 }
 
-fn accept_loop<L, S>(stop: Arc<AtomicBool>, what: String, accept: L, shared: Arc<Shared>) -> JoinHandle<()>
+fn accept_loop<L, S>(
+    stop: Arc<AtomicBool>,
+    what: String,
+    accept: L,
+    shared: Arc<Shared>,
+) -> JoinHandle<()>
 where
     L: Fn() -> std::io::Result<Option<(S, String)>> + Send + 'static,
     S: Read + Write + Send + Sync + 'static + TryCloneStream,
@@ -349,7 +356,11 @@ pub fn run(
     let stop = stop_on_signals()?;
     let ctl_path = control_path(store.dir());
     let ctl = bind_unix(&ctl_path)?;
-    let shared = start_shared(store.clone(), opts.default_export.clone(), opts.limits.clone());
+    let shared = start_shared(
+        store.clone(),
+        opts.default_export.clone(),
+        opts.limits.clone(),
+    );
     let mut threads = vec![reaper(stop.clone(), shared.clone())];
     let mut endpoints = vec![];
     if let Some(addr) = &opts.listen {

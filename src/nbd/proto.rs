@@ -573,7 +573,10 @@ mod tests {
                 no_zeroes: true
             }
         );
-        assert_eq!(client_flags(&0u32.to_be_bytes()).unwrap(), ClientFlags::default());
+        assert_eq!(
+            client_flags(&0u32.to_be_bytes()).unwrap(),
+            ClientFlags::default()
+        );
         for bad in [0x103u32, 4, 1 << 31] {
             assert!(client_flags(&bad.to_be_bytes()).is_err(), "{bad:#x}");
         }
@@ -616,11 +619,8 @@ mod tests {
 
     #[test]
     fn command_flags_follow_the_spec_table() {
-        let all = TF_HAS_FLAGS
-            | TF_SEND_FUA
-            | TF_SEND_DF
-            | TF_SEND_WRITE_ZEROES
-            | TF_SEND_FAST_ZERO;
+        let all =
+            TF_HAS_FLAGS | TF_SEND_FUA | TF_SEND_DF | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
         let req = |typ, flags| Request {
             flags,
             typ,
@@ -642,7 +642,11 @@ mod tests {
             assert_eq!(ok(typ, CMD_FLAG_FAST_ZERO, all), typ == CMD_WRITE_ZEROES);
         }
         assert!(!ok(CMD_READ, CMD_FLAG_DF, all & !TF_SEND_DF));
-        assert!(!ok(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, all & !TF_SEND_FAST_ZERO));
+        assert!(!ok(
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_FAST_ZERO,
+            all & !TF_SEND_FAST_ZERO
+        ));
         assert!(!ok(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, TF_SEND_FUA));
     }
 

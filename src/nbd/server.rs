@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use super::limits::{Budget, BufPool, Lease, Limits, MAX_REFUSED_OPTIONS, QUEUE_DEPTH};
 use super::proto::*;
 use super::sessions::{Session, SessionState, Sessions};
-use crate::error::Error;
 use crate::engine::store::{Block, Store, View};
+use crate::error::Error;
 
 /// Worker threads per connection: `DRCLONE_NBD_WORKERS`, default twice the cores
 /// (at least 4, at most 16).  More threads than that only add wake-ups when the
@@ -258,7 +258,11 @@ pub fn serve_session(
 /// [`MAX_REFUSED_OPTIONS`] options.  `NBD_OPT_EXPORT_NAME` cannot carry an
 /// error: it is answered by closing.  The caller bounds the time (socket
 /// timeouts).
-pub fn refuse_connection(reader: Box<dyn Read + Send>, mut writer: Box<dyn Write + Send>, msg: &str) {
+pub fn refuse_connection(
+    reader: Box<dyn Read + Send>,
+    mut writer: Box<dyn Write + Send>,
+    msg: &str,
+) {
     let mut r = BufReader::with_capacity(4096, reader);
     let mut go = || -> std::io::Result<()> {
         writer.write_all(&greeting())?;
@@ -499,7 +503,12 @@ impl Conn {
                 let view = view.clone();
                 sc.spawn(move || loop {
                     let job = rx.lock().unwrap().recv();
-                    let Ok(Job { req, payload, lease }) = job else {
+                    let Ok(Job {
+                        req,
+                        payload,
+                        lease,
+                    }) = job
+                    else {
                         break;
                     };
                     if self.handle(w, &view, req, payload).is_err() {
@@ -686,10 +695,9 @@ impl Conn {
             }
             // "For a flush request, length and offset are reserved, and MUST be set
             // to all-zero" (nbdkit refuses them too; qemu-nbd ignores them).
-            CMD_FLUSH if req.offset != 0 || req.length != 0 => Err((
-                EINVAL,
-                "flush offset and length must be zero".into(),
-            )),
+            CMD_FLUSH if req.offset != 0 || req.length != 0 => {
+                Err((EINVAL, "flush offset and length must be zero".into()))
+            }
             CMD_FLUSH => s.flush().map_err(|e| (nbd_errno(&e), e.to_string())),
             CMD_CACHE => {
                 if !in_range {

@@ -193,7 +193,13 @@ impl Sessions {
 
     /// Every live session, oldest first.
     pub fn list(&self) -> Vec<SessionInfo> {
-        let mut v: Vec<SessionInfo> = self.map.lock().unwrap().values().map(|s| s.info()).collect();
+        let mut v: Vec<SessionInfo> = self
+            .map
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.info())
+            .collect();
         v.sort_by_key(|s| s.id);
         v
     }
@@ -231,7 +237,11 @@ impl Sessions {
     pub fn disconnect_export(&self, export: &str, timeout: Duration) -> Result<usize> {
         let victims = self.matching(|s| s.export().as_deref() == Some(export));
         for s in &victims {
-            log::info!("nbd session {} ({}): disconnecting from {export}", s.id, s.peer);
+            log::info!(
+                "nbd session {} ({}): disconnecting from {export}",
+                s.id,
+                s.peer
+            );
             s.close(Shutdown::Both);
         }
         let ids: Vec<u64> = victims.iter().map(|s| s.id).collect();
@@ -340,13 +350,23 @@ mod tests {
             }
             drop(a);
         });
-        assert_eq!(reg.disconnect_export("g/d", Duration::from_secs(10)).unwrap(), 1);
+        assert_eq!(
+            reg.disconnect_export("g/d", Duration::from_secs(10))
+                .unwrap(),
+            1
+        );
         t.join().unwrap();
         assert_eq!(closed.load(Ordering::Relaxed), 1);
         assert_eq!(reg.count(), 2);
-        assert_eq!(reg.disconnect_export("g/x", Duration::from_secs(1)).unwrap(), 0);
+        assert_eq!(
+            reg.disconnect_export("g/x", Duration::from_secs(1))
+                .unwrap(),
+            0
+        );
         // A client that never leaves: Busy, after its socket was shut down.
-        let e = reg.disconnect_export("g/e", Duration::from_millis(50)).unwrap_err();
+        let e = reg
+            .disconnect_export("g/e", Duration::from_millis(50))
+            .unwrap_err();
         assert!(matches!(e, Error::Busy(_)), "{e}");
         assert!(b.closing().load(Ordering::Relaxed));
     }
@@ -365,7 +385,10 @@ mod tests {
         assert_eq!(reg.reap(Duration::from_secs(60), None), 0);
         assert_eq!(reg.reap(Duration::from_millis(10), None), 1);
         assert!(hs.closing().load(Ordering::Relaxed));
-        assert_eq!(reg.reap(Duration::from_secs(60), Some(Duration::from_millis(10))), 1);
+        assert_eq!(
+            reg.reap(Duration::from_secs(60), Some(Duration::from_millis(10))),
+            1
+        );
         assert!(idle.closing().load(Ordering::Relaxed));
         assert!(!busy.closing().load(Ordering::Relaxed));
         busy.request_done();

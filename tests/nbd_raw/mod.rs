@@ -160,7 +160,25 @@ impl Client {
         }
     }
 
-    pub fn send(&mut self, flags: u16, typ: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+    /// A second handle on the same connection (to read replies on another thread).
+    pub fn try_clone(&self) -> Client {
+        Client {
+            s: self.s.try_clone().unwrap(),
+            size: self.size,
+            tflags: self.tflags,
+            structured: self.structured,
+        }
+    }
+
+    pub fn send(
+        &mut self,
+        flags: u16,
+        typ: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
         self.try_send(flags, typ, cookie, offset, length, payload)
             .unwrap()
     }
@@ -215,7 +233,8 @@ impl Client {
         };
         loop {
             let h = rx(&mut self.s, 16)?;
-            let (flags, typ, cookie, len) = (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
+            let (flags, typ, cookie, len) =
+                (be16(&h), be16(&h[2..]), be64(&h[4..]), be32(&h[12..]));
             let p = rx(&mut self.s, len as usize)?;
             r.cookie = cookie;
             r.chunks.push((flags, typ, len));
@@ -234,7 +253,14 @@ impl Client {
     }
 
     /// Send one request and wait for its reply.
-    pub fn call(&mut self, flags: u16, typ: u16, offset: u64, length: u32, payload: &[u8]) -> Reply {
+    pub fn call(
+        &mut self,
+        flags: u16,
+        typ: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Reply {
         self.send(flags, typ, 7, offset, length, payload);
         let read_len = if typ == CMD_READ { length as usize } else { 0 };
         let r = self.reply(read_len).unwrap();
@@ -254,7 +280,9 @@ pub fn closed_by_peer(s: &mut UnixStream) -> bool {
     match s.read(&mut b) {
         Ok(0) => true,
         Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut,
+        Err(e) => {
+            e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut
+        }
     }
 }
 
