@@ -282,9 +282,12 @@ res["inside_size"] = os.fstat(fd).st_size
 res["mode0"] = falloc(fd, 0, 4 * {mib}, {mib})
 res["mode0_size"] = os.fstat(fd).st_size
 if res["mode0"] == 0:
-    res["tail_zeros"] = os.pread(fd, {mib}, 4 * {mib}) == bytes({mib})
-    os.pwrite(fd, b"tail" * 1024, 4 * {mib} + 8192)
-    res["tail_write"] = os.pread(fd, 4096, 4 * {mib} + 8192) == b"tail" * 1024
+    try:
+        res["tail_zeros"] = os.pread(fd, {mib}, 4 * {mib}) == bytes({mib})
+        os.pwrite(fd, b"tail" * 1024, 4 * {mib} + 8192)
+        res["tail_write"] = os.pread(fd, 4096, 4 * {mib} + 8192) == b"tail" * 1024
+    except OSError as e:
+        res["tail_write"] = str(e)
 before = os.fstat(fd).st_size
 res["keep"] = falloc(fd, FALLOC_FL_KEEP_SIZE, before, {mib})
 res["keep_grew"] = os.fstat(fd).st_size - before
