@@ -24,6 +24,13 @@
 //!
 //! Other memory per connection is fixed and small: a 16 KiB read buffer, a 64 KiB
 //! reply buffer, and its threads (a reader and [`super::server`]'s workers).
+//!
+//! Known limit: a client that sends READs and never reads the replies keeps its
+//! leases (its workers block writing to the socket), so eight such clients hold
+//! the whole global budget and stall everyone's large requests until they are
+//! disconnected (`--idle-timeout` does not catch them: they have requests in
+//! flight).  No socket write timeout is set by default, because a paused VM must
+//! not lose its disk.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

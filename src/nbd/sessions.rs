@@ -232,6 +232,9 @@ impl Sessions {
     /// `g/d@3`) and wait up to `timeout` until their connections are gone, in-flight
     /// requests finished or failed.  Returns how many were disconnected.
     ///
+    /// New connections to the export are not refused by this: a caller that
+    /// fences the export (failover) must stop those too.
+    ///
     /// Errors: `Busy` if some are still there after `timeout` (their sockets are
     /// shut down; a request stuck in the engine holds them).
     pub fn disconnect_export(&self, export: &str, timeout: Duration) -> Result<usize> {
