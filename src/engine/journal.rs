@@ -75,11 +75,7 @@ fn create_segment(dir: &Path, id: u64) -> Result<File> {
         .create_new(true)
         .open(&path)
         .at(&path)?;
-    let mut h = [0u8; SEGMENT_HEADER_LEN];
-    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
-    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_be_bytes());
-    h[16..24].copy_from_slice(&id.to_be_bytes());
-    f.write_all(&h).at(&path)?;
+    f.write_all(&segment_header(SEGMENT_VERSION, id)).at(&path)?;
     // The new segment's directory entry must be durable before a FLUSH can count
     // on the records in it (an fdatasync of the file does not persist its name).
     File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
@@ -134,9 +130,9 @@ impl Journal {
                 return Err(bad("not a drclone journal segment (bad magic)".into()));
             }
             let ver = u32::from_be_bytes(bytes[8..12].try_into().unwrap());
-            if ver != SEGMENT_VERSION {
+            if ver != SEGMENT_VERSION && ver != SEGMENT_VERSION_V1 {
                 return Err(bad(format!(
-                    "format version {ver}; this drclone reads version {SEGMENT_VERSION}"
+                    "format version {ver}; this drclone reads versions {SEGMENT_VERSION_V1} and {SEGMENT_VERSION}"
                 )));
             }
             let (recs, torn) = decode_segment(id, &bytes);
@@ -245,12 +241,6 @@ impl Journal {
     /// returns the segment it went to (one live page counted there).
     pub fn append_pages(&self, lineage: u64, block: u64, offset: u32, data: &[u8]) -> Result<u64> {
         self.append(KIND_PAGES, lineage, block, offset, data)
-    }
-
-    /// Record that a block's earlier records are void (its content is in the map).
-    pub fn append_tombstone(&self, lineage: u64, block: u64) -> Result<()> {
-        self.append(KIND_TOMBSTONE, lineage, block, 0, &[])
-            .map(|_| ())
     }
 
     /// A page recorded in `segment` is no longer live (overwritten or destaged).
@@ -391,7 +381,7 @@ mod tests {
             let (j, old) = Journal::open(&dir, 4096, 0).unwrap();
             assert!(old.is_empty());
             j.append_pages(7, 3, 4096, &[0xab; 4096]).unwrap();
-            j.append_tombstone(7, 3).unwrap();
+            j.append_pages(7, 3, 0, &[0xcd; 4096]).unwrap();
             j.append_pages(8, 1, 0, &[1; 8192]).unwrap();
             j.sync().unwrap();
         }
@@ -410,11 +400,11 @@ mod tests {
             (KIND_PAGES, 7, 3, 4096)
         );
         assert_eq!(recs[0].data, vec![0xab; 4096]);
-        assert_eq!(recs[1].kind, KIND_TOMBSTONE);
+        assert_eq!((recs[1].kind, recs[1].offset), (KIND_PAGES, 0));
         // The old segment counts one live page until released and trimmed.
         assert_eq!(j.segments(), 2);
         assert_eq!(j.trim(|| Ok(())).unwrap(), None);
-        j.release(1, 1);
+        j.release(1, 2);
         let mut synced = false;
         assert_eq!(
             j.trim(|| {
@@ -426,6 +416,47 @@ mod tests {
         );
         assert!(synced, "trim syncs before it deletes");
         assert!(!seg.exists());
+    }
+
+    #[test]
+    fn version_1_segments_still_replay_and_a_flipped_kind_is_caught() {
+        let rec = |v: u32, kind: u8, data: &[u8]| {
+            let mut b = Vec::new();
+            encode_record_v(&mut b, v, kind, 3, 9, 0, data);
+            b
+        };
+        // Version 1, as an earlier drclone left it: pages, then a tombstone.
+        let mut v1 = segment_header(SEGMENT_VERSION_V1, 5).to_vec();
+        v1.extend(rec(1, KIND_PAGES, &[7; 4096]));
+        v1.extend(rec(1, KIND_TOMBSTONE, &[]));
+        let (recs, stop) = decode_segment(5, &v1);
+        assert_eq!(stop, None);
+        assert_eq!(
+            recs.iter().map(|r| r.kind).collect::<Vec<_>>(),
+            vec![KIND_PAGES, KIND_TOMBSTONE]
+        );
+        // Version 2: the kind is under the CRC; pages flipped to a tombstone (the
+        // flip the fuzz target found going unnoticed in version 1) are refused.
+        let mut v2 = segment_header(SEGMENT_VERSION, 6).to_vec();
+        v2.extend(rec(2, KIND_PAGES, &[7; 4096]));
+        assert_eq!(decode_segment(6, &v2).0.len(), 1);
+        v2[SEGMENT_HEADER_LEN + 4] = KIND_TOMBSTONE;
+        let (recs, stop) = decode_segment(6, &v2);
+        assert!(recs.is_empty());
+        assert!(stop.unwrap().contains("CRC"));
+        // Non-zero reserved bytes under a valid CRC are refused too.
+        let mut r = rec(2, KIND_PAGES, &[1; 512]);
+        r[37] = 1;
+        let crc = {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&r[4..8]);
+            h.update(&r[12..]);
+            h.finalize()
+        };
+        r[8..12].copy_from_slice(&crc.to_be_bytes());
+        let mut seg = segment_header(SEGMENT_VERSION, 7).to_vec();
+        seg.extend(r);
+        assert!(decode_segment(7, &seg).1.unwrap().contains("reserved"));
     }
 
     #[test]
