@@ -195,6 +195,14 @@ impl Bed {
     }
 }
 
+impl Drop for Bed {
+    fn drop(&mut self) {
+        // The store goes before the file system it lives on.
+        self.fs.cut();
+        self.store = None;
+    }
+}
+
 fn assert_latched(r: drclone::Result<()>, op: &str, case: &Case) {
     let e = match r {
         Ok(()) => panic!("{op} after the fault succeeded: the store must be read-only (fault on {}{} {:?})", case.prefix, case.suffix, case.op),
