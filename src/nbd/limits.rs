@@ -88,7 +88,8 @@ impl Default for Limits {
 #[derive(Debug)]
 pub struct Budget {
     limit: u64,
-    used: Mutex<u64>,
+    /// (bytes leased, threads waiting).
+    used: Mutex<(u64, usize)>,
     freed: Condvar,
 }
 
@@ -112,8 +113,12 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(b) = &self.budget {
-            *b.used.lock().unwrap() -= self.bytes;
-            b.freed.notify_all();
+            let mut g = b.used.lock().unwrap();
+            g.0 -= self.bytes;
+            // Only wake when someone waits: a wake-up is a syscall per request.
+            if g.1 > 0 {
+                b.freed.notify_all();
+            }
         }
     }
 }
@@ -124,7 +129,7 @@ impl Budget {
     pub fn new(limit: u64) -> Arc<Budget> {
         Arc::new(Budget {
             limit: limit.max(MAX_PAYLOAD as u64),
-            used: Mutex::new(0),
+            used: Mutex::new((0, 0)),
             freed: Condvar::new(),
         })
     }
@@ -135,7 +140,7 @@ impl Budget {
 
     /// Bytes leased now.
     pub fn used(&self) -> u64 {
-        *self.used.lock().unwrap()
+        self.used.lock().unwrap().0
     }
 
     /// Wait until `bytes` fit, then lease them.  Returns None if `cancel` became
@@ -146,18 +151,20 @@ impl Budget {
         if bytes == 0 {
             return Some(Lease::none());
         }
-        let mut used = self.used.lock().unwrap();
-        while *used + bytes > self.limit {
+        let mut g = self.used.lock().unwrap();
+        while g.0 + bytes > self.limit {
             if cancel.load(Ordering::Relaxed) {
                 return None;
             }
-            used = self
+            g.1 += 1;
+            g = self
                 .freed
-                .wait_timeout(used, Duration::from_millis(100))
+                .wait_timeout(g, Duration::from_millis(100))
                 .unwrap()
                 .0;
+            g.1 -= 1;
         }
-        *used += bytes;
+        g.0 += bytes;
         Some(Lease {
             budget: Some(self.clone()),
             bytes,
