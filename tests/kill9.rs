@@ -9,8 +9,11 @@
 //! every 4 KiB page of the volume must hold the newest durable write to it (one
 //! covered by a completed FLUSH, or acknowledged with FUA), or one of the writes
 //! sent after that (they may or may not have landed); a page no write touched
-//! keeps what the previous iteration found there.  `drclone verify` runs every 10
-//! iterations and at the end.
+//! keeps what the previous iteration found there.  In a seeded half of the
+//! iterations `drclone gc` and `drclone point create` also run in a loop, so the
+//! kill can land in a GC or a point; every point whose creation was acknowledged
+//! is there after the restart.  `drclone verify` runs every 10 iterations and at
+//! the end.
 //!
 //! Seeded: `DRCLONE_KILL9_SEED` (default 9) picks every choice; failure messages
 //! name the seed and the iteration.
@@ -20,6 +23,8 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
 const ITERATIONS: u64 = 50;
@@ -169,6 +174,32 @@ fn fio(uri: &str, seed: u64) -> Child {
         .unwrap()
 }
 
+/// `drclone gc` and `drclone point create g` in turn until `killing` is set;
+/// returns how many point creations were acknowledged.
+fn maintenance(env: &Env, killing: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let store = env.store.clone();
+    std::thread::spawn(move || {
+        let mut acked = 0;
+        let mut n = 0u64;
+        while !killing.load(Ordering::SeqCst) && n < 1000 {
+            let args: &[&str] = if n % 2 == 0 { &["gc"] } else { &["point", "create", "g"] };
+            let ok = Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+                .env("DRCLONE_STORE", &store)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            if ok && n % 2 == 1 {
+                acked += 1;
+            }
+            n += 1;
+        }
+        acked
+    })
+}
+
 #[test]
 fn fifty_kill_9s_under_fio_lose_nothing_flushed() {
     need("fio");
@@ -187,7 +218,7 @@ fn fifty_kill_9s_under_fio_lose_nothing_flushed() {
     let state = env.path("state");
     std::fs::write(&state, vec![0u8; VOL as usize]).unwrap();
     let mut srv = start(&env, &mut rng, &log);
-    let (mut total_writes, mut total_durable) = (0u64, 0u64);
+    let (mut total_writes, mut total_durable, mut total_points) = (0u64, 0u64, 0u64);
     for it in 0..ITERATIONS {
         let seed = rng.next();
         let kill_at = 16 + rng.below(600);
@@ -195,6 +226,8 @@ fn fifty_kill_9s_under_fio_lose_nothing_flushed() {
         let tag = format!("{base}/{it}");
         let ledger = env.path(&format!("ledger-{it}"));
         let mut noise = fio(&srv.unix("g/f"), seed);
+        let killing = Arc::new(AtomicBool::new(false));
+        let maint = (rng.below(2) == 0).then(|| maintenance(&env, killing.clone()));
         let mut w = PyChild::spawn(
             &env,
             &format!("writer-{it}"),
@@ -202,8 +235,12 @@ fn fifty_kill_9s_under_fio_lose_nothing_flushed() {
         );
         let first = w.line();
         assert_eq!(first, format!("at {kill_at}"), "{ctx}");
-        // SIGKILL, at a moment the seeded writer chose.
+        // SIGKILL, at a moment the seeded writer chose.  No maintenance command
+        // starts after this; one in flight fails, or (if it had not reached the
+        // server yet) runs on the store itself, and ends before the restart.
+        killing.store(true, Ordering::SeqCst);
         srv.kill9();
+        let points_acked = maint.map(|t| t.join().unwrap()).unwrap_or(0);
         let done = w.finish();
         assert!(done.trim().starts_with("done"), "{ctx}: {done}");
         let _ = noise.wait();
@@ -223,6 +260,13 @@ fn fifty_kill_9s_under_fio_lose_nothing_flushed() {
             &bad[..bad.len().min(10)],
             log_tail(&log, 30)
         );
+        let points = env.json(&["point", "list", "g"]).as_array().unwrap().len() as u64;
+        assert!(
+            points >= total_points + points_acked,
+            "{ctx}: {points} points after the restart, {} were acknowledged",
+            total_points + points_acked
+        );
+        total_points = points;
         total_writes += v["writes"].as_u64().unwrap();
         total_durable += v["durable_pages"].as_u64().unwrap();
         if it % 10 == 9 {
@@ -235,6 +279,6 @@ fn fifty_kill_9s_under_fio_lose_nothing_flushed() {
     srv.stop();
     env.ok(&["verify"]);
     println!(
-        "seed {base}: {ITERATIONS} kill -9s, {total_writes} writes, {total_durable} page checks against durable writes: nothing lost"
+        "seed {base}: {ITERATIONS} kill -9s, {total_writes} writes, {total_durable} page checks against durable writes, {total_points} points: nothing lost"
     );
 }
