@@ -313,7 +313,10 @@ print(json.dumps(res))
             assert!(vols.to_string().contains(&(5 * MIB).to_string()), "{vols}");
         }
         e => {
-            assert!(clear.contains(&(e as i32)), "fallocate failed with errno {e}: {r}");
+            assert!(
+                clear.contains(&(e as i32)),
+                "fallocate failed with errno {e}: {r}"
+            );
             assert_eq!(r["mode0_size"], 4 * MIB as u64, "{r}");
         }
     }
@@ -354,7 +357,10 @@ fn volume_resize_reaches_open_files_and_loop_devices() {
     let m = Mount::start(&env);
     let file = m.dir.join("app1/disk0");
     let lo = LoopDev::attach(&file);
-    assert_eq!(sh(&format!("blockdev --getsize64 {}", lo.0)).trim(), (4 * MIB).to_string());
+    assert_eq!(
+        sh(&format!("blockdev --getsize64 {}", lo.0)).trim(),
+        (4 * MIB).to_string()
+    );
     let mut c = PyChild::spawn(
         &env,
         "resize",
@@ -393,7 +399,10 @@ say(json.dumps(res))
     );
     // The loop device, refreshed.
     sh(&format!("losetup -c {}", lo.0));
-    assert_eq!(sh(&format!("blockdev --getsize64 {}", lo.0)).trim(), (8 * MIB).to_string());
+    assert_eq!(
+        sh(&format!("blockdev --getsize64 {}", lo.0)).trim(),
+        (8 * MIB).to_string()
+    );
     // Past the old size: 64 KiB of zeros (cmp fails the command otherwise).
     sh(&format!(
         "dd if={} bs=64k skip=100 count=1 iflag=direct status=none | cmp -n 65536 - /dev/zero",
@@ -419,12 +428,18 @@ struct LoopDev(String);
 
 impl LoopDev {
     fn attach(file: &Path) -> LoopDev {
-        LoopDev(sh(&format!("losetup --find --show {}", file.display())).trim().to_string())
+        LoopDev(
+            sh(&format!("losetup --find --show {}", file.display()))
+                .trim()
+                .to_string(),
+        )
     }
 }
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
     }
 }

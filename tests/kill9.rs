@@ -182,7 +182,11 @@ fn maintenance(env: &Env, killing: Arc<AtomicBool>) -> std::thread::JoinHandle<u
         let mut acked = 0;
         let mut n = 0u64;
         while !killing.load(Ordering::SeqCst) && n < 1000 {
-            let args: &[&str] = if n % 2 == 0 { &["gc"] } else { &["point", "create", "g"] };
+            let args: &[&str] = if n % 2 == 0 {
+                &["gc"]
+            } else {
+                &["point", "create", "g"]
+            };
             let ok = Command::new(assert_cmd::cargo::cargo_bin("drclone"))
                 .env("DRCLONE_STORE", &store)
                 .args(args)
@@ -222,7 +226,8 @@ fn fifty_kill_9s_under_fio_lose_nothing_flushed() {
     for it in 0..ITERATIONS {
         let seed = rng.next();
         let kill_at = 16 + rng.below(600);
-        let ctx = format!("seed {base}, iteration {it} (writer seed {seed}, kill after write {kill_at})");
+        let ctx =
+            format!("seed {base}, iteration {it} (writer seed {seed}, kill after write {kill_at})");
         let tag = format!("{base}/{it}");
         let ledger = env.path(&format!("ledger-{it}"));
         let mut noise = fio(&srv.unix("g/f"), seed);
@@ -272,7 +277,11 @@ fn fifty_kill_9s_under_fio_lose_nothing_flushed() {
         if it % 10 == 9 {
             srv.stop();
             let (ok, out, err) = try_cmd(&env, &["verify"]);
-            assert!(ok, "{ctx}: verify failed:\n{out}{err}\nserver log:\n{}", log_tail(&log, 30));
+            assert!(
+                ok,
+                "{ctx}: verify failed:\n{out}{err}\nserver log:\n{}",
+                log_tail(&log, 30)
+            );
             srv = start(&env, &mut rng, &log);
         }
     }

@@ -29,7 +29,13 @@ fn group_with(env: &Env, group: &str, disks: &[(&str, &str)]) {
 /// NBD export without a pause: run after run of `io_size` each (at most
 /// `max_runs`), the one running when `f` returns stopped.  Returns what `f`
 /// returned and the number of fio runs started.
-fn beside_fio<T>(uri: String, bs: &str, io_size: &str, max_runs: u32, f: impl FnOnce() -> T) -> (T, u32) {
+fn beside_fio<T>(
+    uri: String,
+    bs: &str,
+    io_size: &str,
+    max_runs: u32,
+    f: impl FnOnce() -> T,
+) -> (T, u32) {
     let stop = Arc::new(AtomicBool::new(false));
     let args: Vec<String> = [
         "--name=load".to_string(),
@@ -59,7 +65,8 @@ fn beside_fio<T>(uri: String, bs: &str, io_size: &str, max_runs: u32, f: impl Fn
                 loop {
                     if let Some(st) = c.try_wait().unwrap() {
                         let mut err = String::new();
-                        std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err).unwrap();
+                        std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err)
+                            .unwrap();
                         assert!(st.success(), "fio run {runs} failed ({st}): {err}");
                         break;
                     }
@@ -189,7 +196,10 @@ fn gc_never_deletes_a_pack_a_writer_is_filling() {
     );
     // Every flushed block reads back, now and after more GC and a restart.
     let bad = check_ring(&uri, "w", writes, slots);
-    let what = format!("of {} blocks lost after 40 GC runs under {writes} writes", writes.min(slots));
+    let what = format!(
+        "of {} blocks lost after 40 GC runs under {writes} writes",
+        writes.min(slots)
+    );
     assert_none_bad(&bad, &what, &log, &["orphan", "WARN", "ERROR"]);
     gc_runs(&env, 1, &log);
     srv.stop();
@@ -234,7 +244,12 @@ ha.flush(); hb.flush()
 
 /// Python: read the counter of every point's two disks; prints JSON
 /// [[point, counter0, counter1], ...] (None for a torn block).
-fn point_counters(srv: &Server, group: &str, disks: [(&str, u64); 2], points: u64) -> Vec<serde_json::Value> {
+fn point_counters(
+    srv: &Server,
+    group: &str,
+    disks: [(&str, u64); 2],
+    points: u64,
+) -> Vec<serde_json::Value> {
     let (d0, l0) = disks[0];
     let (d1, l1) = disks[1];
     let s0 = srv.unix(&format!("{group}/{d0}@POINT"));
@@ -267,12 +282,18 @@ fn points_hold_a_prefix_of_acknowledged_writes() {
     let srv = Server::start_logged(&env, &[], &log);
     let last = while_writing(
         &env,
-        &format!("h0, h1 = connect(\"{}\"), connect(\"{}\")", srv.unix("g/disk0"), srv.unix("g/disk1")),
+        &format!(
+            "h0, h1 = connect(\"{}\"), connect(\"{}\")",
+            srv.unix("g/disk0"),
+            srv.unix("g/disk1")
+        ),
         "i += 1\nh0.pwrite(stamp(i, 4096), 0)\nh1.pwrite(stamp(i, 65536), 0)",
         1_000_000,
-        || (0..40).for_each(|_| {
-            env.ok(&["point", "create", "g"]);
-        }),
+        || {
+            (0..40).for_each(|_| {
+                env.ok(&["point", "create", "g"]);
+            })
+        },
     );
     let res = point_counters(&srv, "g", [("disk0", 4096), ("disk1", 65536)], 40);
     let mut bad = Vec::new();
@@ -300,10 +321,15 @@ fn points_never_hold_a_data_block_without_its_fua_log_record() {
     let env = Env::new();
     let log = env.path("server.log");
     env.ok(&["init"]);
-    group_with(&env, "g", &[("log", "1M"), ("data", "4M"), ("other", "64M")]);
+    group_with(
+        &env,
+        "g",
+        &[("log", "1M"), ("data", "4M"), ("other", "64M")],
+    );
     let srv = Server::start_logged(&env, &[], &log);
     let (log_slots, data_slots) = (MIB / 4096, 4 * MIB / BS);
-    let (last, fio_runs) = beside_fio(srv.unix("g/other"), "4k", "1G", 4, || while_writing(
+    let (last, fio_runs) = beside_fio(srv.unix("g/other"), "4k", "1G", 4, || {
+        while_writing(
         &env,
         &format!("hl, hd = connect(\"{}\"), connect(\"{}\")", srv.unix("g/log"), srv.unix("g/data")),
         &format!(
@@ -313,7 +339,8 @@ fn points_never_hold_a_data_block_without_its_fua_log_record() {
         || (0..40).for_each(|_| {
             env.ok(&["point", "create", "g"]);
         }),
-    ));
+    )
+    });
     let out = py(&format!(
         r#"{PY_PRELUDE}
 bad = []
@@ -340,7 +367,9 @@ say(json.dumps(bad))
     assert_none_bad(&bad, &what, &log, &["point", "WARN", "ERROR"]);
     srv.stop();
     verify_clean(&env, &log, "points under FUA log writes");
-    println!("40 points under {last} log+data pairs and {fio_runs} fio runs: no data without its log");
+    println!(
+        "40 points under {last} log+data pairs and {fio_runs} fio runs: no data without its log"
+    );
 }
 
 /// Size of the volume the hypothesis 5 tests write into, one block at a time.
@@ -353,7 +382,11 @@ const WINDOW: u64 = 256;
 /// the destager runs all the time.
 fn destager_store(env: &Env, log: &Path) -> Server {
     env.ok(&["init"]);
-    group_with(env, "g", &[("busy", "64M"), ("v", &format!("{}", VOLUME_V))]);
+    group_with(
+        env,
+        "g",
+        &[("busy", "64M"), ("v", &format!("{}", VOLUME_V))],
+    );
     Server::start_logged(env, &[("DRCLONE_DIRTY_MIB", "1")], log)
 }
 
@@ -370,8 +403,9 @@ fn block_status_never_reports_a_hole_over_acknowledged_data() {
     let log = env.path("server.log");
     let srv = destager_store(&env, &log);
     let blocks = VOLUME_V / BS;
-    let (out, fio_runs) = beside_fio(srv.unix("g/busy"), "4k", "1G", 4, || py(&format!(
-        r#"{PY_PRELUDE}
+    let (out, fio_runs) = beside_fio(srv.unix("g/busy"), "4k", "1G", 4, || {
+        py(&format!(
+            r#"{PY_PRELUDE}
 h = connect("{}", "base:allocation")
 bad, written, checks = [], {{}}, 0
 for b in range({blocks}):
@@ -400,8 +434,9 @@ for b in range({blocks}):
             pos += length
 say(json.dumps({{"bad": bad, "checks": checks}}))
 "#,
-        srv.unix("g/v")
-    )));
+            srv.unix("g/v")
+        ))
+    });
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let bad: Vec<String> = serde_json::from_value(v["bad"].clone()).unwrap();
     let what = format!(
@@ -411,7 +446,10 @@ say(json.dumps({{"bad": bad, "checks": checks}}))
     assert_none_bad(&bad, &what, &log, &["WARN", "ERROR"]);
     srv.stop();
     verify_clean(&env, &log, "block status under the destager");
-    println!("{} checks of {blocks} writes beside {fio_runs} fio runs: never a hole", v["checks"]);
+    println!(
+        "{} checks of {blocks} writes beside {fio_runs} fio runs: never a hole",
+        v["checks"]
+    );
 }
 
 /// Hypothesis 5 through the FUSE mount: `lseek(SEEK_DATA)` from the start of a
@@ -425,8 +463,9 @@ fn seek_data_never_skips_acknowledged_data() {
     let srv = destager_store(&env, &log);
     let m = Mount::start(&env);
     let blocks = VOLUME_V / BS;
-    let (out, fio_runs) = beside_fio(srv.unix("g/busy"), "4k", "1G", 4, || py(&format!(
-        r#"{PY_PRELUDE}
+    let (out, fio_runs) = beside_fio(srv.unix("g/busy"), "4k", "1G", 4, || {
+        py(&format!(
+            r#"{PY_PRELUDE}
 fd = os.open("{}", os.O_RDWR)
 bad, written, checks = [], {{}}, 0
 for b in range({blocks}):
@@ -447,8 +486,9 @@ for b in range({blocks}):
             bad.append("after write %d: SEEK_DATA from %d failed (%s) over data written at %d" % (b, x * {BS}, e, written[x]))
 say(json.dumps({{"bad": bad, "checks": checks}}))
 "#,
-        m.dir.join("g/v").display()
-    )));
+            m.dir.join("g/v").display()
+        ))
+    });
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let bad: Vec<String> = serde_json::from_value(v["bad"].clone()).unwrap();
     let what = format!(
@@ -459,7 +499,10 @@ say(json.dumps({{"bad": bad, "checks": checks}}))
     m.stop();
     srv.stop();
     verify_clean(&env, &log, "SEEK_DATA under the destager");
-    println!("{} SEEK_DATA checks of {blocks} writes beside {fio_runs} fio runs: never skipped", v["checks"]);
+    println!(
+        "{} SEEK_DATA checks of {blocks} writes beside {fio_runs} fio runs: never skipped",
+        v["checks"]
+    );
 }
 
 /// A store for the removal tests: `g/d`, whose point 1 holds `x` and whose head
@@ -552,7 +595,10 @@ fn removals_under_a_reader(env: &Env, log: &Path, mut reader: PyChild, overwrite
     reader.send("go");
     let after: serde_json::Value = serde_json::from_str(&reader.line()).unwrap();
     reader.finish();
-    let (p_refused, v_refused) = (refused("point rm g 1", &prm), refused("volume rm g/e", &vrm));
+    let (p_refused, v_refused) = (
+        refused("point rm g 1", &prm),
+        refused("volume rm g/e", &vrm),
+    );
     let said = |r| if r { "refused" } else { "accepted" };
     assert_eq!(
         after,
@@ -629,7 +675,8 @@ read_head = lambda: uncached(fe)
     let head = m.dir.join("g/d");
     removals_under_a_reader(&env, &log, reader, || {
         let f = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &random_bytes(9, 4 * MIB as usize), 0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &random_bytes(9, 4 * MIB as usize), 0)
+            .unwrap();
         f.sync_all().unwrap();
     });
     m.stop();

@@ -39,8 +39,8 @@ use fuser::{
     ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::error::Error;
 use crate::engine::store::{Block, Lease, Store, View};
+use crate::error::Error;
 
 /// How long the kernel may cache names and the attributes of directories and points.
 const TTL: Duration = Duration::from_secs(1);

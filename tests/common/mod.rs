@@ -298,7 +298,12 @@ impl Server {
         let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
             .env("DRCLONE_STORE", &env.store)
             .envs(all.iter().copied())
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--socket"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--socket",
+            ])
             .arg(&sock)
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
