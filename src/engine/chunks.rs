@@ -36,6 +36,11 @@ struct OpenPack {
     writer: Box<dyn PackWriter>,
 }
 
+/// What [`ChunkStore::sync_packs`] made durable of the pack that was open.
+#[must_use]
+pub struct Durable(Option<(u64, u64)>);
+
+
 /// Totals over the chunk index.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct ChunkStats {
@@ -126,6 +131,7 @@ impl Sealer {
                 .map_err(|e| self.db.latch.trip(format!("fsync sealing pack {what}"), e))?;
             let mut b = WriteBatch::default();
             b.put(keys::pack(id), PackRec::sealed(len).encode());
+            b.delete(keys::durable(id));
             self.db.write(b, false)?;
             log::debug!("sealed pack {id} ({len} bytes)");
         }
@@ -155,6 +161,8 @@ pub struct ChunkStore {
     touched: Mutex<Option<HashSet<ChunkId>>>,
     /// Chunks lost in the crash this open recovered from (see `take_lost`).
     lost: Mutex<Vec<ChunkId>>,
+    /// The `D` value last written per open pack (see `sync_packs_recorded`).
+    durable_written: Mutex<std::collections::HashMap<u64, u64>>,
     pack_target: u64,
     /// Verified plaintext of recently read chunks.  Chunks are immutable by id, so
     /// the cache is never stale.  Size: `DRCLONE_CACHE_MIB` (default 1024).
@@ -190,6 +198,7 @@ impl ChunkStore {
             sealer: Sealer::start(db.clone()),
             touched: Mutex::new(None),
             lost: Mutex::new(Vec::new()),
+            durable_written: Mutex::new(Default::default()),
             pack_target,
             cache: quick_cache::sync::Cache::new(cache_items(chunk_size)),
             locs: quick_cache::sync::Cache::new(crate::util::env_budget(
@@ -236,7 +245,16 @@ impl ChunkStore {
                 continue;
             }
             let len = self.backend.len(pack)?.unwrap_or(0);
+            // Trust only what a successful sync covered (the `D` key), where one
+            // was recorded: pages past it may be gone even if the page cache still
+            // shows them (a restart after a failed sync).  Packs written before
+            // `D` keys existed have none: then the file's length.
+            let limit = match self.db.get(&keys::durable(pack))? {
+                Some(v) if v.len() == 8 => len.min(u64::from_be_bytes(v[..].try_into().unwrap())),
+                _ => len,
+            };
             let mut batch = WriteBatch::default();
+            batch.delete(keys::durable(pack));
             let mut dropped = 0u64;
             for (rk, rv) in self.db.scan_prefix(&keys::reverse_prefix(pack))? {
                 let Some((_, off)) = keys::parse_reverse(&rk) else {
@@ -246,7 +264,7 @@ impl ChunkStore {
                     Ok(id) => id,
                     Err(_) => continue,
                 };
-                if self.check_record(pack, off, len, &id).is_err() {
+                if self.check_record(pack, off, limit, &id).is_err() {
                     batch.delete(rk);
                     if let Some(loc) = self.loc(&id)? {
                         if loc.pack == pack && loc.offset == off {
@@ -257,6 +275,13 @@ impl ChunkStore {
                     dropped += 1;
                 }
             }
+            // What was validated may be only in the page cache (after kill -9, or
+            // a restart without a reboot): make it durable before calling the pack
+            // sealed, since sealed packs are never synced again (found by
+            // tests/faults.rs).
+            self.backend
+                .sync(pack)
+                .map_err(|e| self.db.latch.trip(format!("fsync of pack {pack} at recovery"), e))?;
             batch.put(keys::pack(pack), PackRec::sealed(len).encode());
             self.db.write(batch, true)?;
             if dropped > 0 {
@@ -409,10 +434,17 @@ impl ChunkStore {
         let mut batch = WriteBatch::default();
         let id = self.db.next_counter("pack", &mut batch)?;
         batch.put(keys::pack(id), PackRec::open().encode());
+        batch.put(keys::durable(id), 0u64.to_be_bytes());
         // The pack record must be durable before the pack file exists, so recovery
         // always knows about an unsealed pack.
         self.db.write(batch, true)?;
-        let writer = self.backend.create(id)?;
+        let writer = self.backend.create(id).map_err(|e| {
+            if e.kind() == crate::ErrorKind::NoSpace {
+                e
+            } else {
+                self.db.latch.trip(format!("creating pack {id}"), e)
+            }
+        })?;
         log::debug!("opened pack {id}");
         Ok(OpenPack { id, writer })
     }
@@ -602,23 +634,52 @@ impl ChunkStore {
     /// record appended before the call is left behind (hypothesis 6 of issue 9:
     /// sealing first and taking the open pack after missed a pack rotated in
     /// between).  Failures trip the latch.
-    pub fn sync_packs(&self) -> Result<()> {
-        self.db.latch.check()?;
-        let open = self.open.lock().unwrap().as_ref().map(|o| o.writer.syncer());
-        crate::fail_point!("flush-between-open-and-seal");
-        self.seal_full()?;
-        if let Some(s) = open {
-            s.sync()
-                .map_err(|e| self.db.latch.trip(format!("fdatasync of pack {}", s.describe()), e))?;
+    /// [`ChunkStore::sync_packs`], and the open pack's durable length recorded
+    /// (`D` key) before the caller commits anything that points at those bytes.
+    /// The `D` writes are serialised and only ever grow, so WAL order keeps a
+    /// pack's recorded length at least what any later batch relies on.
+    pub fn sync_packs_recorded(&self) -> Result<()> {
+        let Durable(d) = self.sync_packs()?;
+        if let Some((id, len)) = d {
+            let mut last = self.durable_written.lock().unwrap();
+            let e = last.entry(id).or_insert(0);
+            if len > *e {
+                let mut b = WriteBatch::default();
+                b.put(keys::durable(id), len.to_be_bytes());
+                self.db.write(b, false)?;
+                *e = len;
+            }
         }
         Ok(())
     }
 
+    /// Make the packs durable (see the doc above); prefer
+    /// [`ChunkStore::sync_packs_recorded`] before committing references.
+    pub(crate) fn sync_packs(&self) -> Result<Durable> {
+        self.db.latch.check()?;
+        let open = self
+            .open
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|o| (o.id, o.writer.syncer()));
+        crate::fail_point!("flush-between-open-and-seal");
+        self.seal_full()?;
+        match open {
+            Some((id, s)) => {
+                let len = s
+                    .sync()
+                    .map_err(|e| self.db.latch.trip(format!("fdatasync of pack {}", s.describe()), e))?;
+                Ok(Durable(Some((id, len))))
+            }
+            None => Ok(Durable(None)),
+        }
+    }
     /// Make every chunk stored so far durable, then the metadata that points at it
     /// (packs before the WAL: a durable index or map entry never points at pack
     /// bytes that are not).
     pub fn sync(&self) -> Result<()> {
-        self.sync_packs()?;
+        self.sync_packs_recorded()?;
         self.db.sync_wal()
     }
     /// Seal the open pack (on shutdown, or before compaction).
@@ -632,6 +693,7 @@ impl ChunkStore {
                 .map_err(|e| self.db.latch.trip(format!("fsync sealing pack {what}"), e))?;
             let mut b = WriteBatch::default();
             b.put(keys::pack(op.id), PackRec::sealed(len).encode());
+            b.delete(keys::durable(op.id));
             self.db.write(b, true)?;
         }
         Ok(())
@@ -720,7 +782,7 @@ impl ChunkStore {
             copies.push((id, new));
             moved += rec.len() as u64;
         }
-        self.sync_packs()?;
+        self.sync_packs_recorded()?;
         let mut b = WriteBatch::default();
         for (id, new) in &copies {
             Self::index(&mut b, id, new);

@@ -75,7 +75,8 @@ fn run(store: &Store, rep: &mut GcReport) -> Result<()> {
     let db = &store.db;
     let (snap, lineages, points) = {
         let _m = store.meta.lock().unwrap();
-        let _g = store.gate.exclusive();
+        let g = store.gate.exclusive();
+        store.make_durable_locked(&g)?;
         store.chunks.begin_gc();
         (db.db.snapshot(), store.lineage_map(), store.all_points()?)
     };

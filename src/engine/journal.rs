@@ -94,7 +94,16 @@ impl Journal {
     /// highest segment any journal horizon (`J` key) names, so a stale horizon can
     /// never cover a record written after it.
     pub fn open(dir: &Path, page: usize, floor: u64) -> Result<(Journal, Vec<(Record, u64)>)> {
-        std::fs::create_dir_all(dir).at(dir)?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).at(dir)?;
+            // The directory's own entry must be durable, or a power cut takes every
+            // segment with it (found by tests/powerloss.rs).
+            if let Some(parent) = dir.parent() {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .at(parent)?;
+            }
+        }
         let mut ids = Vec::new();
         for e in std::fs::read_dir(dir).at(dir)? {
             let e = e.at(dir)?;

@@ -16,6 +16,7 @@
 //! | `K` | pack u64                              | [`crate::engine::meta::PackRec`]       |
 //! | `N` | counter name                          | u64 (next value)               |
 //! | `J` | segment u64, lineage u64, block u64   | offset u64: the journal horizon |
+//! | `D` | pack u64                              | u64: bytes of an unsealed pack known durable |
 //!
 //! A `J` key says: "the records of (lineage, block) that start before journal
 //! position (segment, offset) are in the block map".  It is written in the same
@@ -36,6 +37,7 @@ pub const REVERSE: u8 = b'R';
 pub const PACK: u8 = b'K';
 pub const COUNTER: u8 = b'N';
 pub const HORIZON: u8 = b'J';
+pub const DURABLE: u8 = b'D';
 
 pub type ChunkId = [u8; 32];
 
@@ -197,6 +199,17 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0xff; prefix.len() + 1]
+}
+
+/// `D|pack`: how many bytes of an unsealed pack a successful sync covered.
+/// Written in the batch that first points at them; recovery trusts nothing of an
+/// unsealed pack beyond it (a restart after a failed sync must not trust pages the
+/// kernel may have dropped).
+pub fn durable(pack: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = DURABLE;
+    k[1..9].copy_from_slice(&pack.to_be_bytes());
+    k
 }
 
 /// `J|segment|lineage|block`: the journal horizon of a block (see the table above).

@@ -64,8 +64,9 @@ pub trait PackWriter: Send {
 /// Makes a pack's appends durable (see [`PackWriter::syncer`]).
 pub trait PackSync: Send + Sync {
     /// fdatasync (or the backend's equivalent) of everything appended so far;
-    /// returns at once when nothing was appended since the last sync.
-    fn sync(&self) -> Result<()>;
+    /// returns at once when nothing was appended since the last sync.  Returns the
+    /// pack's length in bytes known durable.
+    fn sync(&self) -> Result<u64>;
     /// What to name in an error or a latch message (the pack's path).
     fn describe(&self) -> String;
 }
@@ -84,6 +85,10 @@ pub trait PackBackend: Send + Sync {
     }
     /// Current length, or None if the pack does not exist.
     fn len(&self, id: u64) -> Result<Option<u64>>;
+    /// Make an existing pack's bytes durable (recovery seals packs a crash left
+    /// open; nothing else syncs a pack after its writer is gone).  A missing pack
+    /// is not an error.
+    fn sync(&self, id: u64) -> Result<()>;
     /// Remove a pack.  Readers that already hold it may finish.
     fn delete(&self, id: u64) -> Result<()>;
     /// Every pack id present.
@@ -162,11 +167,12 @@ struct LocalSync {
 }
 
 impl PackSync for LocalSync {
-    fn sync(&self) -> Result<()> {
+    fn sync(&self) -> Result<u64> {
         use std::sync::atomic::Ordering;
         let target = self.appended.load(Ordering::SeqCst);
-        if self.synced.load(Ordering::SeqCst) >= target {
-            return Ok(());
+        let done = self.synced.load(Ordering::SeqCst);
+        if done >= target {
+            return Ok(done);
         }
         crate::fail_point!("pack-sync", |_| Err(Error::io(
             &self.path,
@@ -174,7 +180,7 @@ impl PackSync for LocalSync {
         )));
         self.file.sync_data().at(&self.path)?;
         self.synced.fetch_max(target, Ordering::SeqCst);
-        Ok(())
+        Ok(target)
     }
     fn describe(&self) -> String {
         self.path.display().to_string()
@@ -350,6 +356,15 @@ impl PackBackend for LocalPacks {
         match std::fs::metadata(&path) {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    fn sync(&self, id: u64) -> Result<()> {
+        let path = self.path(id);
+        match File::open(&path) {
+            Ok(f) => f.sync_all().at(&path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(path, e)),
         }
     }
