@@ -453,8 +453,9 @@ say(json.dumps({{"bad": bad, "checks": checks}}))
 }
 
 /// Hypothesis 5 through the FUSE mount: `lseek(SEEK_DATA)` from the start of a
-/// block written recently (whose pages the destager is moving to the block map:
-/// with a 1 MiB overlay, blocks 150 to 250 writes old) must not skip the write.
+/// block written recently (whose pages the destager is moving to the block map)
+/// must not skip the write.  Three threads ask without a pause while the writer
+/// goes on.
 #[test]
 fn seek_data_never_skips_acknowledged_data() {
     need("fio");
@@ -467,24 +468,36 @@ fn seek_data_never_skips_acknowledged_data() {
         py(&format!(
             r#"{PY_PRELUDE}
 fd = os.open("{}", os.O_RDWR)
-bad, written, checks = [], {{}}, 0
-for b in range({blocks}):
-    off = b * {BS} + (b * 7 % 16) * 4096
-    os.pwrite(fd, block("s", b, 4096), off)
-    written[b] = off
-    # The blocks the destager is moving now: the older half of the window.
-    for back in range({WINDOW} // 2, {WINDOW}, 8):
-        x = b - back
+bad, written, checks, latest, done = [], {{}}, [0], [-1], threading.Event()
+def checker(t):
+    # The blocks the destager may be moving now, asked about without a pause
+    # while the writer goes on.
+    k = t
+    while not done.is_set():
+        b = latest[0]
+        x = b - k % {WINDOW}
+        k += 7
         if x < 0:
-            break
-        checks += 1
+            continue
+        checks[0] += 1
         try:
             r = os.lseek(fd, x * {BS}, os.SEEK_DATA)
             if r > written[x]:
                 bad.append("after write %d: SEEK_DATA from %d gave %d, past data written at %d" % (b, x * {BS}, r, written[x]))
         except OSError as e:
             bad.append("after write %d: SEEK_DATA from %d failed (%s) over data written at %d" % (b, x * {BS}, e, written[x]))
-say(json.dumps({{"bad": bad, "checks": checks}}))
+threads = [threading.Thread(target=checker, args=(t,)) for t in range(3)]
+for t in threads:
+    t.start()
+for b in range({blocks}):
+    off = b * {BS} + (b * 7 % 16) * 4096
+    os.pwrite(fd, block("s", b, 4096), off)
+    written[b] = off
+    latest[0] = b
+done.set()
+for t in threads:
+    t.join()
+say(json.dumps({{"bad": bad, "checks": checks[0]}}))
 "#,
             m.dir.join("g/v").display()
         ))
