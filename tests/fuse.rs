@@ -1,5 +1,7 @@
 //! The FUSE mount with the real kernel: ext4 inside a volume file via a loop
-//! device, e2fsck, read-only points, hole punching, qemu-img on mounted files.
+//! device, e2fsck, read-only points, hole punching, qemu-img on mounted files,
+//! `fallocate` past the end, and `volume resize` under an open file and a loop
+//! device (issue 9, "Found by trying public bug reports").
 
 mod common;
 
