@@ -181,23 +181,27 @@ fn gc_never_deletes_a_pack_a_writer_is_filling() {
     let log = env.path("server.log");
     env.ok(&["init", "--pack-size", "1M"]);
     group_with(&env, "g", &[("a", "64M")]);
+    group_with(&env, "noise", &[("n", "64M")]);
     let srv = Server::start_logged(&env, &[], &log);
     let uri = srv.unix("g/a");
     let slots = 64 * MIB / BS;
-    // Unique 64 KiB blocks around a ring, a FLUSH after every 8, until told to stop.
-    let writes = while_writing(
-        &env,
-        &format!("h = connect(\"{uri}\")"),
-        &format!(
-            "for k in range(8):\n    h.pwrite(block(\"w\", i, {BS}), (i % {slots}) * {BS})\n    i += 1\nh.flush()"
-        ),
-        40000,
-        || gc_runs(&env, 40, &log),
-    );
+    // Unique 64 KiB blocks around a ring, a FLUSH after every 8, until told to
+    // stop; fio beside it on another volume, so packs fill and rotate all the time.
+    let (writes, fio_runs) = beside_fio(srv.unix("noise/n"), "64k", "1G", 4, || {
+        while_writing(
+            &env,
+            &format!("h = connect(\"{uri}\")"),
+            &format!(
+                "for k in range(8):\n    h.pwrite(block(\"w\", i, {BS}), (i % {slots}) * {BS})\n    i += 1\nh.flush()"
+            ),
+            40000,
+            || gc_runs(&env, 40, &log),
+        )
+    });
     // Every flushed block reads back, now and after more GC and a restart.
     let bad = check_ring(&uri, "w", writes, slots);
     let what = format!(
-        "of {} blocks lost after 40 GC runs under {writes} writes",
+        "of {} blocks lost after 40 GC runs under {writes} writes and {fio_runs} fio run(s)",
         writes.min(slots)
     );
     assert_none_bad(&bad, &what, &log, &["orphan", "WARN", "ERROR"]);
@@ -207,7 +211,9 @@ fn gc_never_deletes_a_pack_a_writer_is_filling() {
     let srv = Server::start_logged(&env, &[], &log);
     let bad = check_ring(&srv.unix("g/a"), "w", writes, slots);
     assert!(bad.is_empty(), "after restart: {bad:?}");
-    println!("{writes} writes of 64 KiB under 40 GC runs: all read back");
+    println!(
+        "{writes} writes of 64 KiB under 40 GC runs beside {fio_runs} fio run(s): all read back"
+    );
 }
 
 /// The report's variant: fio writes 64 KiB at random to volume `a` of a store
@@ -279,22 +285,26 @@ fn points_hold_a_prefix_of_acknowledged_writes() {
     let log = env.path("server.log");
     env.ok(&["init"]);
     group_with(&env, "g", &[("disk0", "1M"), ("disk1", "1M")]);
+    group_with(&env, "noise", &[("n", "64M")]);
     let srv = Server::start_logged(&env, &[], &log);
-    let last = while_writing(
-        &env,
-        &format!(
-            "h0, h1 = connect(\"{}\"), connect(\"{}\")",
-            srv.unix("g/disk0"),
-            srv.unix("g/disk1")
-        ),
-        "i += 1\nh0.pwrite(stamp(i, 4096), 0)\nh1.pwrite(stamp(i, 65536), 0)",
-        1_000_000,
-        || {
-            (0..40).for_each(|_| {
-                env.ok(&["point", "create", "g"]);
-            })
-        },
-    );
+    // fio on a volume of another group keeps the overlay full, as a busy store's is.
+    let (last, fio_runs) = beside_fio(srv.unix("noise/n"), "4k", "1G", 4, || {
+        while_writing(
+            &env,
+            &format!(
+                "h0, h1 = connect(\"{}\"), connect(\"{}\")",
+                srv.unix("g/disk0"),
+                srv.unix("g/disk1")
+            ),
+            "i += 1\nh0.pwrite(stamp(i, 4096), 0)\nh1.pwrite(stamp(i, 65536), 0)",
+            1_000_000,
+            || {
+                (0..40).for_each(|_| {
+                    env.ok(&["point", "create", "g"]);
+                })
+            },
+        )
+    });
     let res = point_counters(&srv, "g", [("disk0", 4096), ("disk1", 65536)], 40);
     let mut bad = Vec::new();
     let mut prev = 0;
@@ -309,7 +319,9 @@ fn points_hold_a_prefix_of_acknowledged_writes() {
     assert_none_bad(&bad, what, &log, &["point", "WARN", "ERROR"]);
     srv.stop();
     verify_clean(&env, &log, "points under a writer");
-    println!("40 points under {last} counter pairs: every one a prefix");
+    println!(
+        "40 points under {last} counter pairs beside {fio_runs} fio run(s): every one a prefix"
+    );
 }
 
 /// The report's FUA variant: a 4 KiB FUA "log record" j to disk `log`, then the
