@@ -213,7 +213,15 @@ impl Store {
         for batch in self.overlay.keys_of(&lineages).chunks(crate::engine::write::DESTAGE_BATCH) {
             self.destage_locked(batch, Access::Exclusive(&g))?;
         }
-        // Everything acknowledged so far becomes durable before the point exists.
+        // Everything acknowledged so far, in every group, becomes durable before
+        // the point exists: a point is a FLUSH of the whole store too (the journal
+        // as well as packs and WAL), which is what callers (and the power-loss
+        // model) take it for.
+        crate::engine::latch::guarded(
+            &self.db.latch,
+            || format!("fdatasync of the journal in {}", self.dir.join("journal").display()),
+            || self.journal.sync(),
+        )?;
         self.chunks.sync()?;
         let mut lins = self.lineages.write().unwrap();
         let mut b = WriteBatch::default();

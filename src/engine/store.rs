@@ -192,6 +192,48 @@ pub struct Store {
     pub(crate) unflushed: Mutex<std::collections::HashSet<u64>>,
 }
 
+/// After a crash that lost chunks (records no sync covered), delete the map
+/// entries that point at them, and the journal horizons written with them.  Only
+/// unflushed whole-block writes can point at a lost chunk (I2, I12), and each sits
+/// at an epoch after the last FLUSH or journal trim (I11), so the block falls back
+/// to a durable version; journal pages a deleted entry had absorbed (horizons are
+/// tagged with their entry's epoch) replay over it again.
+fn repair_lost_chunks(db: &Db, dir: &Path, lost: Vec<ChunkId>) -> Result<()> {
+    if lost.is_empty() {
+        return Ok(());
+    }
+    let lost: std::collections::HashSet<ChunkId> = lost.into_iter().collect();
+    let mut b = WriteBatch::default();
+    let mut gone = std::collections::HashSet::new();
+    db.for_prefix(&[keys::MAP], |k, v| {
+        if let Some(crate::engine::meta::MapVal::Data(id)) = crate::engine::meta::MapVal::decode(v) {
+            if lost.contains(&id) {
+                b.delete(k);
+                if let Some(key) = keys::parse_map(k) {
+                    gone.insert(key);
+                }
+            }
+        }
+        true
+    })?;
+    let entries = b.len();
+    db.for_prefix(&[keys::HORIZON], |k, v| {
+        if let (Some((_, l, blk)), Some(e)) = (keys::parse_horizon(k), v.get(8..16)) {
+            if gone.contains(&(l, blk, u64::from_be_bytes(e.try_into().unwrap()))) {
+                b.delete(k);
+            }
+        }
+        true
+    })?;
+    db.write(b, true)?;
+    log::warn!(
+        "store {}: {entries} block version(s) written after the last FLUSH lost their data in \
+         the crash; those blocks read as of that FLUSH",
+        dir.display()
+    );
+    Ok(())
+}
+
 /// Write `store.json` atomically: a temporary file, fsynced, renamed into place,
 /// and the directory fsynced, so a store's config exists completely or not at all.
 fn write_config(dir: &Path, cfg: &Config) -> Result<()> {
@@ -440,6 +482,7 @@ impl Store {
             cfg.chunk_size as u64,
             true,
         )?;
+        repair_lost_chunks(&db, dir, chunks.take_lost())?;
         let mut lineages = HashMap::new();
         for (k, v) in db.scan_prefix(&[keys::LINEAGE])? {
             let rec: LineageRec = db.decode_rec(&k, &v)?;
@@ -451,8 +494,8 @@ impl Store {
         let mut horizons: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
         let mut top_segment = 0u64;
         db.for_prefix(&[keys::HORIZON], |k, v| {
-            if let (Some((seg, l, b)), Ok(off)) = (keys::parse_horizon(k), <[u8; 8]>::try_from(v)) {
-                let pos = (seg, u64::from_be_bytes(off));
+            if let (Some((seg, l, b)), Some(off)) = (keys::parse_horizon(k), v.get(0..8)) {
+                let pos = (seg, u64::from_be_bytes(off.try_into().unwrap()));
                 let h = horizons.entry((l, b)).or_insert(pos);
                 *h = (*h).max(pos);
                 top_segment = top_segment.max(seg);
@@ -489,7 +532,6 @@ impl Store {
             destaging: Mutex::new(()),
             unflushed: Mutex::new(Default::default()),
         };
-        store.repair_lost_chunks()?;
         store.replay_journal(replay, &horizons)?;
         keep_reserve(dir);
         Ok(store)
@@ -555,7 +597,14 @@ impl Store {
     /// Delete journal segments whose pages are all destaged, after syncing what
     /// they were destaged into; then drop the horizons that covered them.
     pub(crate) fn trim_journal(&self) -> Result<()> {
-        if let Some(seg) = self.journal.trim(|| self.chunks.sync())? {
+        // The sync before segments go also moves every lineage with unflushed map
+        // entries to a new epoch (I11): once their journal records are gone, no
+        // later write may replace those entries in place.
+        let sync = || {
+            let g = self.gate.exclusive();
+            self.make_durable_locked(&g)
+        };
+        if let Some(seg) = self.journal.trim(sync)? {
             let mut b = WriteBatch::default();
             b.delete_range(vec![keys::HORIZON], keys::horizon_after(seg));
             self.db.write(b, false)?;
@@ -668,33 +717,6 @@ impl Store {
         Ok(())
     }
 
-    /// After a crash that lost chunks (records a FLUSH never covered), delete the
-    /// map entries that point at them: only unflushed whole-block writes can, and
-    /// each sits at an epoch after the last FLUSH (see [`Store::flush`]), so the
-    /// block falls back to its content as of that FLUSH.
-    fn repair_lost_chunks(&self) -> Result<()> {
-        let lost: std::collections::HashSet<ChunkId> = self.chunks.take_lost().into_iter().collect();
-        if lost.is_empty() {
-            return Ok(());
-        }
-        let mut b = WriteBatch::default();
-        self.db.for_prefix(&[keys::MAP], |k, v| {
-            if let Some(crate::engine::meta::MapVal::Data(id)) = crate::engine::meta::MapVal::decode(v) {
-                if lost.contains(&id) {
-                    b.delete(k);
-                }
-            }
-            true
-        })?;
-        let n = b.len();
-        self.db.write(b, true)?;
-        log::warn!(
-            "store {}: {n} block(s) written after the last FLUSH lost their data in the crash \
-             and read as of that FLUSH",
-            self.dir.display()
-        );
-        Ok(())
-    }
 
     /// Destage everything, seal the open pack and empty the journal (clean
     /// shutdown).

@@ -36,6 +36,15 @@ pub(crate) enum Access<'a, 'g> {
     Shared(#[allow(dead_code)] &'a Shared<'g>),
 }
 
+/// A `J` value: the offset in its segment, and the epoch of the map entry written
+/// in the same batch (recovery drops the horizons of entries it deletes).
+pub(crate) fn horizon_value(offset: u64, epoch: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&offset.to_be_bytes());
+    v[8..].copy_from_slice(&epoch.to_be_bytes());
+    v
+}
+
 /// The stripe mutex index of a block (1024 stripes).
 pub(crate) fn stripe_of(lineage: u64, block: u64) -> usize {
     ((lineage.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ block) % STRIPES as u64) as usize
@@ -189,9 +198,17 @@ impl Store {
                 if let Some(v) = p.val {
                     batch.put(keys::map(l, b, p.epoch), v.encode());
                 }
-                batch.put(keys::horizon(seg, l, b), off.to_be_bytes());
+                batch.put(keys::horizon(seg, l, b), horizon_value(off, p.epoch));
             }
             self.db.write(batch, false)?;
+            {
+                // Their entries are not yet durable: the next sync point moves these
+                // lineages to a new epoch (I11).
+                let mut u = self.unflushed.lock().unwrap();
+                for p in &prepared {
+                    u.insert(p.key.0);
+                }
+            }
             for p in &prepared {
                 self.head_cache.invalidate(p.key);
             }
@@ -483,7 +500,7 @@ impl Store {
             // a FLUSH may have made durable) along with this write.
             let (seg, off) = self.journal.position();
             for b in &replaced {
-                batch.put(keys::horizon(seg, lin.id, *b), off.to_be_bytes());
+                batch.put(keys::horizon(seg, lin.id, *b), horizon_value(off, lin.epoch));
             }
             self.chunks.sync_packs_recorded()?;
         }
