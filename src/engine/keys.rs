@@ -15,7 +15,7 @@
 //! | `R` | pack u64, offset u64                  | chunk id (32 bytes)            |
 //! | `K` | pack u64                              | [`crate::engine::meta::PackRec`]       |
 //! | `N` | counter name                          | u64 (next value)               |
-//! | `J` | segment u64, lineage u64, block u64   | offset u64: the journal horizon |
+//! | `J` | segment u64, lineage u64, block u64   | offset u64, epoch u64: the journal horizon |
 //! | `D` | pack u64                              | u64: bytes of an unsealed pack known durable |
 //!
 //! A `J` key says: "the records of (lineage, block) that start before journal
