@@ -187,7 +187,7 @@ fn gc_never_deletes_a_pack_a_writer_is_filling() {
     let slots = 64 * MIB / BS;
     // Unique 64 KiB blocks around a ring, a FLUSH after every 8, until told to
     // stop; fio beside it on another volume, so packs fill and rotate all the time.
-    let (writes, fio_runs) = beside_fio(srv.unix("noise/n"), "64k", "1G", 4, || {
+    let (writes, fio_runs) = beside_fio(srv.unix("noise/n"), "64k", "256M", 1, || {
         while_writing(
             &env,
             &format!("h = connect(\"{uri}\")"),
@@ -239,7 +239,7 @@ for k in range({blocks}):
 ha.flush(); hb.flush()
 "#
     ));
-    let ((), fio_runs) = beside_fio(ua, "64k", "1G", 4, || gc_runs(&env, 40, &log));
+    let ((), fio_runs) = beside_fio(ua, "64k", "256M", 2, || gc_runs(&env, 40, &log));
     let bad = check_ring(&ub, "b", blocks, blocks);
     let what = format!("of {blocks} blocks of volume b, only read, lost after 40 GC runs beside {fio_runs} fio runs");
     assert_none_bad(&bad, &what, &log, &["orphan", "WARN", "ERROR"]);
