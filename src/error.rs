@@ -58,8 +58,9 @@ pub enum Error {
     Exists(String),
     #[error("{0} is read-only")]
     ReadOnly(String),
-    /// Removal refused: NBD clients or open FUSE files use the object.
-    #[error("{0} is in use")]
+    /// Removal refused: NBD clients or open FUSE files use the object.  The text
+    /// names the object and its users ("... is in use by ...").
+    #[error("{0}")]
     Busy(String),
     #[error("{path}: {source}")]
     Io {

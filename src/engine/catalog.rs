@@ -169,7 +169,7 @@ impl Store {
         let leases = self.leases.inner.lock().unwrap();
         if let Some(users) = leases.get(&(v.lineage, HEAD_EPOCH)) {
             return Err(Error::Busy(format!(
-                "volume {group}/{disk} ({} user(s): {}); disconnect them first",
+                "volume {group}/{disk} is in use by {} user(s) ({}); disconnect them first",
                 users.len(),
                 users.iter().map(|u| u.1.as_str()).collect::<Vec<_>>().join(", ")
             )));
@@ -308,7 +308,7 @@ impl Store {
         for v in &p.volumes {
             if let Some(users) = leases.get(&(v.lineage, v.epoch)) {
                 return Err(Error::Busy(format!(
-                    "point {} of group {group} ({} reader(s): {}); disconnect them first",
+                    "point {} of group {group} is in use by {} reader(s) ({}); disconnect them first",
                     p.id,
                     users.len(),
                     users.iter().map(|u| u.1.as_str()).collect::<Vec<_>>().join(", ")
