@@ -237,6 +237,11 @@ impl ChunkStore {
     /// crash left dangling, and seal the pack.
     fn recover(&self) -> Result<()> {
         let mut lost = Vec::new();
+        // After a latched run, trust only what a sync covered (`D`); after a kill
+        // or a power cut, what the pack file holds is what the disk or the page
+        // cache has, and the fsync below makes it durable before the pack is
+        // called sealed.
+        let strict = crate::engine::latch::was_latched(&self.store);
         for (k, v) in self.db.scan_prefix(&[keys::PACK])? {
             let Some(pack) = keys::parse_pack(&k) else {
                 continue;
@@ -250,7 +255,9 @@ impl ChunkStore {
             // shows them (a restart after a failed sync).  Packs written before
             // `D` keys existed have none: then the file's length.
             let limit = match self.db.get(&keys::durable(pack))? {
-                Some(v) if v.len() == 8 => len.min(u64::from_be_bytes(v[..].try_into().unwrap())),
+                Some(v) if v.len() == 8 && strict => {
+                    len.min(u64::from_be_bytes(v[..].try_into().unwrap()))
+                }
                 _ => len,
             };
             let mut batch = WriteBatch::default();

@@ -42,6 +42,7 @@ impl Latch {
     pub fn trip(&self, what: impl Into<String>, cause: impl std::fmt::Display) -> Error {
         let (what, cause) = (what.into(), cause.to_string());
         if self.tripped.set((what.clone(), cause.clone())).is_ok() {
+            leave_marker(&self.store, &what, &cause);
             log::error!(
                 "store {}: {what} failed: {cause}; the store is now read-only until it is \
                  reopened (acknowledged writes since the last successful flush may not be durable)",
@@ -73,6 +74,27 @@ impl Latch {
             cause: cause.clone(),
         })
     }
+}
+
+/// The file a tripped latch leaves in the store directory (best effort: the disk
+/// may be failing).  The next open reads it: recovery then trusts only what a
+/// successful sync covered (the page cache may show pages the disk never got),
+/// and removes it once the store is recovered.
+pub const MARKER: &str = "latched";
+
+fn leave_marker(store: &Path, what: &str, cause: &str) {
+    let path = store.join(MARKER);
+    let res = std::fs::write(&path, format!("{what}: {cause}\n"))
+        .and_then(|_| std::fs::File::open(&path)?.sync_all())
+        .and_then(|_| std::fs::File::open(store)?.sync_all());
+    if let Err(e) = res {
+        log::warn!("store {}: could not leave the latch marker: {e}", store.display());
+    }
+}
+
+/// Whether a previous run of the store latched (see [`MARKER`]).
+pub fn was_latched(store: &Path) -> bool {
+    store.join(MARKER).exists()
 }
 
 /// Run a sync (or a write whose failure may lose acknowledged data) and trip the

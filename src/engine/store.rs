@@ -533,6 +533,13 @@ impl Store {
             unflushed: Mutex::new(Default::default()),
         };
         store.replay_journal(replay, &horizons)?;
+        if crate::engine::latch::was_latched(dir) {
+            // Recovered (and synced by the replay's trim): the marker goes.
+            let m = dir.join(crate::engine::latch::MARKER);
+            std::fs::remove_file(&m).at(&m)?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+            log::info!("store {}: recovered after a latched run", dir.display());
+        }
         keep_reserve(dir);
         Ok(store)
     }
