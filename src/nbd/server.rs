@@ -129,6 +129,11 @@ struct Conn {
     shared: Arc<Shared>,
     store: Arc<Store>,
     session: Arc<SessionState>,
+    /// The lease on the served view, taken before the client is told it may use
+    /// the export (so removal is refused from then on, and the session registry
+    /// names the export before the client can send a request: failover's
+    /// disconnect-by-export never misses a client that just connected).
+    lease: Option<crate::engine::store::Lease>,
     structured: bool,
     /// The export (canonical name) the last `NBD_OPT_SET_META_CONTEXT` selected
     /// `base:allocation` for; BLOCK_STATUS is allowed only if it is the one served.
@@ -219,6 +224,7 @@ pub fn serve_session(
         shared: shared.clone(),
         store: shared.store.clone(),
         session: session.state().clone(),
+        lease: None,
         structured: false,
         meta_context: None,
         no_zeroes: false,
@@ -226,19 +232,11 @@ pub fn serve_session(
     };
     match c.negotiate(&mut r, &w) {
         Ok(Some(view)) => {
-            // The view stays in use while the client is connected: removing its
-            // point or volume is refused meanwhile (invariant I8).  If it went
-            // between the option haggling and here, the client is disconnected
-            // rather than served something else.
-            match c.store.lease(&view, &format!("nbd {peer}")) {
-                Ok(_lease) => {
-                    log::info!("nbd {peer}: serving {}", view.name);
-                    session.set_export(&view.name, view.writable);
-                    if let Err(e) = c.transmit(&mut r, &w, view) {
-                        log::info!("nbd {peer}: connection ended: {e}");
-                    }
-                }
-                Err(e) => log::warn!("nbd {peer}: {} is gone: {e}", view.name),
+            // The lease the negotiation took (Conn::take) is held until the
+            // connection ends: removing the view is refused meanwhile (I8).
+            log::info!("nbd {peer}: serving {}", view.name);
+            if let Err(e) = c.transmit(&mut r, &w, view) {
+                log::info!("nbd {peer}: connection ended: {e}");
             }
         }
         Ok(None) => log::debug!("nbd {peer}: client left during negotiation"),
@@ -310,6 +308,18 @@ impl Conn {
         self.store.view_ref(name).map_err(|e| e.to_string())
     }
 
+    /// Lease `view` for this connection and name it in the session registry
+    /// (invariant I8); fails if the view was removed since it was resolved.
+    fn take(&mut self, view: View) -> Result<View, String> {
+        let lease = self
+            .store
+            .lease(&view, &format!("nbd {} (session {})", self.session.peer(), self.session.id()))
+            .map_err(|e| e.to_string())?;
+        self.lease = Some(lease);
+        self.session.set_export(&view.name, view.writable);
+        Ok(view)
+    }
+
     fn opt_error(&self, w: &Writer, opt: u32, typ: u32, msg: &str) -> std::io::Result<()> {
         self.send(w, &option_reply(opt, typ, msg.as_bytes()))
     }
@@ -345,7 +355,7 @@ impl Conn {
                     // EXPORT_NAME has no error reply: a bad name closes.
                     let name = parse_export_name(&data)
                         .map_err(|e| std::io::Error::other(format!("export name: {}", e.0)))?;
-                    return match self.resolve(&name) {
+                    return match self.resolve(&name).and_then(|v| self.take(v)) {
                         Ok(view) => {
                             self.tflags = transmission_flags(&view, self.structured);
                             self.send(
@@ -411,11 +421,19 @@ impl Conn {
                             ),
                         )?;
                     }
-                    self.send(w, &option_reply(opt, REP_ACK, &[]))?;
                     if opt == OPT_GO {
+                        let view = match self.take(view) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                self.opt_error(w, opt, REP_ERR_UNKNOWN, &e)?;
+                                continue;
+                            }
+                        };
+                        self.send(w, &option_reply(opt, REP_ACK, &[]))?;
                         self.tflags = tflags;
                         return Ok(Some(view));
                     }
+                    self.send(w, &option_reply(opt, REP_ACK, &[]))?;
                 }
                 OPT_STRUCTURED_REPLY => {
                     if !data.is_empty() {
