@@ -55,5 +55,5 @@ pub mod fuse;
 pub mod nbd;
 pub mod util;
 
-pub use error::{Error, ErrorKind, Result};
 pub use engine::store::{Block, InitOptions, Store, View};
+pub use error::{Error, ErrorKind, Result};

@@ -43,7 +43,11 @@ fn counter(w: u64, buf: &[u8], what: &str) -> u64 {
         return 0;
     }
     let i = u64::from_le_bytes(buf[8..16].try_into().unwrap());
-    assert_eq!(buf, &stamp(w, i, buf.len())[..], "{what}: not one whole write");
+    assert_eq!(
+        buf,
+        &stamp(w, i, buf.len())[..],
+        "{what}: not one whole write"
+    );
     i
 }
 
@@ -128,9 +132,13 @@ fn writers_points_gc_flush_and_destage_interleaved_lose_nothing() {
                 if i % 3 == 0 {
                     s.zero(&sc, so, CS).unwrap();
                     s.write(&sc, so, &stamp(w, i, CS as usize)).unwrap();
-                    assert_eq!(counter(w, &s.read(&sc, so, CS as usize).unwrap(), "scratch"), i);
+                    assert_eq!(
+                        counter(w, &s.read(&sc, so, CS as usize).unwrap(), "scratch"),
+                        i
+                    );
                 } else {
-                    s.write(&sc, so + 4096 * (i % 4), &stamp(w, i, 4096)).unwrap();
+                    s.write(&sc, so + 4096 * (i % 4), &stamp(w, i, 4096))
+                        .unwrap();
                 }
                 if i % 16 == 0 {
                     s.flush().unwrap();
@@ -164,8 +172,14 @@ fn writers_points_gc_flush_and_destage_interleaved_lose_nothing() {
                         a == b || a == b + 1,
                         "point {id}, writer {w}: disk0 = {a}, disk1 = {b}: not a prefix"
                     );
-                    assert!(a >= before0[wi] && b >= before1[wi], "point {id} misses acked writes");
-                    assert!(a <= after0[wi] && b <= after1[wi], "point {id} holds unissued writes");
+                    assert!(
+                        a >= before0[wi] && b >= before1[wi],
+                        "point {id} misses acked writes"
+                    );
+                    assert!(
+                        a <= after0[wi] && b <= after1[wi],
+                        "point {id} holds unissued writes"
+                    );
                     vals.push((a, b));
                 }
                 kept.insert(p.id, vals);
@@ -207,13 +221,20 @@ fn writers_points_gc_flush_and_destage_interleaved_lose_nothing() {
     let (kept, npoints) = points.join().unwrap();
     let ngc = gcs.join().unwrap();
     flusher.join().unwrap();
-    assert!(npoints >= 3 && ngc >= 3, "{npoints} points and {ngc} GCs ran");
+    assert!(
+        npoints >= 3 && ngc >= 3,
+        "{npoints} points and {ngc} GCs ran"
+    );
     drop(scenario);
 
     let check = |s: &Store| {
         for w in 0..WRITERS {
-            let d0 = s.read(&s.view("g", "d0", None).unwrap(), w * CS, 4096).unwrap();
-            let d1 = s.read(&s.view("g", "d1", None).unwrap(), w * CS, CS as usize).unwrap();
+            let d0 = s
+                .read(&s.view("g", "d0", None).unwrap(), w * CS, 4096)
+                .unwrap();
+            let d1 = s
+                .read(&s.view("g", "d1", None).unwrap(), w * CS, CS as usize)
+                .unwrap();
             assert_eq!(counter(w, &d0, "final d0"), ROUNDS);
             assert_eq!(counter(w, &d1, "final d1"), ROUNDS);
         }
@@ -223,8 +244,14 @@ fn writers_points_gc_flush_and_destage_interleaved_lose_nothing() {
                 let w = w as u64;
                 let p0 = s.view("g", "d0", Some(&id)).unwrap();
                 let p1 = s.view("g", "d1", Some(&id)).unwrap();
-                assert_eq!(counter(w, &s.read(&p0, w * CS, 4096).unwrap(), "kept d0"), *a);
-                assert_eq!(counter(w, &s.read(&p1, w * CS, CS as usize).unwrap(), "kept d1"), *b);
+                assert_eq!(
+                    counter(w, &s.read(&p0, w * CS, 4096).unwrap(), "kept d0"),
+                    *a
+                );
+                assert_eq!(
+                    counter(w, &s.read(&p1, w * CS, CS as usize).unwrap(), "kept d1"),
+                    *b
+                );
             }
         }
         let rep = verify(s, &indicatif::ProgressBar::hidden()).unwrap();
@@ -237,5 +264,8 @@ fn writers_points_gc_flush_and_destage_interleaved_lose_nothing() {
     drop(s);
     let s = Store::open(&dir, None).unwrap();
     check(&s);
-    eprintln!("{npoints} points, {ngc} GC runs, {} writers x {ROUNDS} rounds", WRITERS);
+    eprintln!(
+        "{npoints} points, {ngc} GC runs, {} writers x {ROUNDS} rounds",
+        WRITERS
+    );
 }

@@ -145,7 +145,8 @@ impl Bed {
     fn baseline(&mut self) {
         for i in 0..6u64 {
             self.write((i * CS) as usize, fill(i, CS as usize)).unwrap();
-            self.write((i * CS + 4096) as usize, fill(100 + i, 4096)).unwrap();
+            self.write((i * CS + 4096) as usize, fill(100 + i, 4096))
+                .unwrap();
         }
         self.flush().unwrap();
         self.s().create_point("g", false, None).unwrap();
@@ -155,9 +156,17 @@ impl Bed {
     /// Every byte reads as `base` (the acknowledged or the durable content) or
     /// as a write issued after `base` was taken (`pending`); verify is clean.
     fn check(&self, what: &str, base: &[u8]) {
-        let got = self.s().read(&self.head(), 0, VOL as usize).unwrap_or_else(|e| panic!("{what}: read: {e}"));
+        let got = self
+            .s()
+            .read(&self.head(), 0, VOL as usize)
+            .unwrap_or_else(|e| panic!("{what}: read: {e}"));
         for (i, (&g, &d)) in got.iter().zip(base).enumerate() {
-            if g != d && !self.pending.iter().any(|(o, data)| *o <= i && i < o + data.len() && data[i - o] == g) {
+            if g != d
+                && !self
+                    .pending
+                    .iter()
+                    .any(|(o, data)| *o <= i && i < o + data.len() && data[i - o] == g)
+            {
                 panic!(
                     "{what}: byte {i} (block {} page {}) reads {g}, expected {d} (and no write issued since wrote {g} there)",
                     i as u64 / CS,
@@ -165,8 +174,13 @@ impl Bed {
                 );
             }
         }
-        let rep = drclone::engine::maint::verify(self.s(), &indicatif::ProgressBar::hidden()).unwrap();
-        assert!(rep.ok, "{what}: verify finds bad chunks: {:?}", rep.bad.iter().map(|b| &b.error).collect::<Vec<_>>());
+        let rep =
+            drclone::engine::maint::verify(self.s(), &indicatif::ProgressBar::hidden()).unwrap();
+        assert!(
+            rep.ok,
+            "{what}: verify finds bad chunks: {:?}",
+            rep.bad.iter().map(|b| &b.error).collect::<Vec<_>>()
+        );
     }
 
     /// The first point (taken by [`Bed::baseline`]) reads as `want`.
@@ -175,7 +189,10 @@ impl Bed {
         let first = self.s().view("g", "d", Some(&p[0].id.to_string())).unwrap();
         let got = self.s().read(&first, 0, VOL as usize).unwrap();
         if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
-            panic!("{what}: the point taken before the fault differs at byte {i}: {} != {}", got[i], want[i]);
+            panic!(
+                "{what}: the point taken before the fault differs at byte {i}: {} != {}",
+                got[i], want[i]
+            );
         }
     }
 
@@ -185,7 +202,8 @@ impl Bed {
         self.drop_store();
         self.fs.clear_faults();
         self.fs.reset(Tear::None, 0);
-        self.open().unwrap_or_else(|e| panic!("{what}: the store does not open: {e}"));
+        self.open()
+            .unwrap_or_else(|e| panic!("{what}: the store does not open: {e}"));
     }
 
     /// Drop the store (its threads and files) and wait until nothing is open.
@@ -205,12 +223,26 @@ impl Drop for Bed {
 
 fn assert_latched(r: drclone::Result<()>, op: &str, case: &Case) {
     let e = match r {
-        Ok(()) => panic!("{op} after the fault succeeded: the store must be read-only (fault on {}{} {:?})", case.prefix, case.suffix, case.op),
+        Ok(()) => panic!(
+            "{op} after the fault succeeded: the store must be read-only (fault on {}{} {:?})",
+            case.prefix, case.suffix, case.op
+        ),
         Err(e) => e.to_string(),
     };
-    assert!(e.contains("read-only after a failed"), "{op} after the fault: the error does not say the store latched: {e}");
-    assert!(e.contains(case.names), "{op} after the fault: the error does not name the file ({}): {e}", case.names);
-    assert!(e.contains(errstr(case.errno)), "{op} after the fault: the error does not name the cause ({}): {e}", errstr(case.errno));
+    assert!(
+        e.contains("read-only after a failed"),
+        "{op} after the fault: the error does not say the store latched: {e}"
+    );
+    assert!(
+        e.contains(case.names),
+        "{op} after the fault: the error does not name the file ({}): {e}",
+        case.names
+    );
+    assert!(
+        e.contains(errstr(case.errno)),
+        "{op} after the fault: the error does not name the cause ({}): {e}",
+        errstr(case.errno)
+    );
 }
 
 /// Hit the fault; check that the store refuses to acknowledge anything after it.
@@ -230,9 +262,18 @@ fn hit(case: &Case) -> Bed {
     for i in 0..40u64 {
         let blk = (i % 16) * CS;
         let (what, r) = match i % 4 {
-            0 => ("small write", b.write(blk as usize + 8192, fill(200 + i, 4096))),
-            1 => ("whole-block write", b.write(blk as usize, fill(300 + i, CS as usize))),
-            2 if case.seal => ("whole-block write", b.write(((i + 5) % 16 * CS) as usize, fill(400 + i, CS as usize))),
+            0 => (
+                "small write",
+                b.write(blk as usize + 8192, fill(200 + i, 4096)),
+            ),
+            1 => (
+                "whole-block write",
+                b.write(blk as usize, fill(300 + i, CS as usize)),
+            ),
+            2 if case.seal => (
+                "whole-block write",
+                b.write(((i + 5) % 16 * CS) as usize, fill(400 + i, CS as usize)),
+            ),
             2 => {
                 b.pending.push((blk as usize + 4096, vec![0; 4096]));
                 let r = b.s().zero(&b.head(), blk + 4096, 4096);
@@ -241,7 +282,10 @@ fn hit(case: &Case) -> Bed {
                 }
                 ("zero", r)
             }
-            _ if case.seal && i < 36 => ("whole-block write", b.write((i % 16 * CS) as usize, fill(500 + i, CS as usize))),
+            _ if case.seal && i < 36 => (
+                "whole-block write",
+                b.write((i % 16 * CS) as usize, fill(500 + i, CS as usize)),
+            ),
             _ => ("flush", b.flush()),
         };
         if let Err(e) = r {
@@ -250,29 +294,48 @@ fn hit(case: &Case) -> Bed {
         }
     }
     let fired = b.fs.fired();
-    assert!(!fired.is_empty(), "the fault on {}{} {:?} never fired", case.prefix, case.suffix, case.op);
+    assert!(
+        !fired.is_empty(),
+        "the fault on {}{} {:?} never fired",
+        case.prefix,
+        case.suffix,
+        case.op
+    );
     let (what, err) = failed.unwrap_or_else(|| {
         panic!("fault at {fired:?} ({}) fired but no operation failed: acknowledged writes may not be durable", errstr(case.errno))
     });
     eprintln!("fault at {:?}: {what} failed: {err}", fired[0]);
-    assert!(err.contains(errstr(case.errno)), "the failed {what} does not name the error: {err}");
+    assert!(
+        err.contains(errstr(case.errno)),
+        "the failed {what} does not name the error: {err}"
+    );
 
     if case.latches {
         // (a) and (b): nothing is acknowledged any more; reads work.
         b.fs.clear_faults();
         let head = b.head();
         assert_latched(b.s().write(&head, 0, &[9u8; 4096]), "a small write", case);
-        assert_latched(b.s().write(&head, 0, &vec![9u8; CS as usize]), "a whole-block write", case);
+        assert_latched(
+            b.s().write(&head, 0, &vec![9u8; CS as usize]),
+            "a whole-block write",
+            case,
+        );
         assert_latched(b.s().zero(&head, 0, CS), "a zeroing", case);
         assert_latched(b.s().flush(), "a flush", case);
-        assert_latched(b.s().create_point("g", false, None).map(|_| ()), "a point creation", case);
+        assert_latched(
+            b.s().create_point("g", false, None).map(|_| ()),
+            "a point creation",
+            case,
+        );
         let cur = b.cur.clone();
         b.check("reads after the latch", &cur);
     } else {
         // The failed write fails alone; once there is room again, the store goes on.
         b.fs.clear_faults();
-        b.write(0, fill(7, 4096)).expect("a write once there is room again");
-        b.write(CS as usize, fill(8, CS as usize)).expect("a whole-block write once there is room again");
+        b.write(0, fill(7, 4096))
+            .expect("a write once there is room again");
+        b.write(CS as usize, fill(8, CS as usize))
+            .expect("a whole-block write once there is room again");
         b.flush().expect("a flush once there is room again");
     }
     b
@@ -285,7 +348,8 @@ fn run(case: Case) {
     b.power_cut("power cut after the fault");
     b.check("power cut after the fault", &dur);
     b.check_point("power cut after the fault", &point);
-    b.write(0, fill(9, 4096)).expect("writable after the power cut");
+    b.write(0, fill(9, 4096))
+        .expect("writable after the power cut");
     b.flush().expect("flush after the power cut");
     drop(b);
 
@@ -303,12 +367,16 @@ fn run(case: Case) {
     // here on the model is what the store shows, which `check` just found legal.
     b.cur = b.s().read(&b.head(), 0, VOL as usize).unwrap();
     b.pending.clear();
-    b.write(0, fill(10, 4096)).expect("writable after the restart");
+    b.write(0, fill(10, 4096))
+        .expect("writable after the restart");
     b.flush().expect("flush after the restart");
     let dur = b.dur.clone();
     b.power_cut("power cut after a restart after the fault");
     b.check("power cut after a restart after the fault (what the restart found and flushed must be durable)", &dur);
-    b.check_point("power cut after a restart after the fault", &b.baseline_point.clone());
+    b.check_point(
+        "power cut after a restart after the fault",
+        &b.baseline_point.clone(),
+    );
 }
 
 macro_rules! case {

@@ -7,9 +7,9 @@
 use std::io::{Cursor, Write};
 use std::sync::{Arc, Mutex};
 
+use drclone::engine::store::{InitOptions, Store};
 use drclone::nbd::proto::*;
 use drclone::nbd::server::serve_connection;
-use drclone::engine::store::{InitOptions, Store};
 use proptest::prelude::*;
 
 const CS: u64 = 16384;

@@ -284,7 +284,10 @@ impl Run {
         let dead = self.fs.is_dead();
         match r {
             Ok(_) => {
-                self.note(format!("{what}: ok{}", if dead { " (disk dead after)" } else { "" }));
+                self.note(format!(
+                    "{what}: ok{}",
+                    if dead { " (disk dead after)" } else { "" }
+                ));
                 Ok(!dead)
             }
             Err(e) if dead => {
@@ -316,20 +319,36 @@ impl Run {
             }
             Size::Unaligned => (r.gen_range(0..UNITS), r.gen_range(1..=UPB * 5 / 2)),
             Size::Whole => (r.gen_range(0..BLOCKS as usize) * UPB, UPB),
-            Size::Multi => (r.gen_range(0..BLOCKS as usize) * UPB, r.gen_range(2..=3) * UPB),
+            Size::Multi => (
+                r.gen_range(0..BLOCKS as usize) * UPB,
+                r.gen_range(2..=3) * UPB,
+            ),
         };
         (u0, (u0 + len).min(UNITS))
     }
 
     fn view(&self, vi: usize, point: Option<u64>) -> drclone::Result<drclone::engine::store::View> {
         let v = &self.m.vols[vi];
-        self.store().view(&v.group, &v.disk, point.map(|p| p.to_string()).as_deref())
+        self.store()
+            .view(&v.group, &v.disk, point.map(|p| p.to_string()).as_deref())
     }
 
     /// One write (or zeroing, `zero`), recorded in the model.
-    fn write(&mut self, vi: usize, u0: usize, u1: usize, val: u32, zero: bool, what: &str) -> Result<bool, ()> {
+    fn write(
+        &mut self,
+        vi: usize,
+        u0: usize,
+        u1: usize,
+        val: u32,
+        zero: bool,
+        what: &str,
+    ) -> Result<bool, ()> {
         let tag = self.m.vols[vi].tag;
-        let data = if zero { Vec::new() } else { stamps::stamp(val, tag, u0, u1) };
+        let data = if zero {
+            Vec::new()
+        } else {
+            stamps::stamp(val, tag, u0, u1)
+        };
         let op = self.log.len();
         self.m.vols[vi].since.push(Since {
             val,
@@ -348,7 +367,8 @@ impl Run {
         );
         let r = self.view(vi, None).and_then(|v| {
             if zero {
-                self.store().zero(&v, u0 as u64 * UNIT, (u1 - u0) as u64 * UNIT)
+                self.store()
+                    .zero(&v, u0 as u64 * UNIT, (u1 - u0) as u64 * UNIT)
             } else {
                 self.store().write(&v, u0 as u64 * UNIT, &data)
             }
@@ -374,7 +394,13 @@ impl Run {
         let r = self.step_inner();
         if env_flag("DRCLONE_POWERLOSS_PROFILE") {
             if let Some(l) = self.log.get(n) {
-                let kind = l.split_whitespace().take(3).filter(|w| !w.starts_with('#')).take(2).collect::<Vec<_>>().join(" ");
+                let kind = l
+                    .split_whitespace()
+                    .take(3)
+                    .filter(|w| !w.starts_with('#'))
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 let e = self.profile.entry(kind).or_default();
                 e.0 += 1;
                 e.1 += t.elapsed().as_secs_f64();
@@ -409,7 +435,13 @@ impl Run {
                 if k == 1 {
                     // Identical content to an earlier whole-block write: dedup.
                     let tag = self.m.vols[vi].tag;
-                    let old: Vec<_> = self.m.whole.iter().filter(|x| x.1 == tag).copied().collect();
+                    let old: Vec<_> = self
+                        .m
+                        .whole
+                        .iter()
+                        .filter(|x| x.1 == tag)
+                        .copied()
+                        .collect();
                     if let Some(&(w, _, a, b)) = old.get(self.rng.gen_range(0..old.len().max(1))) {
                         let blk = self.rng.gen_range(a / UPB..b / UPB);
                         return self.write(vi, blk * UPB, (blk + 1) * UPB, w, false, "rewrite");
@@ -446,7 +478,11 @@ impl Run {
             71 => self.create_volume(),
             72 => self.remove_volume(),
             73..=77 => {
-                let n = if self.rng.gen_bool(0.5) { None } else { Some(self.rng.gen_range(1..4)) };
+                let n = if self.rng.gen_bool(0.5) {
+                    None
+                } else {
+                    Some(self.rng.gen_range(1..4))
+                };
                 let r = self.store().destage(n);
                 self.done(format!("#{} destage {n:?}", self.log.len()), &r)
             }
@@ -492,7 +528,10 @@ impl Run {
             d
         } != want
         {
-            let msg = format!("point {} of {group} holds disks {disks:?}, expected {want:?}", rec.id);
+            let msg = format!(
+                "point {} of {group} holds disks {disks:?}, expected {want:?}",
+                rec.id
+            );
             self.fail(vec![msg]);
         }
         self.m.horizon();
@@ -500,14 +539,23 @@ impl Run {
     }
 
     fn remove_point(&mut self) -> Result<bool, ()> {
-        let ids: Vec<usize> = (0..self.m.points.len()).filter(|&i| !self.m.points[i].creating).collect();
+        let ids: Vec<usize> = (0..self.m.points.len())
+            .filter(|&i| !self.m.points[i].creating)
+            .collect();
         if ids.is_empty() {
             return Ok(true);
         }
         // Mostly the oldest, as retention would.
-        let pi = if self.rng.gen_bool(0.6) { ids[0] } else { ids[self.rng.gen_range(0..ids.len())] };
+        let pi = if self.rng.gen_bool(0.6) {
+            ids[0]
+        } else {
+            ids[self.rng.gen_range(0..ids.len())]
+        };
         self.m.points[pi].removing = true;
-        let (g, id) = (self.m.points[pi].group.clone(), self.m.points[pi].id.unwrap());
+        let (g, id) = (
+            self.m.points[pi].group.clone(),
+            self.m.points[pi].id.unwrap(),
+        );
         let r = self.store().remove_point(&g, &id.to_string());
         let go = self.done(format!("#{} point rm {g} {id}", self.log.len()), &r)?;
         self.m.points.remove(pi);
@@ -516,7 +564,9 @@ impl Run {
     }
 
     fn clone_volume(&mut self) -> Result<bool, ()> {
-        let ids: Vec<usize> = (0..self.m.points.len()).filter(|&i| !self.m.points[i].creating && !self.m.points[i].vols.is_empty()).collect();
+        let ids: Vec<usize> = (0..self.m.points.len())
+            .filter(|&i| !self.m.points[i].creating && !self.m.points[i].vols.is_empty())
+            .collect();
         if ids.is_empty() || self.m.live(Some("c")).len() >= 3 {
             return Ok(true);
         }
@@ -527,8 +577,13 @@ impl Run {
         let (g, id, content) = (p.group.clone(), p.id.unwrap(), p.vols[&src].clone());
         let d = self.disk_name("k");
         let vi = self.m.new_vol("c", d.clone(), content);
-        let r = self.store().clone_volume(&g, &src, &id.to_string(), "c", &d);
-        let go = self.done(format!("#{} clone {g}/{src}@{id} -> c/{d}", self.log.len()), &r)?;
+        let r = self
+            .store()
+            .clone_volume(&g, &src, &id.to_string(), "c", &d);
+        let go = self.done(
+            format!("#{} clone {g}/{src}@{id} -> c/{d}", self.log.len()),
+            &r,
+        )?;
         self.m.vols[vi].creating = None;
         Ok(go)
     }
@@ -569,10 +624,17 @@ impl Run {
         let live = self.m.live(None);
         let vi = live[self.rng.gen_range(0..live.len())];
         let (u0, u1) = self.pick_range(Size::Unaligned);
-        let r = self
-            .view(vi, None)
-            .and_then(|v| self.store().read(&v, u0 as u64 * UNIT, (u1 - u0) * UNIT as usize));
-        let what = format!("#{} read {}/{} {}", self.log.len(), self.m.vols[vi].group, self.m.vols[vi].disk, units_desc(u0, u1));
+        let r = self.view(vi, None).and_then(|v| {
+            self.store()
+                .read(&v, u0 as u64 * UNIT, (u1 - u0) * UNIT as usize)
+        });
+        let what = format!(
+            "#{} read {}/{} {}",
+            self.log.len(),
+            self.m.vols[vi].group,
+            self.m.vols[vi].disk,
+            units_desc(u0, u1)
+        );
         let go = self.done(what, &r)?;
         let got = stamps::decode(&r.unwrap(), u0, &self.m.tags);
         let want = &self.m.vols[vi].cur[u0..u1];
@@ -640,7 +702,15 @@ impl Run {
             rep += &format!("  ... and {} more\n", problems.len() - 12);
         }
         rep += "store operations since the last recovery (last 40):\n";
-        for l in self.log.iter().rev().take(40).collect::<Vec<_>>().into_iter().rev() {
+        for l in self
+            .log
+            .iter()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
             rep += &format!("  {l}\n");
         }
         rep += "file operations up to the cut (last 48):\n";
@@ -648,7 +718,12 @@ impl Run {
         rep += "\n";
         if self.keep_going {
             eprintln!("{rep}");
-            self.failures.push(format!("seed {} cut {}: {}", self.seed, self.cut_no, problems.first().cloned().unwrap_or_default()));
+            self.failures.push(format!(
+                "seed {} cut {}: {}",
+                self.seed,
+                self.cut_no,
+                problems.first().cloned().unwrap_or_default()
+            ));
         } else {
             panic!("{rep}");
         }
@@ -673,10 +748,13 @@ impl Run {
             self.fs.disarm();
             if self.fs.is_dead() {
                 self.recovery_cuts += 1;
-                self.note(format!("recovery {attempt}: cut during recovery ({})", match &r {
-                    Ok(_) => "open had returned".to_string(),
-                    Err(e) => e.to_string(),
-                }));
+                self.note(format!(
+                    "recovery {attempt}: cut during recovery ({})",
+                    match &r {
+                        Ok(_) => "open had returned".to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                ));
                 drop(r);
                 self.fs.wait_closed();
                 self.fs.reset(tear, self.rng.gen());
@@ -686,9 +764,14 @@ impl Run {
                 Ok(s) => break s,
                 Err(e) => {
                     let files = self.fs.durable_files();
-                    let msg = format!("the store does not open after the cut: {e}\n  durable files: {files:?}");
+                    let msg = format!(
+                        "the store does not open after the cut: {e}\n  durable files: {files:?}"
+                    );
                     self.fail(vec![msg]);
-                    panic!("cannot go on with seed {}: the store does not open", self.seed);
+                    panic!(
+                        "cannot go on with seed {}: the store does not open",
+                        self.seed
+                    );
                 }
             }
         };
@@ -717,7 +800,12 @@ impl Run {
     }
 
     /// Units of `got` that `allowed` rejects, as ranges with explanations.
-    fn diff(name: &str, got: &[u32], allowed: impl Fn(usize, u32) -> bool, explain: impl Fn(usize) -> String) -> Vec<String> {
+    fn diff(
+        name: &str,
+        got: &[u32],
+        allowed: impl Fn(usize, u32) -> bool,
+        explain: impl Fn(usize) -> String,
+    ) -> Vec<String> {
         let mut out = Vec::new();
         let mut u = 0;
         while u < got.len() {
@@ -726,10 +814,19 @@ impl Run {
                 continue;
             }
             let start = u;
-            while u < got.len() && !allowed(u, got[u]) && got[u] == got[start] && u / UPP == start / UPP {
+            while u < got.len()
+                && !allowed(u, got[u])
+                && got[u] == got[start]
+                && u / UPP == start / UPP
+            {
                 u += 1;
             }
-            out.push(format!("{name} {}: found {}; {}", units_desc(start, u), stamps::show(got[start]), explain(start)));
+            out.push(format!(
+                "{name} {}: found {}; {}",
+                units_desc(start, u),
+                stamps::show(got[start]),
+                explain(start)
+            ));
         }
         out
     }
@@ -742,7 +839,9 @@ impl Run {
         };
         let mut keep = Vec::new();
         for (vi, v) in self.m.vols.iter().enumerate() {
-            let present = listed.iter().any(|l| l.group == v.group && l.disk == v.disk);
+            let present = listed
+                .iter()
+                .any(|l| l.group == v.group && l.disk == v.disk);
             let name = format!("{}/{}", v.group, v.disk);
             if !present {
                 if v.creating.is_none() && !v.removing {
@@ -760,18 +859,32 @@ impl Run {
                 }
             };
             if let Some(init) = &v.creating {
-                problems.extend(Self::diff(&name, &got, |u, x| x == init[u], |u| format!("a new volume holds {}", stamps::show(init[u]))));
+                problems.extend(Self::diff(
+                    &name,
+                    &got,
+                    |u, x| x == init[u],
+                    |u| format!("a new volume holds {}", stamps::show(init[u])),
+                ));
             } else {
                 problems.extend(Self::diff(
                     &name,
                     &got,
-                    |u, x| x == v.dur[u] || v.since.iter().any(|s| s.val == x && s.u0 <= u && u < s.u1),
+                    |u, x| {
+                        x == v.dur[u] || v.since.iter().any(|s| s.val == x && s.u0 <= u && u < s.u1)
+                    },
                     |u| {
                         let later: Vec<String> = v
                             .since
                             .iter()
                             .filter(|s| s.u0 <= u && u < s.u1)
-                            .map(|s| format!("{} (op #{}{})", stamps::show(s.val), s.op, if s.acked { "" } else { ", in flight" }))
+                            .map(|s| {
+                                format!(
+                                    "{} (op #{}{})",
+                                    stamps::show(s.val),
+                                    s.op,
+                                    if s.acked { "" } else { ", in flight" }
+                                )
+                            })
                             .collect();
                         format!(
                             "durable value {} (acknowledged {}), later writes: [{}]",
@@ -785,13 +898,26 @@ impl Run {
             keep.push(Some(got));
         }
         for l in &listed {
-            if !self.m.vols.iter().any(|v| v.group == l.group && v.disk == l.disk) {
-                let removed = self.m.gone_vols.iter().any(|(g, d)| *g == l.group && *d == l.disk);
+            if !self
+                .m
+                .vols
+                .iter()
+                .any(|v| v.group == l.group && v.disk == l.disk)
+            {
+                let removed = self
+                    .m
+                    .gone_vols
+                    .iter()
+                    .any(|(g, d)| *g == l.group && *d == l.disk);
                 problems.push(format!(
                     "volume {}/{} exists but {}",
                     l.group,
                     l.disk,
-                    if removed { "its removal was acknowledged" } else { "was never created" }
+                    if removed {
+                        "its removal was acknowledged"
+                    } else {
+                        "was never created"
+                    }
                 ));
             }
         }
@@ -837,11 +963,19 @@ impl Run {
                     .position(|p| p.group == group && p.id == Some(rec.id))
                     .or_else(|| points.iter().position(|p| p.group == group && p.creating));
                 let Some(pi) = pi else {
-                    let removed = self.m.gone_points.iter().any(|(g, id)| g == group && *id == rec.id);
+                    let removed = self
+                        .m
+                        .gone_points
+                        .iter()
+                        .any(|(g, id)| g == group && *id == rec.id);
                     problems.push(format!(
                         "point {group}@{} exists but {}",
                         rec.id,
-                        if removed { "its removal was acknowledged" } else { "was never created" }
+                        if removed {
+                            "its removal was acknowledged"
+                        } else {
+                            "was never created"
+                        }
                     ));
                     continue;
                 };
@@ -851,22 +985,32 @@ impl Run {
                 let mut disks: Vec<&String> = rec.volumes.iter().map(|v| &v.disk).collect();
                 disks.sort();
                 if disks != p.vols.keys().collect::<Vec<_>>() {
-                    problems.push(format!("point {group}@{} holds disks {disks:?}, expected {:?}", rec.id, p.vols.keys().collect::<Vec<_>>()));
+                    problems.push(format!(
+                        "point {group}@{} holds disks {disks:?}, expected {:?}",
+                        rec.id,
+                        p.vols.keys().collect::<Vec<_>>()
+                    ));
                     continue;
                 }
                 for (disk, want) in &p.vols {
                     let name = format!("{group}/{disk}@{}", rec.id);
                     match self.read_point(group, disk, rec.id) {
-                        Ok(got) => problems.extend(Self::diff(&name, &got, |u, x| x == want[u], |u| {
-                            format!("the point must hold {}", stamps::show(want[u]))
-                        })),
+                        Ok(got) => problems.extend(Self::diff(
+                            &name,
+                            &got,
+                            |u, x| x == want[u],
+                            |u| format!("the point must hold {}", stamps::show(want[u])),
+                        )),
                         Err(e) => problems.push(format!("reading {name}: {e}")),
                     }
                 }
             }
             for (pi, p) in points.iter().enumerate() {
                 if p.group == group && !seen[pi] && !p.creating && !p.removing {
-                    problems.push(format!("point {group}@{} (creation acknowledged) is missing", p.id.unwrap()));
+                    problems.push(format!(
+                        "point {group}@{} (creation acknowledged) is missing",
+                        p.id.unwrap()
+                    ));
                 }
             }
             let mut pi = 0;
@@ -922,7 +1066,9 @@ impl Run {
             }
             Ok(_) => self.fail(vec!["after recovery, a write read back differently".into()]),
             Err(e) => {
-                self.fail(vec![format!("after recovery the store is not writable: {e}")]);
+                self.fail(vec![format!(
+                    "after recovery the store is not writable: {e}"
+                )]);
                 panic!("cannot go on with seed {}", self.seed);
             }
         }
@@ -976,9 +1122,16 @@ impl Drop for Run {
 fn suite(cfg: Cfg) {
     let cuts = env_u64("DRCLONE_POWERLOSS_CUTS").unwrap_or(cfg.cuts);
     let only = env_u64("DRCLONE_POWERLOSS_SEED");
-    let seeds: Vec<u64> = (cfg.base..cfg.base + cfg.seeds).filter(|s| only.is_none_or(|o| o == *s)).collect();
+    let seeds: Vec<u64> = (cfg.base..cfg.base + cfg.seeds)
+        .filter(|s| only.is_none_or(|o| o == *s))
+        .collect();
     if seeds.is_empty() {
-        eprintln!("powerloss {}: DRCLONE_POWERLOSS_SEED selects none of seeds {}..{}", cfg.name, cfg.base, cfg.base + cfg.seeds);
+        eprintln!(
+            "powerloss {}: DRCLONE_POWERLOSS_SEED selects none of seeds {}..{}",
+            cfg.name,
+            cfg.base,
+            cfg.base + cfg.seeds
+        );
         return;
     }
     let t = Instant::now();
@@ -997,7 +1150,10 @@ fn suite(cfg: Cfg) {
         }
         failures.extend(std::mem::take(&mut r.failures));
         for (k, (n, t)) in &r.profile {
-            eprintln!("  {k:<24} {n:>6} ops {:>8.1} ms each", t / *n as f64 * 1000.0);
+            eprintln!(
+                "  {k:<24} {n:>6} ops {:>8.1} ms each",
+                t / *n as f64 * 1000.0
+            );
         }
     }
     let secs = t.elapsed().as_secs_f64();
@@ -1010,7 +1166,12 @@ fn suite(cfg: Cfg) {
         times[1],
         times[2]
     );
-    assert!(failures.is_empty(), "{} failed cut(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failed cut(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 const BASE: Cfg = Cfg {
@@ -1109,7 +1270,10 @@ fn crashfs_keeps_only_what_was_synced() {
     c.write_all(b"new").unwrap();
     c.sync_all().unwrap();
     std::fs::write(d.join("c"), b"old").unwrap();
-    std::fs::File::open(d.join("c")).unwrap().sync_all().unwrap();
+    std::fs::File::open(d.join("c"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
     sync_dir(&d);
     std::fs::rename(d.join("c.tmp"), d.join("c")).unwrap();
     // Synced data under an entry that was never synced is lost.
@@ -1121,22 +1285,36 @@ fn crashfs_keeps_only_what_was_synced() {
     assert_eq!(std::fs::read(d.join("c")).unwrap(), b"new");
     drop((a, b, c));
     fs.cut();
-    assert!(std::fs::read(d.join("c")).is_err(), "a dead file system fails every call");
+    assert!(
+        std::fs::read(d.join("c")).is_err(),
+        "a dead file system fails every call"
+    );
     fs.wait_closed();
     fs.reset(Tear::None, 0);
     assert_eq!(std::fs::read(d.join("a")).unwrap(), b"durable");
     assert!(!d.join("b").exists());
-    assert_eq!(std::fs::read(d.join("c.tmp")).unwrap(), b"new", "the rename is undone");
+    assert_eq!(
+        std::fs::read(d.join("c.tmp")).unwrap(),
+        b"new",
+        "the rename is undone"
+    );
     assert_eq!(std::fs::read(d.join("c")).unwrap(), b"old");
     // Torn: a prefix of the unsynced writes, in 512-byte units.
-    let mut e = std::fs::OpenOptions::new().append(true).open(d.join("a")).unwrap();
+    let mut e = std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.join("a"))
+        .unwrap();
     e.write_all(&[7u8; 4096]).unwrap();
     drop(e);
     fs.cut();
     fs.wait_closed();
     fs.reset(Tear::One, 3);
     let got = std::fs::read(d.join("a")).unwrap();
-    assert!(got.starts_with(b"durable") && (got.len() - 7) % 512 == 0 && got.len() < 7 + 4096, "{}", got.len());
+    assert!(
+        got.starts_with(b"durable") && (got.len() - 7) % 512 == 0 && got.len() < 7 + 4096,
+        "{}",
+        got.len()
+    );
     assert!(got[7..].iter().all(|&x| x == 7));
     // An injected sync failure loses the unsynced writes for good (fsyncgate).
     fs.add_fault(support::crashfs::Fault {
@@ -1147,7 +1325,10 @@ fn crashfs_keeps_only_what_was_synced() {
         errno: libc::EIO,
         sticky: false,
     });
-    let mut e = std::fs::OpenOptions::new().append(true).open(d.join("a")).unwrap();
+    let mut e = std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.join("a"))
+        .unwrap();
     e.write_all(b"X").unwrap();
     assert!(e.sync_data().is_err());
     e.sync_data().unwrap();
@@ -1156,5 +1337,9 @@ fn crashfs_keeps_only_what_was_synced() {
     fs.cut();
     fs.wait_closed();
     fs.reset(Tear::None, 0);
-    assert_eq!(std::fs::read(d.join("a")).unwrap(), got, "a failed sync's data never becomes durable");
+    assert_eq!(
+        std::fs::read(d.join("a")).unwrap(),
+        got,
+        "a failed sync's data never becomes durable"
+    );
 }

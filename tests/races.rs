@@ -21,7 +21,10 @@ const CS: u64 = 16384;
 /// Failpoints are process-global: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> (std::sync::MutexGuard<'static, ()>, fail::FailScenario<'static>) {
+fn serial() -> (
+    std::sync::MutexGuard<'static, ()>,
+    fail::FailScenario<'static>,
+) {
     let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     (g, fail::FailScenario::setup())
 }
@@ -102,7 +105,11 @@ fn h1_gc_never_deletes_a_pack_opened_after_its_listing() {
     gc(&s).unwrap();
     fail::remove("gc-after-pack-listing");
     for b in 0..40 {
-        assert_eq!(s.read(&h, b * CS, CS as usize).unwrap(), block(b), "block {b}");
+        assert_eq!(
+            s.read(&h, b * CS, CS as usize).unwrap(),
+            block(b),
+            "block {b}"
+        );
     }
     assert_verifies(&s);
 }
@@ -196,15 +203,23 @@ fn h4_a_point_holds_a_prefix_of_acknowledged_writes() {
     let p = s.create_point("g", false, None).unwrap();
     fail::remove("point-before-gate");
     let id = p.id.to_string();
-    let p0 = s.read(&s.view("g", "d0", Some(&id)).unwrap(), 0, 4096).unwrap();
-    let p1 = s.read(&s.view("g", "d1", Some(&id)).unwrap(), 0, 1).unwrap();
+    let p0 = s
+        .read(&s.view("g", "d0", Some(&id)).unwrap(), 0, 4096)
+        .unwrap();
+    let p1 = s
+        .read(&s.view("g", "d1", Some(&id)).unwrap(), 0, 1)
+        .unwrap();
     assert!(
         p0[0] >= p1[0],
         "the point holds data block {} but log record {}",
         p1[0],
         p0[0]
     );
-    assert_eq!((p0[0], p1[0]), (2, 2), "both were acknowledged before the gate");
+    assert_eq!(
+        (p0[0], p1[0]),
+        (2, 2),
+        "both were acknowledged before the gate"
+    );
     assert_verifies(&s);
 }
 
@@ -258,7 +273,10 @@ fn h6_flush_covers_a_pack_that_rotates_during_it() {
     let unsealed = s.chunks.unsealed_packs().unwrap();
     let open = s.chunks.open_pack_id();
     let stray: Vec<u64> = unsealed.into_iter().filter(|p| Some(*p) != open).collect();
-    assert!(stray.is_empty(), "FLUSH returned with packs {stray:?} unsealed");
+    assert!(
+        stray.is_empty(),
+        "FLUSH returned with packs {stray:?} unsealed"
+    );
     assert_verifies(&s);
 }
 
@@ -276,7 +294,10 @@ fn h7_a_failed_sync_latches_the_store_and_a_restart_recovers() {
     fail::cfg("pack-sync", "return").unwrap();
     let err = s.flush().unwrap_err().to_string();
     fail::remove("pack-sync");
-    assert!(err.contains("read-only after a failed fdatasync of pack"), "{err}");
+    assert!(
+        err.contains("read-only after a failed fdatasync of pack"),
+        "{err}"
+    );
     assert!(err.contains(".pack"), "names the file: {err}");
     // Sticky: the disk "recovered", but nothing is acknowledged any more.
     for e in [
@@ -287,11 +308,19 @@ fn h7_a_failed_sync_latches_the_store_and_a_restart_recovers() {
     ] {
         assert!(e.to_string().contains("read-only after a failed"), "{e}");
     }
-    assert_eq!(s.read(&h, 0, CS as usize).unwrap(), block(1), "reads still work");
+    assert_eq!(
+        s.read(&h, 0, CS as usize).unwrap(),
+        block(1),
+        "reads still work"
+    );
     drop(s);
     let s = Store::open(&dir, None).unwrap();
     let h = head(&s, "g", "d");
-    assert_eq!(s.read(&h, 0, CS as usize).unwrap(), block(1), "flushed data survives");
+    assert_eq!(
+        s.read(&h, 0, CS as usize).unwrap(),
+        block(1),
+        "flushed data survives"
+    );
     s.write(&h, 2 * CS, &block(3)).unwrap();
     s.flush().unwrap();
     assert_verifies(&s);
@@ -337,8 +366,14 @@ fn h8_a_served_view_cannot_be_removed_under_its_reader() {
     let p = s.create_point("g", false, None).unwrap();
     let pv = s.view("g", "d", Some(&p.id.to_string())).unwrap();
     let lease = s.lease(&pv, "nbd client 1").unwrap();
-    let err = s.remove_point("g", &p.id.to_string()).unwrap_err().to_string();
-    assert!(err.contains("in use") && err.contains("nbd client 1"), "{err}");
+    let err = s
+        .remove_point("g", &p.id.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("in use") && err.contains("nbd client 1"),
+        "{err}"
+    );
     s.write(&h, 0, &block(2)).unwrap();
     gc(&s).unwrap();
     assert_eq!(s.read(&pv, 0, CS as usize).unwrap(), block(1));
@@ -381,9 +416,16 @@ fn i11_a_lost_unflushed_overwrite_reads_as_of_the_last_flush() {
     }
     let s = Store::open(&dir, None).unwrap();
     let h = head(&s, "g", "d");
-    assert_eq!(s.read(&h, 0, CS as usize).unwrap(), block(1), "as of the last FLUSH");
+    assert_eq!(
+        s.read(&h, 0, CS as usize).unwrap(),
+        block(1),
+        "as of the last FLUSH"
+    );
     assert_eq!(s.read(&h, CS, CS as usize).unwrap(), block(5));
-    assert_eq!(s.read(&h, 2 * CS, CS as usize).unwrap(), vec![0u8; CS as usize]);
+    assert_eq!(
+        s.read(&h, 2 * CS, CS as usize).unwrap(),
+        vec![0u8; CS as usize]
+    );
     assert_verifies(&s);
 }
 

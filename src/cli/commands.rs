@@ -1,15 +1,15 @@
 //! The commands: each parses nothing and prints little; the library does the work.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use serde_json::json;
-use drclone::engine::codec::Compression;
 use drclone::daemon::{self, ControlRequest, ControlResponse};
+use drclone::engine::codec::Compression;
 use drclone::engine::imex;
 use drclone::engine::store::{InitOptions, Store};
 use drclone::util::{human, parse_size, parse_volume_ref};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::args::*;
 
@@ -45,7 +45,6 @@ fn print(out: &mut String, json: bool, value: serde_json::Value, text: impl FnOn
         }
     }
 }
-
 
 fn run(cli: Cli) -> Result<i32> {
     let json = cli.json;

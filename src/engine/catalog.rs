@@ -171,7 +171,11 @@ impl Store {
             return Err(Error::Busy(format!(
                 "volume {group}/{disk} is in use by {} user(s) ({}); disconnect them first",
                 users.len(),
-                users.iter().map(|u| u.1.as_str()).collect::<Vec<_>>().join(", ")
+                users
+                    .iter()
+                    .map(|u| u.1.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let _g = self.gate.exclusive();
@@ -210,7 +214,11 @@ impl Store {
         // hypothesis 4: destaging only before the gate left small writes
         // acknowledged in between out of the point while later whole-block writes
         // were in it: not a prefix of what the writers had acknowledged.)
-        for batch in self.overlay.keys_of(&lineages).chunks(crate::engine::write::DESTAGE_BATCH) {
+        for batch in self
+            .overlay
+            .keys_of(&lineages)
+            .chunks(crate::engine::write::DESTAGE_BATCH)
+        {
             self.destage_locked(batch, Access::Exclusive(&g))?;
         }
         // Everything acknowledged so far, in every group, becomes durable before
@@ -219,7 +227,12 @@ impl Store {
         // model) take it for.
         crate::engine::latch::guarded(
             &self.db.latch,
-            || format!("fdatasync of the journal in {}", self.dir.join("journal").display()),
+            || {
+                format!(
+                    "fdatasync of the journal in {}",
+                    self.dir.join("journal").display()
+                )
+            },
             || self.journal.sync(),
         )?;
         self.chunks.sync()?;
@@ -246,7 +259,11 @@ impl Store {
             id,
             group: group.into(),
             time: now_secs(),
-            kind: if app { PointKind::App } else { PointKind::Crash },
+            kind: if app {
+                PointKind::App
+            } else {
+                PointKind::Crash
+            },
             label,
             volumes: pvs,
         };
@@ -331,7 +348,10 @@ impl Store {
         let (g, d, p) = crate::util::parse_volume_ref(&view.name)?;
         let now = self.view(&g, &d, p.as_deref())?;
         if (now.lineage, now.epoch) != (view.lineage, view.epoch) {
-            return Err(Error::NotFound(format!("{} (removed while being opened)", view.name)));
+            return Err(Error::NotFound(format!(
+                "{} (removed while being opened)",
+                view.name
+            )));
         }
         let key = (view.lineage, view.epoch);
         let id = self
@@ -440,5 +460,4 @@ impl Store {
         batch.delete(keys::lineage(id));
         self.lineages.write().unwrap().remove(&id);
     }
-
 }

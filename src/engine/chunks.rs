@@ -26,10 +26,10 @@ use std::sync::{Arc, Mutex};
 use rocksdb::WriteBatch;
 
 use crate::engine::codec::{self, Codec};
-use crate::error::{Error, Result};
 use crate::engine::keys::{self, ChunkId};
 use crate::engine::meta::{ChunkLoc, Db, PackRec};
 use crate::engine::pack::{self, PackBackend, PackWriter, RecordHeader, RECORD_HEADER_LEN};
+use crate::error::{Error, Result};
 
 struct OpenPack {
     id: u64,
@@ -39,7 +39,6 @@ struct OpenPack {
 /// What [`ChunkStore::sync_packs`] made durable of the pack that was open.
 #[must_use]
 pub struct Durable(Option<(u64, u64)>);
-
 
 /// Totals over the chunk index.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -135,7 +134,8 @@ impl Sealer {
             self.db.write(b, false)?;
             log::debug!("sealed pack {id} ({len} bytes)");
         }
-    }}
+    }
+}
 
 /// Cache capacity in chunks: `DRCLONE_CACHE_MIB` (default 1 GiB).
 fn cache_items(chunk_size: u64) -> usize {
@@ -286,9 +286,11 @@ impl ChunkStore {
             // a restart without a reboot): make it durable before calling the pack
             // sealed, since sealed packs are never synced again (found by
             // tests/faults.rs).
-            self.backend
-                .sync(pack)
-                .map_err(|e| self.db.latch.trip(format!("fsync of pack {pack} at recovery"), e))?;
+            self.backend.sync(pack).map_err(|e| {
+                self.db
+                    .latch
+                    .trip(format!("fsync of pack {pack} at recovery"), e)
+            })?;
             batch.put(keys::pack(pack), PackRec::sealed(len).encode());
             self.db.write(batch, true)?;
             if dropped > 0 {
@@ -674,9 +676,11 @@ impl ChunkStore {
         self.seal_full()?;
         match open {
             Some((id, s)) => {
-                let len = s
-                    .sync()
-                    .map_err(|e| self.db.latch.trip(format!("fdatasync of pack {}", s.describe()), e))?;
+                let len = s.sync().map_err(|e| {
+                    self.db
+                        .latch
+                        .trip(format!("fdatasync of pack {}", s.describe()), e)
+                })?;
                 Ok(Durable(Some((id, len))))
             }
             None => Ok(Durable(None)),

@@ -23,8 +23,8 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
 use crate::engine::keys::ChunkId;
+use crate::error::{Error, Result};
 
 pub const FLAG_ZSTD: u8 = 1;
 pub const FLAG_LZ4: u8 = 2;

@@ -28,11 +28,11 @@ use std::collections::{HashMap, HashSet};
 use rocksdb::WriteBatch;
 use serde::Serialize;
 
-use crate::error::Result;
 use crate::engine::keys::{self, ChunkId};
 use crate::engine::meta::{ChunkLoc, MapVal, PackRec};
 use crate::engine::pack::RECORD_HEADER_LEN;
 use crate::engine::store::{Exclusive, Store};
+use crate::error::Result;
 
 /// Rewrite a sealed pack once this fraction of it is dead.
 pub const COMPACT_DEAD_FRACTION: f64 = 0.2;

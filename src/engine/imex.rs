@@ -13,8 +13,8 @@ use std::path::Path;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use crate::error::{Error, IoContext, Result};
 use crate::engine::store::{Block, Store, View};
+use crate::error::{Error, IoContext, Result};
 
 /// Bytes read and written per step.
 const STEP: u64 = 8 << 20;

@@ -75,7 +75,8 @@ fn create_segment(dir: &Path, id: u64) -> Result<File> {
         .create_new(true)
         .open(&path)
         .at(&path)?;
-    f.write_all(&segment_header(SEGMENT_VERSION, id)).at(&path)?;
+    f.write_all(&segment_header(SEGMENT_VERSION, id))
+        .at(&path)?;
     // The new segment's directory entry must be durable before a FLUSH can count
     // on the records in it (an fdatasync of the file does not persist its name).
     File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
@@ -99,9 +100,7 @@ impl Journal {
             // The directory's own entry must be durable, or a power cut takes every
             // segment with it (found by tests/powerloss.rs).
             if let Some(parent) = dir.parent() {
-                File::open(parent)
-                    .and_then(|d| d.sync_all())
-                    .at(parent)?;
+                File::open(parent).and_then(|d| d.sync_all()).at(parent)?;
             }
         }
         let mut ids = Vec::new();
@@ -407,8 +406,14 @@ mod tests {
         f.set_len(len - 100).unwrap();
         let (j, recs) = Journal::open(&dir, 4096, 0).unwrap();
         assert_eq!(recs.len(), 2, "the torn record is not replayed");
-        assert_eq!(recs[0].1, SEGMENT_HEADER_LEN as u64, "positions start after the header");
-        assert_eq!(recs[1].1, (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + 4096) as u64);
+        assert_eq!(
+            recs[0].1, SEGMENT_HEADER_LEN as u64,
+            "positions start after the header"
+        );
+        assert_eq!(
+            recs[1].1,
+            (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN + 4096) as u64
+        );
         let recs: Vec<Record> = recs.into_iter().map(|r| r.0).collect();
         assert_eq!(
             (recs[0].kind, recs[0].lineage, recs[0].block, recs[0].offset),

@@ -269,4 +269,3 @@ mod tests {
         assert_eq!(parse_map(&[0u8; 3]), None);
     }
 }
-

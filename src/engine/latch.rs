@@ -88,7 +88,10 @@ fn leave_marker(store: &Path, what: &str, cause: &str) {
         .and_then(|_| std::fs::File::open(&path)?.sync_all())
         .and_then(|_| std::fs::File::open(store)?.sync_all());
     if let Err(e) = res {
-        log::warn!("store {}: could not leave the latch marker: {e}", store.display());
+        log::warn!(
+            "store {}: could not leave the latch marker: {e}",
+            store.display()
+        );
     }
 }
 
@@ -100,7 +103,11 @@ pub fn was_latched(store: &Path) -> bool {
 /// Run a sync (or a write whose failure may lose acknowledged data) and trip the
 /// latch if it fails.  Checks the latch first: after a failed sync, a later one that
 /// "succeeds" proves nothing.
-pub fn guarded<T>(latch: &Latch, what: impl FnOnce() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub fn guarded<T>(
+    latch: &Latch,
+    what: impl FnOnce() -> String,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     latch.check()?;
     f().map_err(|e| latch.trip(what(), e))
 }
@@ -113,11 +120,21 @@ mod tests {
     fn the_first_failure_sticks_and_names_the_file() {
         let l = Latch::new(Path::new("/s"));
         assert!(l.check().is_ok());
-        let r: Result<()> = guarded(&l, || "fdatasync of /s/journal/1.log".into(), || {
-            Err(Error::io("/s/journal/1.log", std::io::Error::from_raw_os_error(libc::EIO)))
-        });
+        let r: Result<()> = guarded(
+            &l,
+            || "fdatasync of /s/journal/1.log".into(),
+            || {
+                Err(Error::io(
+                    "/s/journal/1.log",
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ))
+            },
+        );
         let msg = r.unwrap_err().to_string();
-        assert!(msg.contains("read-only after a failed fdatasync of /s/journal/1.log"), "{msg}");
+        assert!(
+            msg.contains("read-only after a failed fdatasync of /s/journal/1.log"),
+            "{msg}"
+        );
         // A later sync that would succeed is refused: the first error sticks.
         let again: Result<()> = guarded(&l, || "WAL sync".into(), || Ok(()));
         assert!(again.unwrap_err().to_string().contains("journal/1.log"));

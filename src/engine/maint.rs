@@ -6,10 +6,10 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::engine::codec::hex;
-use crate::error::Result;
 use crate::engine::keys::{self, ChunkId};
 use crate::engine::meta::{ChunkLoc, MapVal};
 use crate::engine::store::{Block, Store, HEAD_EPOCH};
+use crate::error::Result;
 
 /// Space used by the store and the savings.
 #[derive(Debug, Serialize)]

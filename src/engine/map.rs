@@ -188,7 +188,6 @@ impl Store {
         it.status().map_err(|e| self.db.err(e))
     }
 
-
     /// Extents of a range: (offset, length, block kind) with runs merged.
     pub fn extents(&self, view: &View, offset: u64, len: u64) -> Result<Vec<(u64, u64, Block)>> {
         self.check_range(view, offset, len)?;

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use rocksdb::{BlockBasedOptions, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::error::{Error, Result};
 use crate::engine::keys::{self, ChunkId};
 use crate::engine::latch::Latch;
 use crate::engine::types::{PointKind, RetentionPolicy, Role};
+use crate::error::{Error, Result};
 
 /// Version byte of every value written by this release.
 pub const VALUE_V1: u8 = 1;
@@ -334,14 +334,20 @@ impl Db {
             return Ok(());
         }
         crate::fail_point!("wal-sync", |_| Err(self.latch.trip(
-            format!("sync of the metadata database WAL in {}", self.path.display()),
+            format!(
+                "sync of the metadata database WAL in {}",
+                self.path.display()
+            ),
             "injected failure (failpoint wal-sync)"
         )));
         self.db.flush_wal(true).map_err(|e| {
             self.unsynced
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             self.latch.trip(
-                format!("sync of the metadata database WAL in {}", self.path.display()),
+                format!(
+                    "sync of the metadata database WAL in {}",
+                    self.path.display()
+                ),
                 e,
             )
         })
@@ -414,6 +420,9 @@ mod tests {
         let p = PackRec::sealed(123);
         assert_eq!(PackRec::decode(&p.encode()), Some(p));
         let old = PackRec::decode(&[1, 1]).unwrap();
-        assert!(old.sealed && old.len.is_none(), "records without a length still decode");
+        assert!(
+            old.sealed && old.len.is_none(),
+            "records without a length still decode"
+        );
     }
 }

@@ -34,9 +34,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use crate::error::{Error, IoContext, Result};
 pub use crate::engine::format::pack::*;
-
+use crate::error::{Error, IoContext, Result};
 
 /// Streams one new pack.  Appends go to the end; a [`PackSync`] from
 /// [`PackWriter::syncer`] makes them durable without holding the writer.

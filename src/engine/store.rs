@@ -31,13 +31,13 @@ use crate::engine::chunks::ChunkStore;
 use crate::engine::codec::{Codec, Compression, MasterKey};
 use crate::engine::journal::{self, Journal};
 use crate::engine::keys::{self, ChunkId};
+pub(crate) use crate::engine::map::HeadCache;
 use crate::engine::meta::{Db, LineageRec};
 use crate::engine::overlay::{self, Overlay};
 use crate::engine::pack::LocalPacks;
+pub(crate) use crate::engine::write::Destager;
 use crate::error::{Error, IoContext, Result};
 use crate::util::now_secs;
-pub(crate) use crate::engine::map::HeadCache;
-pub(crate) use crate::engine::write::Destager;
 
 pub const CONFIG_FILE: &str = "store.json";
 pub const STORE_FORMAT: u32 = 1;
@@ -206,7 +206,8 @@ fn repair_lost_chunks(db: &Db, dir: &Path, lost: Vec<ChunkId>) -> Result<()> {
     let mut b = WriteBatch::default();
     let mut gone = std::collections::HashSet::new();
     db.for_prefix(&[keys::MAP], |k, v| {
-        if let Some(crate::engine::meta::MapVal::Data(id)) = crate::engine::meta::MapVal::decode(v) {
+        if let Some(crate::engine::meta::MapVal::Data(id)) = crate::engine::meta::MapVal::decode(v)
+        {
             if lost.contains(&id) {
                 b.delete(k);
                 if let Some(key) = keys::parse_map(k) {
@@ -244,9 +245,7 @@ fn write_config(dir: &Path, cfg: &Config) -> Result<()> {
         .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
         .at(&tmp)?;
     std::fs::rename(&tmp, &cfg_path).at(&cfg_path)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .at(dir)
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
 /// The emergency reserve: a file of zeros the store keeps so that a full disk
@@ -334,7 +333,6 @@ fn dirty_limit() -> usize {
 fn journal_limit() -> u64 {
     crate::util::env_budget("DRCLONE_JOURNAL_MIB", 1024, 1, 1 << 20) as u64
 }
-
 
 impl Store {
     /// Create a new store in `dir` (which may exist but must not hold a store).
@@ -442,7 +440,11 @@ impl Store {
         if cfg.uuid.is_none() {
             cfg.uuid = Some(uuid::Uuid::new_v4());
             write_config(dir, &cfg)?;
-            log::info!("store {}: assigned uuid {}", dir.display(), cfg.uuid.unwrap());
+            log::info!(
+                "store {}: assigned uuid {}",
+                dir.display(),
+                cfg.uuid.unwrap()
+            );
         }
         let key = if cfg.encrypted {
             let path = key_file
@@ -503,7 +505,8 @@ impl Store {
             true
         })?;
         let jdir = dir.join("journal");
-        let (mut journal, replay) = match Journal::open(&jdir, overlay.page_size(), top_segment + 1) {
+        let (mut journal, replay) = match Journal::open(&jdir, overlay.page_size(), top_segment + 1)
+        {
             Err(e) if is_enospc(&e) && release_reserve(dir) => {
                 Journal::open(&jdir, overlay.page_size(), top_segment + 1)?
             }
@@ -537,7 +540,9 @@ impl Store {
             // Recovered (and synced by the replay's trim): the marker goes.
             let m = dir.join(crate::engine::latch::MARKER);
             std::fs::remove_file(&m).at(&m)?;
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .at(dir)?;
             log::info!("store {}: recovered after a latched run", dir.display());
         }
         keep_reserve(dir);
@@ -673,7 +678,12 @@ impl Store {
         self.db.latch.check()?;
         crate::engine::latch::guarded(
             &self.db.latch,
-            || format!("fdatasync of the journal in {}", self.dir.join("journal").display()),
+            || {
+                format!(
+                    "fdatasync of the journal in {}",
+                    self.dir.join("journal").display()
+                )
+            },
             || self.journal.sync(),
         )?;
         let dirty: Vec<u64> = std::mem::take(&mut *self.unflushed.lock().unwrap())
@@ -723,7 +733,6 @@ impl Store {
         }
         Ok(())
     }
-
 
     /// Destage everything, seal the open pack and empty the journal (clean
     /// shutdown).

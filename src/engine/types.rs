@@ -158,16 +158,31 @@ mod tests {
     #[test]
     fn kinds_roles_and_policies_keep_their_text() {
         assert_eq!(serde_json::to_string(&PointKind::App).unwrap(), "\"app\"");
-        assert_eq!(serde_json::from_str::<PointKind>("\"crash\"").unwrap(), PointKind::Crash);
-        assert_eq!(serde_json::to_string(&Role::FailedOver).unwrap(), "\"failed-over\"");
+        assert_eq!(
+            serde_json::from_str::<PointKind>("\"crash\"").unwrap(),
+            PointKind::Crash
+        );
+        assert_eq!(
+            serde_json::to_string(&Role::FailedOver).unwrap(),
+            "\"failed-over\""
+        );
         let p: RetentionPolicy = "5s:10m,1m:24h,1h:7d,1d:30d".parse().unwrap();
-        assert_eq!(p.rules[1], RetentionRule { every: 60, keep: 86400 });
+        assert_eq!(
+            p.rules[1],
+            RetentionRule {
+                every: 60,
+                keep: 86400
+            }
+        );
         assert_eq!(p.to_string(), "5s:10m,1m:1d,1h:1w,1d:30d");
         let j = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<RetentionPolicy>(&j).unwrap(), p);
         for bad in ["5m", "5x:1h", "0m:1h", "1h:5m", "m:1h", ""] {
             let e = bad.parse::<RetentionPolicy>().unwrap_err().to_string();
-            assert!(e.contains("retention") || e.contains("duration"), "{bad}: {e}");
+            assert!(
+                e.contains("retention") || e.contains("duration"),
+                "{bad}: {e}"
+            );
         }
     }
 }

@@ -134,7 +134,11 @@ impl Store {
     /// the overlay.  So a durable map entry or horizon never points at pack bytes
     /// that are not durable, and a horizon is durable exactly when the map entry
     /// that absorbed the pages is (invariants I2 and I3, docs/DESIGN.md §8).
-    pub(crate) fn destage_locked(&self, keys: &[overlay::Key], _access: Access<'_, '_>) -> Result<()> {
+    pub(crate) fn destage_locked(
+        &self,
+        keys: &[overlay::Key],
+        _access: Access<'_, '_>,
+    ) -> Result<()> {
         struct Prepared {
             key: overlay::Key,
             epoch: u64,
@@ -374,7 +378,12 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn lock_blocks(&self, lineage: u64, first: u64, count: u64) -> Vec<MutexGuard<'_, ()>> {
+    pub(crate) fn lock_blocks(
+        &self,
+        lineage: u64,
+        first: u64,
+        count: u64,
+    ) -> Vec<MutexGuard<'_, ()>> {
         let mut idx: Vec<usize> = (first..first + count)
             .map(|b| stripe_of(lineage, b))
             .collect();
@@ -415,13 +424,25 @@ impl Store {
     }
 
     /// The write path shared by write and zero.  `data == None` writes zeros.
-    pub(crate) fn modify(&self, view: &View, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+    pub(crate) fn modify(
+        &self,
+        view: &View,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
         self.modify_locked(view, offset, len, data)?;
         // Over a limit: destage the oldest blocks (with no block lock held here).
         self.relieve()
     }
 
-    pub(crate) fn modify_locked(&self, view: &View, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+    pub(crate) fn modify_locked(
+        &self,
+        view: &View,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
         let cs = self.chunk_size();
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
@@ -500,7 +521,10 @@ impl Store {
             // a FLUSH may have made durable) along with this write.
             let (seg, off) = self.journal.position();
             for b in &replaced {
-                batch.put(keys::horizon(seg, lin.id, *b), horizon_value(off, lin.epoch));
+                batch.put(
+                    keys::horizon(seg, lin.id, *b),
+                    horizon_value(off, lin.epoch),
+                );
             }
             self.chunks.sync_packs_recorded()?;
         }
@@ -590,7 +614,10 @@ impl Store {
                     e
                 } else {
                     self.db.latch.trip(
-                        format!("write to the journal in {}", self.dir.join("journal").display()),
+                        format!(
+                            "write to the journal in {}",
+                            self.dir.join("journal").display()
+                        ),
                         e,
                     )
                 }
@@ -599,5 +626,4 @@ impl Store {
         self.release(rel);
         Ok(())
     }
-
 }

@@ -313,7 +313,14 @@ impl Conn {
     fn take(&mut self, view: View) -> Result<View, String> {
         let lease = self
             .store
-            .lease(&view, &format!("nbd {} (session {})", self.session.peer(), self.session.id()))
+            .lease(
+                &view,
+                &format!(
+                    "nbd {} (session {})",
+                    self.session.peer(),
+                    self.session.id()
+                ),
+            )
             .map_err(|e| e.to_string())?;
         self.lease = Some(lease);
         self.session.set_export(&view.name, view.writable);

@@ -344,7 +344,15 @@ impl State {
     }
 
     /// The gate of every mutating operation: dead, the cut, injected faults.
-    fn mutate(&mut self, dead: &AtomicBool, what: &'static str, ino: u64, off: u64, len: u64, class: Option<FaultOp>) -> Result<(), Errno> {
+    fn mutate(
+        &mut self,
+        dead: &AtomicBool,
+        what: &'static str,
+        ino: u64,
+        off: u64,
+        len: u64,
+        class: Option<FaultOp>,
+    ) -> Result<(), Errno> {
         self.mutate_named(dead, what, ino, None, off, len, class)
     }
 
@@ -387,7 +395,10 @@ impl State {
             if !self.faults.is_empty() {
                 let path = self.path(ino);
                 for fs in &mut self.faults {
-                    if fs.f.op != class || !path.starts_with(&fs.f.prefix) || !path.ends_with(&fs.f.suffix) {
+                    if fs.f.op != class
+                        || !path.starts_with(&fs.f.prefix)
+                        || !path.ends_with(&fs.f.suffix)
+                    {
                         continue;
                     }
                     fs.seen += 1;
@@ -490,10 +501,25 @@ impl Fs {
     }
 
     /// Create a file or directory entry; returns its attributes.
-    fn make(&self, parent: u64, name: &OsStr, mode: u32, dir: bool, open: bool) -> Result<(FileAttr, u64), Errno> {
+    fn make(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        dir: bool,
+        open: bool,
+    ) -> Result<(FileAttr, u64), Errno> {
         let mut st = self.0.lock();
         let name = name_of(name)?;
-        st.mutate_named(&self.0.dead, if dir { "mkdir" } else { "create" }, parent, Some(&name), 0, 0, None)?;
+        st.mutate_named(
+            &self.0.dead,
+            if dir { "mkdir" } else { "create" },
+            parent,
+            Some(&name),
+            0,
+            0,
+            None,
+        )?;
         if let Some(&existing) = st.dir(parent)?.cur.get(&name) {
             if dir || !open {
                 return Err(Errno::EEXIST);
@@ -530,7 +556,15 @@ impl Fs {
     fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> Result<(), Errno> {
         let mut st = self.0.lock();
         let name = name_of(name)?;
-        st.mutate_named(&self.0.dead, if dir { "rmdir" } else { "unlink" }, parent, Some(&name), 0, 0, None)?;
+        st.mutate_named(
+            &self.0.dead,
+            if dir { "rmdir" } else { "unlink" },
+            parent,
+            Some(&name),
+            0,
+            0,
+            None,
+        )?;
         let ino = *st.dir(parent)?.cur.get(&name).ok_or(Errno::ENOENT)?;
         match (&st.inodes.get(&ino).ok_or(Errno::ENOENT)?.kind, dir) {
             (Kind::Dir(d), true) if !d.cur.is_empty() => return Err(Errno::ENOTEMPTY),
@@ -609,7 +643,16 @@ impl Filesystem for Fs {
         }
     }
 
-    fn mknod(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
         if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
             return reply.error(Errno::EPERM);
         }
@@ -619,7 +662,15 @@ impl Filesystem for Fs {
         }
     }
 
-    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         match self.make(parent.0, name, mode, true, false) {
             Ok((a, _)) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -653,8 +704,18 @@ impl Filesystem for Fs {
         let r = (|| {
             let mut st = self.0.lock();
             let (name, newname) = (name_of(name)?, name_of(newname)?);
-            st.mutate_named(&self.0.dead, "rename", parent.0, Some(&format!("{name} -> {}", newname)), 0, 0, None)?;
-            if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            st.mutate_named(
+                &self.0.dead,
+                "rename",
+                parent.0,
+                Some(&format!("{name} -> {}", newname)),
+                0,
+                0,
+                None,
+            )?;
+            if flags.contains(RenameFlags::RENAME_EXCHANGE)
+                || flags.contains(RenameFlags::RENAME_WHITEOUT)
+            {
                 return Err(Errno::EINVAL);
             }
             let ino = *st.dir(parent.0)?.cur.get(&name).ok_or(Errno::ENOENT)?;
@@ -686,11 +747,26 @@ impl Filesystem for Fs {
         }
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let r = (|| {
             let mut st = self.0.lock();
             let newname = name_of(newname)?;
-            st.mutate_named(&self.0.dead, "link", newparent.0, Some(&newname), 0, 0, None)?;
+            st.mutate_named(
+                &self.0.dead,
+                "link",
+                newparent.0,
+                Some(&newname),
+                0,
+                0,
+                None,
+            )?;
             if st.dir(newparent.0)?.cur.contains_key(&newname) {
                 return Err(Errno::EEXIST);
             }
@@ -723,9 +799,24 @@ impl Filesystem for Fs {
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
     }
 
-    fn create(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
         match self.make(parent.0, name, mode, false, true) {
-            Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok((a, fh)) => reply.created(
+                &TTL,
+                &a,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -765,7 +856,14 @@ impl Filesystem for Fs {
     ) {
         let mut st = self.0.lock();
         let r = st
-            .mutate(&self.0.dead, "write", ino.0, offset, data.len() as u64, Some(FaultOp::Write))
+            .mutate(
+                &self.0.dead,
+                "write",
+                ino.0,
+                offset,
+                data.len() as u64,
+                Some(FaultOp::Write),
+            )
             .and_then(|()| {
                 st.change(
                     ino.0,
@@ -781,7 +879,14 @@ impl Filesystem for Fs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         if self.0.dead() {
             return reply.error(Errno::EIO);
         }
@@ -802,7 +907,14 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let mut st = self.0.lock();
         let what = if datasync { "fdatasync" } else { "fsync" };
         match st.mutate(&self.0.dead, what, ino.0, 0, 0, Some(FaultOp::Sync)) {
@@ -836,7 +948,14 @@ impl Filesystem for Fs {
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let st = self.0.lock();
         if self.0.dead() {
             return reply.error(Errno::EIO);
@@ -865,15 +984,36 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.0.lock().handles.remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let mut st = self.0.lock();
         let r = st
-            .mutate(&self.0.dead, "fsyncdir", ino.0, 0, 0, Some(FaultOp::SyncDir))
+            .mutate(
+                &self.0.dead,
+                "fsyncdir",
+                ino.0,
+                0,
+                0,
+                Some(FaultOp::SyncDir),
+            )
             .and_then(|()| st.sync_dir(ino.0));
         if st.inodes.len() > 4096 {
             st.sweep();
@@ -897,7 +1037,14 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         reply.error(Errno::ENODATA);
     }
 
@@ -909,17 +1056,45 @@ impl Filesystem for Fs {
         }
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let mut st = self.0.lock();
         let r = st
-            .mutate(&self.0.dead, "fallocate", ino.0, offset, length, Some(FaultOp::Write))
+            .mutate(
+                &self.0.dead,
+                "fallocate",
+                ino.0,
+                offset,
+                length,
+                Some(FaultOp::Write),
+            )
             .and_then(|()| {
                 let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
                 let rest = mode & !libc::FALLOC_FL_KEEP_SIZE;
                 if rest == libc::FALLOC_FL_PUNCH_HOLE && keep {
-                    st.change(ino.0, Op::Zero { off: offset, len: length })
+                    st.change(
+                        ino.0,
+                        Op::Zero {
+                            off: offset,
+                            len: length,
+                        },
+                    )
                 } else if rest == libc::FALLOC_FL_ZERO_RANGE {
-                    st.change(ino.0, Op::Zero { off: offset, len: length })?;
+                    st.change(
+                        ino.0,
+                        Op::Zero {
+                            off: offset,
+                            len: length,
+                        },
+                    )?;
                     if !keep {
                         st.change(ino.0, Op::Grow(offset + length))?;
                     }
@@ -941,7 +1116,15 @@ impl Filesystem for Fs {
         }
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let mut st = self.0.lock();
         if self.0.dead() {
             return reply.error(Errno::EIO);
@@ -1010,8 +1193,12 @@ impl CrashFs {
             fuser::MountOption::Subtype("crashfs".into()),
         ];
         cfg.n_threads = Some(2);
-        let session = fuser::spawn_mount(Fs(shared.clone()), &root, &cfg)
-            .unwrap_or_else(|e| panic!("mount crashfs on {}: {e} (is fusermount3 installed? scripts/setup.sh)", root.display()));
+        let session = fuser::spawn_mount(Fs(shared.clone()), &root, &cfg).unwrap_or_else(|e| {
+            panic!(
+                "mount crashfs on {}: {e} (is fusermount3 installed? scripts/setup.sh)",
+                root.display()
+            )
+        });
         // The mount is live once the root is ours.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1147,7 +1334,14 @@ impl CrashFs {
             .iter()
             .map(|t| match &t.name {
                 Some(n) => format!("  #{} {} {}/{n}", t.n, t.what, st.path(t.ino)),
-                None if t.len > 0 => format!("  #{} {} {} {}+{}", t.n, t.what, st.path(t.ino), t.off, t.len),
+                None if t.len > 0 => format!(
+                    "  #{} {} {} {}+{}",
+                    t.n,
+                    t.what,
+                    st.path(t.ino),
+                    t.off,
+                    t.len
+                ),
                 None => format!("  #{} {} {}", t.n, t.what, st.path(t.ino)),
             })
             .collect::<Vec<_>>()
@@ -1163,7 +1357,14 @@ impl CrashFs {
             match st.inodes.get(&i).map(|x| &x.kind) {
                 Some(Kind::Dir(d)) => {
                     for (n, &c) in &d.dur {
-                        stack.push((c, if p.is_empty() { n.clone() } else { format!("{p}/{n}") }));
+                        stack.push((
+                            c,
+                            if p.is_empty() {
+                                n.clone()
+                            } else {
+                                format!("{p}/{n}")
+                            },
+                        ));
                     }
                 }
                 Some(Kind::File(f)) => out.push((p, f.dur.len)),

@@ -55,7 +55,14 @@ fn record_crc(version: u32, rec: &[u8]) -> u32 {
 }
 
 /// Encode a record of the current version into `out`.
-pub fn encode_record(out: &mut Vec<u8>, kind: u8, lineage: u64, block: u64, offset: u32, data: &[u8]) {
+pub fn encode_record(
+    out: &mut Vec<u8>,
+    kind: u8,
+    lineage: u64,
+    block: u64,
+    offset: u32,
+    data: &[u8],
+) {
     encode_record_v(out, SEGMENT_VERSION, kind, lineage, block, offset, data)
 }
 
@@ -99,8 +106,14 @@ pub fn decode_segment(seg: u64, bytes: &[u8]) -> (Vec<Record>, Option<String>) {
     let mut out = Vec::new();
     let mut off = SEGMENT_HEADER_LEN;
     let version = segment_version(bytes).unwrap_or(SEGMENT_VERSION);
-    if bytes.len() > SEGMENT_HEADER_LEN && version != SEGMENT_VERSION && version != SEGMENT_VERSION_V1 {
-        return (out, Some(format!("offset 8: unknown segment version {version}")));
+    if bytes.len() > SEGMENT_HEADER_LEN
+        && version != SEGMENT_VERSION
+        && version != SEGMENT_VERSION_V1
+    {
+        return (
+            out,
+            Some(format!("offset 8: unknown segment version {version}")),
+        );
     }
     while off < bytes.len() {
         let rest = &bytes[off..];
@@ -127,7 +140,10 @@ pub fn decode_segment(seg: u64, bytes: &[u8]) -> (Vec<Record>, Option<String>) {
             _ => kind == KIND_PAGES,
         };
         if !known {
-            return (out, bad(&format!("unknown record kind {kind} (length {len})")));
+            return (
+                out,
+                bad(&format!("unknown record kind {kind} (length {len})")),
+            );
         }
         if version >= 2 && (rest[5..8] != [0; 3] || rest[36..40] != [0; 4]) {
             return (out, bad("reserved bytes are not zero"));
