@@ -14,17 +14,19 @@
 //!                 | lineage u64 | block u64 | offset in block u32 | 0 u32 | data
 //! ```
 //!
-//! All integers big-endian; the CRC covers everything after itself (header rest and
-//! data).  `kind` 1 = page data, 2 = tombstone ("this block's earlier records are
-//! void": its content went to the block map).  Replay applies records in order and
-//! stops a segment at the first torn or corrupt record.
+//! All integers big-endian.  Version 2 (written): the CRC covers bytes 4..8 and
+//! everything after the CRC, reserved bytes are zero, `kind` 1 = page data is the
+//! only kind.  Version 1 (still replayed): the CRC covered only what follows it, and
+//! kind 2 was a tombstone.  Which records the block map already holds is said by
+//! the journal horizons (`J` keys, [`crate::engine::keys::horizon`]), written in
+//! the map entry's own batch.  Replay applies records in order and stops a segment
+//! at the first torn or corrupt record.
 //!
 //! Segments are appended with `write(2)` (a killed process loses nothing that was
 //! acknowledged) and rotated at [`SEGMENT_BYTES`].  A segment may be deleted when
 //! it and every older segment hold no live page (each page's latest record is
-//! counted live until its block is destaged) and the destaged data is synced: the
-//! tail only ever advances, so a tombstone is never lost while a record it voids is
-//! still on disk.
+//! counted live until its block is destaged) and the destaged data is synced; the
+//! removal is fsynced in the directory before the horizons covering it are dropped.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
