@@ -235,7 +235,9 @@ impl Store {
             },
             || self.journal.sync(),
         )?;
-        self.chunks.sync()?;
+        // ...and, being a FLUSH, moves every lineage with unflushed entries to a
+        // new epoch (I11), not just the group's.
+        self.make_durable_locked(&g)?;
         let mut lins = self.lineages.write().unwrap();
         let mut b = WriteBatch::default();
         let id = self.db.next_counter("point", &mut b)?;

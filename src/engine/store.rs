@@ -536,6 +536,26 @@ impl Store {
             unflushed: Mutex::new(Default::default()),
         };
         store.replay_journal(replay, &horizons)?;
+        // What this open recovered is the new durable baseline, but map entries
+        // at a lineage's current epoch may have reached the disk without a FLUSH
+        // having promised them.  Every head moves to a new epoch (I11), so no
+        // write of this run replaces a recovered entry in place: if such a write's
+        // entry survived a power cut without its chunk, the repair at the next
+        // open would delete the key and expose an older version (found by
+        // tests/powerloss.rs, seed 3005).
+        {
+            let heads: Vec<u64> = store
+                .lineages
+                .read()
+                .unwrap()
+                .values()
+                .filter(|l| l.has_head)
+                .map(|l| l.id)
+                .collect();
+            store.unflushed.lock().unwrap().extend(heads);
+            let g = store.gate.exclusive();
+            store.make_durable_locked(&g)?;
+        }
         if crate::engine::latch::was_latched(dir) {
             // Recovered (and synced by the replay's trim): the marker goes.
             let m = dir.join(crate::engine::latch::MARKER);
@@ -741,7 +761,12 @@ impl Store {
         self.db.latch.check()?;
         self.destage(None)?;
         self.chunks.seal_open()?;
-        self.db.sync_wal()?;
+        {
+            // A clean close is a FLUSH: the lineages it destaged move to a new
+            // epoch (I11) as their entries become durable.
+            let g = self.gate.exclusive();
+            self.make_durable_locked(&g)?;
+        }
         self.journal.reset()?;
         let mut b = WriteBatch::default();
         b.delete_range(vec![keys::HORIZON], vec![keys::HORIZON + 1]);

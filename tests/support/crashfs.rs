@@ -259,7 +259,17 @@ pub struct Shared {
     dead: AtomicBool,
 }
 
-const TRACE: usize = 48;
+/// File operations a failure report shows (the last ones before the cut);
+/// `DRCLONE_CRASHFS_TRACE=N` shows N.
+fn trace_len() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("DRCLONE_CRASHFS_TRACE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(48)
+    })
+}
 
 impl State {
     fn path(&self, mut ino: u64) -> String {
@@ -370,7 +380,7 @@ impl State {
             return Err(Errno::EIO);
         }
         self.ops += 1;
-        if self.trace.len() == TRACE {
+        if self.trace.len() >= trace_len() {
             self.trace.pop_front();
         }
         self.trace.push_back(TraceRec {
