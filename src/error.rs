@@ -62,6 +62,11 @@ pub enum Error {
     /// names the object and its users ("... is in use by ...").
     #[error("{0}")]
     Busy(String),
+    /// A DR action refused by the group's role (failover of a failed-over group,
+    /// replication into a failed-over one, a stale fencing epoch).  The text
+    /// names the group, its role and what to do instead.
+    #[error("{0}")]
+    Refused(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -117,7 +122,7 @@ impl Error {
             Error::Invalid(_) => ErrorKind::InvalidInput,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Exists(_) => ErrorKind::AlreadyExists,
-            Error::ReadOnly(_) | Error::Busy(_) => ErrorKind::PermissionDenied,
+            Error::ReadOnly(_) | Error::Busy(_) | Error::Refused(_) => ErrorKind::PermissionDenied,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 ErrorKind::NoSpace
             }

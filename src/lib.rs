@@ -49,6 +49,7 @@ macro_rules! fail_point {
 }
 
 pub mod daemon;
+pub mod dr;
 pub mod engine;
 pub mod error;
 pub mod fuse;

@@ -62,6 +62,48 @@ pub(crate) enum Cmd {
     /// Manage retention.
     #[command(subcommand)]
     Retention(RetentionCmd),
+    /// DR drill: clone every volume of GROUP at a point (O(1)), export the clones,
+    /// run --exec CMD against them, report, and remove them unless --keep.
+    Test {
+        group: String,
+        /// latest, latest-app or a point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Command run through `sh -c` with DRCLONE_EXPORTS (the clones' NBD URIs,
+        /// one per line, in disk order); the drill fails if it fails.
+        #[arg(long)]
+        exec: Option<String>,
+        /// Keep the clones after the drill (until --ttl or `drill rm`).
+        #[arg(long)]
+        keep: bool,
+        /// How long kept clones live, e.g. 2h (default 2h).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Drills: list them, show one's report, remove one's clones and record.
+    #[command(subcommand)]
+    Drill(DrillCmd),
+    /// Fail GROUP over: its export names move to writable heads cloned from a
+    /// point (O(1)); --undo goes back, --commit keeps them.
+    Failover {
+        group: String,
+        /// latest, latest-app or a point id (on a failed-over group: change the point).
+        #[arg(long, conflicts_with_all = ["planned", "undo", "commit"])]
+        point: Option<String>,
+        /// Take a final point now and fail over to it.
+        #[arg(long, conflicts_with_all = ["undo", "commit"])]
+        planned: bool,
+        /// Roll a failover back: the names return to the replica heads.
+        #[arg(long, conflicts_with = "commit")]
+        undo: bool,
+        /// Keep the failover heads as the group's heads.
+        #[arg(long)]
+        commit: bool,
+    },
+    /// Per group: role, latest points, RPO, last drill.
+    Status,
+    /// The audit log of DR actions.
+    Audit,
     /// Make a writable volume from a point: GROUP/DISK@POINT GROUP2/DISK2.
     Clone { source: String, target: String },
     /// Space used, and the dedup and compression ratios.
@@ -153,6 +195,51 @@ pub(crate) enum PointCmd {
 
 #[derive(Subcommand)]
 pub(crate) enum RetentionCmd {
-    /// Record a retention policy such as "5m:24h,1h:7d,1d:30d".
-    Set { group: String, policy: String },
+    /// Record a retention policy such as "5m:24h,1h:7d,1d:30d" (the daemon thins
+    /// points to it).
+    Set {
+        group: String,
+        policy: String,
+        /// The policy for app-consistent points (kept if either policy keeps them).
+        #[arg(long)]
+        app: bool,
+    },
+    /// Thin GROUP's points to its policy now.
+    Apply { group: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DrillCmd {
+    /// Drills, oldest first.
+    List,
+    /// One drill's report.
+    Show { id: u64 },
+    /// Remove a drill's clones (disconnecting their clients) and its record.
+    Rm { id: u64 },
+    /// (internal, used by `drclone test`) Start a drill: clone and export.
+    #[command(hide = true)]
+    Start {
+        group: String,
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        command: Option<String>,
+    },
+    /// (internal, used by `drclone test`) Finish a drill: record its outcome.
+    #[command(hide = true)]
+    Finish {
+        id: u64,
+        #[arg(long, allow_negative_numbers = true)]
+        exit_code: Option<i32>,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long)]
+        ready_ms: Option<u64>,
+        #[arg(long, default_value = "")]
+        output_tail: String,
+    },
 }

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use drclone::daemon::{self, ControlRequest, ControlResponse};
+use drclone::dr::Actor;
 use drclone::engine::codec::Compression;
 use drclone::engine::imex;
 use drclone::engine::store::{InitOptions, Store};
@@ -33,7 +34,12 @@ pub(crate) fn main() {
 }
 
 /// Append a result to `out`: JSON with --json, else the text.
-fn print(out: &mut String, json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+pub(crate) fn print(
+    out: &mut String,
+    json: bool,
+    value: serde_json::Value,
+    text: impl FnOnce() -> String,
+) {
     if json {
         out.push_str(&serde_json::to_string_pretty(&value).expect("json"));
         out.push('\n');
@@ -124,6 +130,11 @@ fn run(cli: Cli) -> Result<i32> {
         }
         _ => {}
     }
+    if let Cmd::Test { .. } = &cli.cmd {
+        // The drill's command runs here, in the operator's environment; the store
+        // side goes through a daemon (started for the drill if none runs).
+        return super::dr::run_test(&cli);
+    }
     // A running daemon owns the store: send it the command.
     if let Some(conn) = daemon::connect(&cli.store) {
         if let Cmd::Mount { dir } = &cli.cmd {
@@ -133,6 +144,7 @@ fn run(cli: Cli) -> Result<i32> {
                 &ControlRequest {
                     argv: std::env::args().collect(),
                     cwd: std::env::current_dir()?,
+                    uid: None,
                 },
             )?;
             print!("{}", resp.stdout);
@@ -152,6 +164,7 @@ fn run(cli: Cli) -> Result<i32> {
                     &ControlRequest {
                         argv,
                         cwd: std::env::current_dir()?,
+                        uid: None,
                     },
                 );
             }
@@ -160,6 +173,7 @@ fn run(cli: Cli) -> Result<i32> {
         let req = ControlRequest {
             argv: std::env::args().collect(),
             cwd: std::env::current_dir()?,
+            uid: None,
         };
         let resp = daemon::forward(conn, &req)?;
         print!("{}", resp.stdout);
@@ -202,7 +216,7 @@ fn run(cli: Cli) -> Result<i32> {
     }
     let store = Arc::new(Store::open(&cli.store, cli.key_file.as_deref())?);
     let mut out = String::new();
-    let res = dispatch(&store, cli.cmd, json, &mut out, None);
+    let res = dispatch(&store, cli.cmd, json, &mut out, None, Actor::current());
     print!("{out}");
     store.close()?;
     res.map(|()| 0)
@@ -231,7 +245,10 @@ fn handle_forwarded(store: &Arc<Store>, req: ControlRequest) -> ControlResponse 
         };
     }
     let mut out = String::new();
-    match dispatch(store, cli.cmd, cli.json, &mut out, Some(&req.cwd)) {
+    let who = Actor {
+        uid: req.uid.unwrap_or(u32::MAX),
+    };
+    match dispatch(store, cli.cmd, cli.json, &mut out, Some(&req.cwd), who) {
         Ok(()) => ControlResponse {
             code: 0,
             stdout: out,
@@ -268,9 +285,17 @@ fn dispatch(
     json: bool,
     out: &mut String,
     cwd: Option<&Path>,
+    who: Actor,
 ) -> Result<()> {
     let fwd = cwd.is_some();
     match cmd {
+        cmd @ (Cmd::Drill(_)
+        | Cmd::Failover { .. }
+        | Cmd::Status
+        | Cmd::Audit
+        | Cmd::Retention(_)
+        | Cmd::Point(PointCmd::Rm { .. })) => super::dr::dispatch(store, cmd, json, out, who)?,
+        Cmd::Test { .. } => unreachable!("drclone test runs in the client (cli::dr::run_test)"),
         Cmd::Mount { dir } => {
             let dir = user_path(&dir, cwd);
             drclone::fuse::mount_hosted(store.clone(), &dir)?;
@@ -419,23 +444,6 @@ fn dispatch(
                 s
             });
         }
-        Cmd::Point(PointCmd::Rm { group, point }) => {
-            let p = store.remove_point(&group, &point)?;
-            print(out, json, json!({"removed": p.id.to_string()}), || {
-                format!("removed point {} of {group}", p.id)
-            });
-        }
-        Cmd::Retention(RetentionCmd::Set { group, policy }) => {
-            let policy: drclone::engine::types::RetentionPolicy = policy.parse()?;
-            store.set_retention(&group, Some(policy.clone()))?;
-            let policy = policy.to_string();
-            print(
-                out,
-                json,
-                json!({"group": group, "retention": policy}),
-                || format!("retention of {group}: {policy}"),
-            );
-        }
         Cmd::Clone { source, target } => {
             let (sg, sd, sp) = parse_volume_ref(&source)?;
             let sp = sp.context("clone source must name a point: GROUP/DISK@POINT")?;
@@ -536,7 +544,7 @@ fn dispatch(
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC without a time-zone crate.
-fn fmt_time(secs: u64) -> String {
+pub(crate) fn fmt_time(secs: u64) -> String {
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
     // Civil-from-days (Howard Hinnant's algorithm).

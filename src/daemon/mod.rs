@@ -56,6 +56,89 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 pub struct ControlRequest {
     pub argv: Vec<String>,
     pub cwd: PathBuf,
+    /// The requesting user: set by the daemon from the control socket's peer
+    /// credentials (SO_PEERCRED), never read from the request.
+    #[serde(skip)]
+    pub uid: Option<u32>,
+}
+
+static ENDPOINTS: OnceLock<Vec<String>> = OnceLock::new();
+
+/// How long a DR action waits for the NBD clients of a head to leave.
+pub const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// The NBD URI of export `name` (canonical `GROUP/DISK`) on this process's
+/// listener: TCP if it listens there, else its unix socket.  None when this
+/// process serves no NBD.
+pub fn export_uri(name: &str) -> Option<String> {
+    let base = ENDPOINTS.get()?.first()?;
+    Some(match base.strip_prefix("nbd+unix:///") {
+        // nbd+unix:///?socket=P -> nbd+unix:///NAME?socket=P
+        Some(q) => format!("nbd+unix:///{name}{q}"),
+        None => format!("{base}/{name}"),
+    })
+}
+
+/// Close the NBD sessions of export `name` in this process's server (none if it
+/// serves none) and wait for them to go.  The [`crate::dr::Disconnect`] of
+/// forwarded DR commands.  Errors: `Busy` if one does not leave within
+/// [`DISCONNECT_WAIT`].
+pub fn disconnect(name: &str) -> Result<usize> {
+    match sessions() {
+        Some(s) => s.disconnect_export(name, DISCONNECT_WAIT),
+        None => Ok(0),
+    }
+}
+
+/// The uid of a unix socket's peer.
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+/// Seconds between maintenance rounds (drill expiry, retention, retired
+/// heads): `DRCLONE_MAINT_SECS`, default 5.
+fn maintenance_interval() -> Duration {
+    Duration::from_secs(
+        std::env::var("DRCLONE_MAINT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5)
+            .max(1),
+    )
+}
+
+fn maintenance(stop: Arc<AtomicBool>, store: Arc<Store>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let every = maintenance_interval();
+        let mut next = std::time::Instant::now() + every;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            if std::time::Instant::now() < next {
+                continue;
+            }
+            next = std::time::Instant::now() + every;
+            if let Err(e) = crate::dr::maintain(&store, crate::util::now_secs(), &disconnect) {
+                log::warn!("maintenance: {e}");
+            }
+        }
+    })
 }
 
 /// The daemon's answer.
@@ -406,11 +489,13 @@ pub fn run(
             }
         });
     }
+    threads.push(maintenance(stop.clone(), store.clone()));
     log::info!(
         "serving store {} on {}",
         store.dir().display(),
         endpoints.join(", ")
     );
+    let _ = ENDPOINTS.set(endpoints.clone());
     ready(&endpoints);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
@@ -435,7 +520,10 @@ fn control_connection(store: Arc<Store>, s: UnixStream, handler: &Handler) {
     let mut r = BufReader::new(&s);
     let resp = match r.read_line(&mut line) {
         Ok(_) => match serde_json::from_str::<ControlRequest>(&line) {
-            Ok(req) => handler(&store, req),
+            Ok(mut req) => {
+                req.uid = peer_uid(&s);
+                handler(&store, req)
+            }
             Err(e) => ControlResponse {
                 code: 2,
                 stderr: format!("drclone: bad control request: {e}\n"),

@@ -27,7 +27,10 @@ impl Store {
             name: name.into(),
             created: now_secs(),
             retention: None,
+            app_retention: None,
             role: Role::Protected,
+            epoch: 0,
+            retired: Vec::new(),
         };
         let mut b = WriteBatch::default();
         b.put(keys::group(name), encode_rec(&rec));
@@ -49,10 +52,21 @@ impl Store {
             .collect()
     }
 
-    pub fn set_retention(&self, group: &str, policy: Option<RetentionPolicy>) -> Result<()> {
+    /// Set the group's retention policy (`app`: the policy for app-consistent
+    /// points).  Errors: NotFound.
+    pub fn set_retention(
+        &self,
+        group: &str,
+        policy: Option<RetentionPolicy>,
+        app: bool,
+    ) -> Result<()> {
         let _m = self.meta.lock().unwrap();
         let mut g = self.group(group)?;
-        g.retention = policy;
+        if app {
+            g.app_retention = policy;
+        } else {
+            g.retention = policy;
+        }
         let mut b = WriteBatch::default();
         b.put(keys::group(group), encode_rec(&g));
         self.db.write(b, true)
@@ -109,6 +123,7 @@ impl Store {
             size,
             seq,
             created: now_secs(),
+            replica: None,
         };
         b.put(keys::volume(group, disk), encode_rec(&rec));
         self.db.write(b, true)?;
@@ -225,16 +240,7 @@ impl Store {
         // the point exists: a point is a FLUSH of the whole store too (the journal
         // as well as packs and WAL), which is what callers (and the power-loss
         // model) take it for.
-        crate::engine::latch::guarded(
-            &self.db.latch,
-            || {
-                format!(
-                    "fdatasync of the journal in {}",
-                    self.dir.join("journal").display()
-                )
-            },
-            || self.journal.sync(),
-        )?;
+        self.sync_journal()?;
         // ...and, being a FLUSH, moves every lineage with unflushed entries to a
         // new epoch (I11), not just the group's.
         self.make_durable_locked(&g)?;

@@ -318,20 +318,21 @@ impl Journal {
     }
 
     /// Delete the dead prefix of the journal.  `sync` must first make durable
-    /// everything the dead records were destaged into (packs, then the map).
+    /// the journal itself, then everything the dead records were destaged into
+    /// (packs, then the map).
     ///
-    /// A record also dies when a later record overwrites its pages; so the journal
-    /// itself is synced first, or a power cut would take both the dead segment
-    /// and the unsynced record that superseded it, and lose a flushed write
-    /// (found by tests/powerloss.rs, seed 3002).
+    /// The journal, because a record also dies when a later record overwrites
+    /// its pages: a power cut must not take both the dead segment and the
+    /// unsynced record that superseded it (found by tests/powerloss.rs, seed
+    /// 3002).  Every record that released a page of a dead segment was appended
+    /// before the release, hence before this call saw the segment dead, so a
+    /// sync inside `sync` covers it.  The caller syncs it (not this function)
+    /// so that a failed fdatasync trips the store's latch (fsyncgate).
     pub fn trim(&self, sync: impl FnOnce() -> Result<()>) -> Result<Option<u64>> {
         let dead = self.dead_prefix();
         if dead.is_empty() {
             return Ok(None);
         }
-        // Every record that released a page of `dead` was appended before the
-        // release, hence before `dead_prefix` saw the segment dead.
-        self.sync()?;
         sync()?;
         for id in &dead {
             let path = segment_path(&self.dir, *id);

@@ -17,6 +17,9 @@
 //! | `N` | counter name                          | u64 (next value)               |
 //! | `J` | segment u64, lineage u64, block u64   | offset u64, epoch u64: the journal horizon |
 //! | `D` | pack u64                              | u64: bytes of an unsealed pack known durable |
+//! | `S` | setting name                          | its value: `chunk_size` (u32), recorded at init |
+//! | `X` | drill id u64                          | a drill record (JSON, owned by `crate::dr::drill`) |
+//! | `A` | sequence u64                          | an audit entry (JSON, owned by `crate::dr::audit`) |
 //!
 //! A `J` key says: "the records of (lineage, block) that start before journal
 //! position (segment, offset) are in the block map".  It is written in the same
@@ -38,6 +41,9 @@ pub const PACK: u8 = b'K';
 pub const COUNTER: u8 = b'N';
 pub const HORIZON: u8 = b'J';
 pub const DURABLE: u8 = b'D';
+pub const SETTING: u8 = b'S';
+pub const DRILL: u8 = b'X';
+pub const AUDIT: u8 = b'A';
 
 pub type ChunkId = [u8; 32];
 
@@ -86,6 +92,22 @@ pub fn lineage(id: u64) -> Vec<u8> {
 pub fn parse_lineage(key: &[u8]) -> Option<u64> {
     let rest = key.strip_prefix(&[LINEAGE])?;
     Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// The key of a store setting (`chunk_size`): a copy of what `store.json`
+/// says, to catch an edited or swapped `store.json`.
+pub fn setting(name: &str) -> Vec<u8> {
+    let mut k = with_tag(SETTING, name.len());
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// The key of record `id` in a record table ([`DRILL`], [`AUDIT`]).
+pub fn record(table: u8, id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = table;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
 }
 
 pub fn point_prefix(group: &str) -> Vec<u8> {

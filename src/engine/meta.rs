@@ -26,9 +26,21 @@ pub struct GroupRec {
     /// Retention policy, e.g. `5m:24h,1h:7d`, if one is set.
     #[serde(default)]
     pub retention: Option<RetentionPolicy>,
+    /// Retention policy applied to app-consistent points as well, if set.
+    #[serde(default)]
+    pub app_retention: Option<RetentionPolicy>,
     /// DR role (protected until a failover).
     #[serde(default)]
     pub role: Role,
+    /// Fencing epoch: raised by every role change (failover, undo, commit,
+    /// change of point).  A replication agent carrying an older one is refused.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Lineages that a role change took the names from and that still await
+    /// dropping (their NBD clients are disconnected first; an open FUSE file or
+    /// a crash can leave them here until the next attempt).
+    #[serde(default)]
+    pub retired: Vec<u64>,
 }
 
 /// A named volume (`GROUP/DISK`) and the lineage that is its head.
@@ -41,6 +53,19 @@ pub struct VolumeRec {
     /// Creation sequence number: the group's disk order.
     pub seq: u64,
     pub created: u64,
+    /// While the group is failed over (not committed): the replica head, which
+    /// `failover --undo` gives the name back to.  `lineage` is then the failover
+    /// head.
+    #[serde(default)]
+    pub replica: Option<Replica>,
+}
+
+/// A replica head set aside by a failover.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replica {
+    pub lineage: u64,
+    /// Its size in bytes (the failover head has the point's).
+    pub size: u64,
 }
 
 /// A chain of versions.  A head writes into its lineage at `epoch`; a clone's
@@ -211,6 +236,8 @@ pub struct Db {
     /// Set by every unsynced write, cleared by `sync_wal`: a FLUSH after only
     /// journaled small writes skips the WAL sync.
     unsynced: std::sync::atomic::AtomicBool,
+    /// Held across a WAL fsync (see [`Db::sync_wal`]).
+    wal_sync: std::sync::Mutex<()>,
     /// The store's fsyncgate latch ([`crate::engine::latch`]): a failed WAL write or
     /// sync trips it, and every later write is refused.
     pub latch: Latch,
@@ -256,6 +283,7 @@ impl Db {
             db,
             path: path.to_path_buf(),
             unsynced: std::sync::atomic::AtomicBool::new(false),
+            wal_sync: std::sync::Mutex::new(()),
             latch: Latch::new(path.parent().unwrap_or(path)),
         })
     }
@@ -325,7 +353,14 @@ impl Db {
     /// Make every write so far durable (nothing to do if none was unsynced).
     /// Make every committed batch durable (fsync of the WAL); skipped when nothing
     /// was written unsynced since the last one.  A failure trips the latch.
+    ///
+    /// One sync at a time: a caller that finds one running waits for it before
+    /// it looks at the flag, so it never returns while the fsync that covers its
+    /// writes is still in flight (found by tests/breakit.rs: the flag was
+    /// cleared before the fsync, and a concurrent FLUSH returned at once).
     pub fn sync_wal(&self) -> Result<()> {
+        self.latch.check()?;
+        let _one = self.wal_sync.lock().unwrap();
         self.latch.check()?;
         if !self
             .unsynced

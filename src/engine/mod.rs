@@ -28,6 +28,7 @@ pub mod chunks;
 pub mod codec;
 pub mod format;
 pub mod gc;
+pub mod heads;
 pub mod imex;
 pub mod journal;
 pub mod keys;

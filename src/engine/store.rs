@@ -334,11 +334,50 @@ fn journal_limit() -> u64 {
     crate::util::env_budget("DRCLONE_JOURNAL_MIB", 1024, 1, 1 << 20) as u64
 }
 
+/// Chunk sizes a store may have: a power of two from 4 KiB to 4 MiB.
+fn valid_chunk_size(cs: u32) -> bool {
+    (4096..=(4 << 20)).contains(&cs) && cs.is_power_of_two()
+}
+
+/// The chunk size in `store.json` must be valid and the one the store was made
+/// with (recorded in the database at init; stores made before that record it
+/// on this open).  Reading with another size would return wrong bytes, and
+/// writing would damage every volume (found by tests/breakit.rs).
+fn check_chunk_size(db: &Db, dir: &Path, cs: u32) -> Result<()> {
+    let bad = |what: String| Error::Format {
+        store: dir.to_path_buf(),
+        what,
+    };
+    if !valid_chunk_size(cs) {
+        return Err(bad(format!(
+            "{CONFIG_FILE} says chunk size {cs}, which is not a power of two between 4K              and 4M; restore {CONFIG_FILE} from a backup"
+        )));
+    }
+    match db.get(&keys::setting("chunk_size"))? {
+        Some(v) => {
+            let rec = <[u8; 4]>::try_from(v.as_slice())
+                .map(u32::from_be_bytes)
+                .map_err(|_| bad("the recorded chunk size is malformed".into()))?;
+            if rec != cs {
+                return Err(bad(format!(
+                    "{CONFIG_FILE} says chunk size {cs}, but the store was created with                      chunk size {rec}; restore {CONFIG_FILE} (nothing was read or written)"
+                )));
+            }
+        }
+        None => {
+            let mut b = WriteBatch::default();
+            b.put(keys::setting("chunk_size"), cs.to_be_bytes());
+            db.write(b, true)?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Create a new store in `dir` (which may exist but must not hold a store).
     pub fn init(dir: &Path, opts: &InitOptions) -> Result<()> {
         let cs = opts.chunk_size;
-        if !(4096..=(4 << 20)).contains(&cs) || !cs.is_power_of_two() {
+        if !valid_chunk_size(cs) {
             return Err(Error::invalid(format!(
                 "chunk size {cs} is not a power of two between 4K and 4M"
             )));
@@ -394,7 +433,11 @@ impl Store {
             created: now_secs(),
             uuid: Some(uuid::Uuid::new_v4()),
         };
-        Db::open(&dir.join("meta"), true)?;
+        let db = Db::open(&dir.join("meta"), true)?;
+        let mut b = WriteBatch::default();
+        b.put(keys::setting("chunk_size"), cs.to_be_bytes());
+        db.write(b, true)?;
+        drop(db);
         LocalPacks::new(&dir.join("packs"))?;
         std::fs::create_dir_all(dir.join("journal")).at(&dir.join("journal"))?;
         write_config(dir, &cfg)
@@ -472,6 +515,7 @@ impl Store {
             Err(e) if is_enospc(&e) && release_reserve(dir) => Db::open(&dir.join("meta"), false)?,
             other => other?,
         };
+        check_chunk_size(&db, dir, cfg.chunk_size)?;
         let db = Arc::new(db);
         let codec = Codec::new(cfg.compression, key.as_ref());
         let backend = Arc::new(LocalPacks::new(&dir.join("packs"))?);
@@ -626,13 +670,31 @@ impl Store {
         }
     }
 
+    /// fdatasync the journal; a failure trips the latch (fsyncgate: no path
+    /// may retry after a failed journal sync).
+    pub(crate) fn sync_journal(&self) -> Result<()> {
+        crate::engine::latch::guarded(
+            &self.db.latch,
+            || {
+                format!(
+                    "fdatasync of the journal in {}",
+                    self.dir.join("journal").display()
+                )
+            },
+            || self.journal.sync(),
+        )
+    }
+
     /// Delete journal segments whose pages are all destaged, after syncing what
     /// they were destaged into; then drop the horizons that covered them.
     pub(crate) fn trim_journal(&self) -> Result<()> {
         // The sync before segments go also moves every lineage with unflushed map
         // entries to a new epoch (I11): once their journal records are gone, no
         // later write may replace those entries in place.
+        // The journal first: a record that overwrote a dead one's pages must be
+        // durable before the dead one's segment goes (`Journal::trim`).
         let sync = || {
+            self.sync_journal()?;
             let g = self.gate.exclusive();
             self.make_durable_locked(&g)
         };
@@ -696,16 +758,7 @@ impl Store {
     /// of the last FLUSH (invariant I11, docs/DESIGN.md §8).
     pub fn flush(&self) -> Result<()> {
         self.db.latch.check()?;
-        crate::engine::latch::guarded(
-            &self.db.latch,
-            || {
-                format!(
-                    "fdatasync of the journal in {}",
-                    self.dir.join("journal").display()
-                )
-            },
-            || self.journal.sync(),
-        )?;
+        self.sync_journal()?;
         let dirty: Vec<u64> = std::mem::take(&mut *self.unflushed.lock().unwrap())
             .into_iter()
             .collect();
