@@ -262,3 +262,59 @@ fn boot_check_fails_clearly_and_leaves_no_qemu_running() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("DRCLONE_EXPORTS"));
     server.stop();
 }
+
+#[test]
+fn drill_boots_the_guest_from_its_clone_and_the_boot_write_stays_in_the_drill() {
+    let g = guest();
+    let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    protect_guest(&env, &g);
+    let server = Server::start(&env);
+
+    // Exactly the command, run from the repository root.
+    let out = env
+        .cmd()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["test", "vm", "--json", "--exec"])
+        .arg(format!("tools/boot-check --timeout {BOOT_TIMEOUT_S}"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the drill failed:\n{stdout}\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["exit_code"], 0, "{report}");
+    assert_eq!(report["point"], 1, "{report}");
+    let exports = report["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 1, "one disk, one clone: {report}");
+    assert!(
+        !exports[0].as_str().unwrap().contains("vm/root"),
+        "the drill boots a clone, not the head: {report}"
+    );
+    // In --json mode the command's output goes to stderr.
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("BOOT-OK "))
+        .unwrap_or_else(|| panic!("no BOOT-OK line: {stderr}"));
+    println!(
+        "{line}; drill time to ready {} ms, duration {} ms",
+        report["time_to_ready_ms"], report["duration_ms"]
+    );
+    assert!(
+        line.contains(&format!("boots=1 build={}", g.build_id)),
+        "the guest wrote its boot record into the writable clone: {line}"
+    );
+
+    // The guest's write stayed in the drill: neither the head nor the point has it.
+    assert_eq!(boot_log(&env, &g, "vm/root"), None, "the head is untouched");
+    assert_eq!(
+        boot_log(&env, &g, "vm/root@1"),
+        None,
+        "the point is untouched"
+    );
+    server.stop();
+}
