@@ -104,6 +104,15 @@ fn protect_guest(env: &Env, g: &Guest) {
     env.ok(&["point", "create", "vm"]);
 }
 
+/// The guest (built or cached), the VM lock, and a store protecting the guest.
+fn protected_guest() -> (Guest, std::sync::MutexGuard<'static, ()>, Env) {
+    let g = guest();
+    let vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    protect_guest(&env, &g);
+    (g, vm, env)
+}
+
 /// `/var/log/drclone-boot` of a disk (head or point) read back through
 /// `drclone export` and debugfs: Some(contents), or None when the file does not exist.
 fn boot_log(env: &Env, g: &Guest, what: &str) -> Option<String> {
@@ -144,10 +153,7 @@ fn boot_check(exports: &str) -> (bool, String, String) {
 
 #[test]
 fn guest_boots_from_the_head_over_nbd_and_its_boot_write_lands_in_the_head() {
-    let g = guest();
-    let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
-    let env = Env::new();
-    protect_guest(&env, &g);
+    let (g, _vm, env) = protected_guest();
     assert_eq!(
         boot_log(&env, &g, "vm/root"),
         None,
@@ -265,10 +271,7 @@ fn boot_check_fails_clearly_and_leaves_no_qemu_running() {
 
 #[test]
 fn drill_boots_the_guest_from_its_clone_and_the_boot_write_stays_in_the_drill() {
-    let g = guest();
-    let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
-    let env = Env::new();
-    protect_guest(&env, &g);
+    let (g, _vm, env) = protected_guest();
     let server = Server::start(&env);
 
     // Exactly the command, run from the repository root.
