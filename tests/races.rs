@@ -254,7 +254,7 @@ fn h5_block_status_never_reports_a_hole_over_acknowledged_data() {
 #[test]
 fn h6_flush_covers_a_pack_that_rotates_during_it() {
     let (_g, _f) = serial();
-    let (d, s, h) = setup(64 << 10, 64);
+    let (_d, s, h) = setup(64 << 10, 64);
     s.write(&h, 0, &block(0)).unwrap();
     let (s2, h2) = (s.clone(), h.clone());
     fail::cfg_callback("flush-between-open-and-seal", move || {

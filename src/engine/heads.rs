@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::engine::keys;
-use crate::engine::meta::{encode_rec, GroupRec, PointRec, Replica, VolumeRec};
+use crate::engine::meta::{encode_rec, GroupRec, LineageRec, PointRec, Replica, VolumeRec};
 use crate::engine::store::{Store, HEAD_EPOCH};
 use crate::engine::types::Role;
 use crate::error::{Error, Result};
@@ -143,9 +143,19 @@ impl Store {
         let mut lins = Vec::new();
         let mut out = Vec::new();
         let mut retired = Vec::new();
-        for mut v in vols {
+        // One counter read for all the new heads (see `Db::next_counters`).
+        let first = self
+            .db
+            .next_counters("lineage", vols.len() as u64, &mut b)?;
+        for (i, mut v) in vols.into_iter().enumerate() {
             let pv = p.volumes.iter().find(|pv| pv.disk == v.disk).unwrap();
-            let lin = self.new_lineage(Some((pv.lineage, pv.epoch)), &mut b)?;
+            let lin = LineageRec {
+                id: first + i as u64,
+                epoch: 1,
+                parent: Some((pv.lineage, pv.epoch)),
+                has_head: true,
+            };
+            b.put(keys::lineage(lin.id), encode_rec(&lin));
             match v.replica {
                 // Changing the point: the current failover head goes.
                 Some(_) => retired.push(v.lineage),

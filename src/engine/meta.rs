@@ -416,12 +416,20 @@ impl Db {
 
     /// Allocate the next value of a named counter (caller serialises).
     pub fn next_counter(&self, name: &str, batch: &mut WriteBatch) -> Result<u64> {
+        self.next_counters(name, 1, batch)
+    }
+
+    /// Take `n` consecutive values of counter `name`; returns the first.  The
+    /// counter advances when `batch` commits, so a batch takes each counter once:
+    /// two calls before the commit would hand out the same value (a failover of
+    /// two disks once gave both heads one lineage id).
+    pub fn next_counters(&self, name: &str, n: u64, batch: &mut WriteBatch) -> Result<u64> {
         let key = keys::counter(name);
         let cur = match self.get(&key)? {
             Some(v) if v.len() == 8 => u64::from_be_bytes(v[..].try_into().unwrap()),
             _ => 1,
         };
-        batch.put(&key, (cur + 1).to_be_bytes());
+        batch.put(&key, (cur + n).to_be_bytes());
         Ok(cur)
     }
 
