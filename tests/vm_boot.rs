@@ -137,10 +137,12 @@ fn boot_log(env: &Env, g: &Guest, what: &str) -> Option<String> {
     Some(String::from_utf8(out.stdout).unwrap())
 }
 
-/// Run `tools/boot-check` with `DRCLONE_EXPORTS`; returns (success, stdout, stderr).
-fn boot_check(exports: &str) -> (bool, String, String) {
+/// Run `tools/boot-check` with `DRCLONE_EXPORTS`, its console log kept in the
+/// test's folder; returns (success, stdout, stderr).
+fn boot_check(env: &Env, exports: &str) -> (bool, String, String) {
     let out = Command::new(tool("boot-check"))
-        .args(["--timeout", BOOT_TIMEOUT_S])
+        .args(["--timeout", BOOT_TIMEOUT_S, "--log"])
+        .arg(env.path("console.log"))
         .env("DRCLONE_EXPORTS", exports)
         .output()
         .unwrap();
@@ -173,7 +175,7 @@ fn guest_boots_from_the_head_over_nbd_and_its_boot_write_lands_in_the_head() {
     let server = Server::start(&env);
     // The boot disk over the unix socket, the data disk over TCP.
     let exports = format!("{}\n{}\n", server.unix("vm/root"), server.tcp("vm/data"));
-    let (ok, stdout, stderr) = boot_check(&exports);
+    let (ok, stdout, stderr) = boot_check(&env, &exports);
     assert!(ok, "boot-check failed on {exports}:\n{stdout}\n{stderr}");
     let line = stdout
         .lines()
@@ -232,7 +234,7 @@ fn boot_check_fails_clearly_and_leaves_no_qemu_running() {
     let sock = server.sock.display().to_string();
 
     // No such export: qemu cannot open the disk and exits at once.
-    let (ok, stdout, stderr) = boot_check(&server.unix("vm/nope"));
+    let (ok, stdout, stderr) = boot_check(&env, &server.unix("vm/nope"));
     assert!(!ok, "{stdout}");
     assert!(stdout.contains("BOOT-FAIL reason=qemu-exited"), "{stdout}");
     assert!(
@@ -243,7 +245,9 @@ fn boot_check_fails_clearly_and_leaves_no_qemu_running() {
     // A disk that does not boot: the firmware finds nothing, boot-check times
     // out, says so and shows the end of the console.
     let out = Command::new(tool("boot-check"))
-        .args(["--timeout", "10", &server.unix("vm/blank")])
+        .args(["--timeout", "10", "--log"])
+        .arg(env.path("blank.log"))
+        .arg(server.unix("vm/blank"))
         .output()
         .unwrap();
     let (stdout, stderr) = (
