@@ -53,6 +53,7 @@ pub mod dr;
 pub mod engine;
 pub mod error;
 pub mod fuse;
+pub mod metrics;
 pub mod nbd;
 pub mod util;
 

@@ -409,3 +409,65 @@ fn retention_keeps_the_point_a_clone_depends_on() {
     let e = env.fails(&["retention", "set", "g", "1h:1m"]);
     assert!(e.contains("less than their interval"), "{e}");
 }
+
+/// `serve --metrics ADDR` answers `GET /metrics` with the documented names:
+/// NBD operations and latency, sessions, per-group RPO, role, points and last
+/// drill, and the store's bytes and ratios.
+#[test]
+fn metrics_endpoint_has_the_documented_names() {
+    let (env, srv) = setup();
+    env.ok(&["test", "g"]);
+    drop(srv);
+    let port = free_port();
+    let mport = free_port();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+        .env("DRCLONE_STORE", &env.store)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics",
+            &format!("127.0.0.1:{mport}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let uri = format!("nbd://127.0.0.1:{port}/g/d0");
+    let mut up = false;
+    for _ in 0..250 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", mport)).is_ok()
+        {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(up, "serve --metrics did not start");
+    qemu_io(&uri, &["read 0 64k", "write -P 7 1M 64k", "flush"]);
+    let body = py(&format!(
+        "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:{mport}/metrics').read().decode())"
+    ));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    for name in [
+        "drclone_nbd_requests_total{op=\"read\"}",
+        "drclone_nbd_requests_total{op=\"write\"}",
+        "drclone_nbd_requests_total{op=\"flush\"}",
+        "drclone_nbd_request_duration_seconds_bucket{le=",
+        "drclone_nbd_request_duration_seconds_count{op=\"read\"}",
+        "drclone_nbd_sessions ",
+        "drclone_group_rpo_seconds{group=\"g\"}",
+        "drclone_group_points{group=\"g\"} 1",
+        "drclone_group_role{group=\"g\",role=\"protected\"} 1",
+        "drclone_group_last_drill_ok{group=\"g\"} 1",
+        "drclone_group_last_drill_timestamp_seconds{group=\"g\"}",
+        "drclone_store_logical_bytes ",
+        "drclone_store_stored_bytes ",
+        "drclone_store_dedup_ratio ",
+        "drclone_store_compression_ratio ",
+        "# TYPE drclone_replication_received_bytes counter",
+    ] {
+        assert!(body.contains(name), "metrics lack {name}:\n{body}");
+    }
+}

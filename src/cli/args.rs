@@ -145,6 +145,9 @@ pub(crate) enum Cmd {
         /// Drop a client idle this many seconds (default: never).
         #[arg(long)]
         idle_timeout: Option<u64>,
+        /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9810), at /metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
 }
 

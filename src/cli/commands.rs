@@ -93,6 +93,7 @@ fn run(cli: Cli) -> Result<i32> {
             max_connections,
             handshake_timeout,
             idle_timeout,
+            metrics,
         } => {
             if daemon::connect(&cli.store).is_some() {
                 bail!(
@@ -121,6 +122,7 @@ fn run(cli: Cli) -> Result<i32> {
                 socket: socket.clone(),
                 default_export: default_export.clone(),
                 limits,
+                metrics: metrics.clone(),
             };
             let handler: Arc<daemon::Handler> = Arc::new(handle_forwarded);
             daemon::run(store, opts, handler, |eps| {
@@ -202,6 +204,7 @@ fn run(cli: Cli) -> Result<i32> {
             socket: None,
             default_export: None,
             limits: Default::default(),
+            metrics: None,
         };
         let handler: Arc<daemon::Handler> = Arc::new(handle_forwarded);
         let shown = (cli.store.clone(), dir.clone());

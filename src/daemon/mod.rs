@@ -181,6 +181,8 @@ pub struct Options {
     pub default_export: Option<String>,
     /// Connection cap, timeouts and memory budgets of the NBD server.
     pub limits: Limits,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    pub metrics: Option<String>,
 }
 
 /// Serve one NBD connection on stdin/stdout (the captive-server pattern).
@@ -446,6 +448,7 @@ pub fn run(
     );
     let mut threads = vec![reaper(stop.clone(), shared.clone())];
     let mut endpoints = vec![];
+    let mut endpoints_extra: Vec<String> = vec![];
     if let Some(addr) = &opts.listen {
         let l = TcpListener::bind(addr).map_err(|e| Error::io(format!("listen {addr}"), e))?;
         l.set_nonblocking(true).map_err(|e| Error::io(addr, e))?;
@@ -490,12 +493,23 @@ pub fn run(
         });
     }
     threads.push(maintenance(stop.clone(), store.clone()));
+    if let Some(addr) = &opts.metrics {
+        let sessions = shared.sessions.clone();
+        threads.push(crate::metrics::serve(
+            addr,
+            store.clone(),
+            move || sessions.count(),
+            stop.clone(),
+        )?);
+        endpoints_extra.push(format!("http://{addr}/metrics"));
+    }
     log::info!(
         "serving store {} on {}",
         store.dir().display(),
         endpoints.join(", ")
     );
     let _ = ENDPOINTS.set(endpoints.clone());
+    endpoints.extend(endpoints_extra);
     ready(&endpoints);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));

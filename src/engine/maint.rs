@@ -12,7 +12,7 @@ use crate::engine::store::{Block, Store, HEAD_EPOCH};
 use crate::error::Result;
 
 /// Space used by the store and the savings.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DfReport {
     /// Bytes of data (not holes or zeros) the volume heads hold.
     pub logical_bytes: u64,

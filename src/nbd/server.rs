@@ -536,9 +536,11 @@ impl Conn {
                     else {
                         break;
                     };
+                    let (typ, t0) = (req.typ, std::time::Instant::now());
                     if self.handle(w, &view, req, payload).is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
+                    crate::metrics::nbd_request(typ, t0.elapsed());
                     // The payload and reply buffer are gone: give the bytes back.
                     drop(lease);
                     self.session.request_done();
