@@ -7,7 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-cargo build --release --locked --bin drclone
+# The same build as scripts/test.sh (same flags, same features), so running one
+# after the other shares one build instead of rebuilding and replacing the binary.
+cargo build --release --locked --all-targets --features failpoints
+# On PATH for the rest of the demo and afterwards.
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+$SUDO install -m 0755 "$CARGO_TARGET_DIR/release/drclone" /usr/local/bin/drclone
+DRCLONE=/usr/local/bin/drclone
+echo "installed drclone as /usr/local/bin/drclone (on PATH: $(command -v drclone || echo "no, add /usr/local/bin to PATH"))"
 WORK="${DRCLONE_DEMO_DIR:-$(mktemp -d /tmp/drclone-demo.XXXXXX)}"
 export DRCLONE_STORE="$WORK/store"
 say() { printf '\n== %s\n' "$*"; }
@@ -63,3 +70,4 @@ say "space and integrity"
 "$DRCLONE" verify
 echo
 echo "demo OK; store at $DRCLONE_STORE"
+echo "drclone is installed as /usr/local/bin/drclone; try: DRCLONE_STORE=$DRCLONE_STORE drclone point list app1"

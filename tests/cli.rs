@@ -107,7 +107,11 @@ fn point_stays_identical_after_head_is_overwritten_and_clone_is_writable() {
     assert_eq!(arr[0]["label"], "before");
     assert_eq!(arr[0]["kind"], "crash");
     assert_eq!(arr[1]["kind"], "app");
-    assert!(arr[0]["time"].as_u64().unwrap() > 0 && arr[0]["id"].is_string());
+    assert!(arr[0]["time"].as_u64().unwrap() > 0);
+    assert_eq!(
+        arr[0]["id"], p["id"],
+        "point list gives the id point create gave"
+    );
     // Clone the first point; the clone sees the point and diverges on its own.
     env.ok(&["group", "create", "drill"]);
     env.ok(&["clone", &format!("app1/disk0@{id}"), "drill/disk0"]);
@@ -478,4 +482,168 @@ fn a_full_disk_fails_writes_clearly_and_harms_nothing_stored() {
     env.ok(&["import", "app1/c", c.to_str().unwrap()]);
     env.ok(&["verify"]);
     assert!(reserve.exists(), "the reserve is back once there is room");
+}
+
+/// `point create --json` and `point list --json` give a point's id the same way:
+/// as an integer.
+#[test]
+fn point_ids_are_integers_in_create_and_list() {
+    let env = Env::new();
+    setup(&env, &[]);
+    env.ok(&["volume", "create", "app1/d", "--size", "1M"]);
+    let p1 = env.json(&["point", "create", "app1"]);
+    let p2 = env.json(&["point", "create", "app1", "--label", "two"]);
+    assert!(p1["id"].is_u64() && p2["id"].is_u64(), "{p1} {p2}");
+    let list = env.json(&["point", "list", "app1"]);
+    let ids: Vec<_> = list.as_array().unwrap().iter().map(|p| &p["id"]).collect();
+    assert_eq!(ids, vec![&p1["id"], &p2["id"]], "{list}");
+}
+
+/// What a new user runs into first: a missing store, a directory given as an
+/// image, a file that does not exist.  Each message names the problem, says
+/// how to fix it where it can, and gives an OS error's cause once.
+#[test]
+fn first_errors_a_new_user_meets_read_well() {
+    let env = Env::new();
+    let err = env.fails(&["volume", "list"]);
+    let want = format!("no drclone store at {}", env.store.display());
+    assert!(
+        err.contains(&want)
+            && err.contains("--store")
+            && err.contains("DRCLONE_STORE")
+            && err.contains("drclone init")
+            && !err.contains("not found"),
+        "{err}"
+    );
+    setup(&env, &[]);
+    env.ok(&["volume", "create", "app1/d", "--size", "1M"]);
+    let dir = env.path("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    let err = env.fails(&["import", "app1/d", dir.to_str().unwrap()]);
+    assert!(
+        err.contains(dir.to_str().unwrap())
+            && err.contains("not a regular file or block device")
+            && !err.contains("bytes"),
+        "{err}"
+    );
+    let err = env.fails(&["import", "app1/d", "/nonexistent.raw"]);
+    assert!(err.contains("/nonexistent.raw"), "{err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the cause once: {err}"
+    );
+    // Nothing was written by the failed imports.
+    env.ok(&["verify"]);
+}
+
+/// The lines of `README.md` section `title` (from its heading to the next `## `).
+fn readme_section(title: &str) -> String {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let start = readme
+        .find(&format!("\n## {title}\n"))
+        .unwrap_or_else(|| panic!("README.md has no section {title}"));
+    let body = &readme[start + 1..];
+    let end = body[3..].find("\n## ").map_or(body.len(), |i| i + 3);
+    body[..end].to_string()
+}
+
+/// The README tour's first block, run as written (the encrypted `init` is the
+/// alternative to the plain one, so only the first `init` runs): every command
+/// works in order on a fresh store.
+#[test]
+fn readme_tour_runs_as_written() {
+    let env = Env::new();
+    let tour = readme_section("A short tour");
+    let block = tour
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("\n\n").next())
+        .expect("the tour's first code block");
+    // The image the tour imports, in the working directory.
+    std::fs::write(env.path("disk0.raw"), random_bytes(5, 2 * MIB)).unwrap();
+    let mut inits = 0;
+    let mut ran = 0;
+    for line in block.lines() {
+        let cmd = line.split(" #").next().unwrap().trim();
+        let Some(args) = cmd.strip_prefix("drclone ") else {
+            assert!(cmd.starts_with("export DRCLONE_STORE="), "{line}");
+            continue;
+        };
+        let args: Vec<&str> = args.split_whitespace().collect();
+        if args[0] == "init" {
+            inits += 1;
+            if inits > 1 {
+                continue;
+            }
+        }
+        let out = env
+            .cmd()
+            .current_dir(env.dir.path())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "README tour: `{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ran += 1;
+    }
+    assert!(ran >= 10, "the tour ran {ran} commands:\n{block}");
+    let restored = std::fs::read(env.path("restored.raw")).unwrap();
+    assert!(restored[..2 * MIB] == random_bytes(5, 2 * MIB)[..]);
+}
+
+/// The build line of a script: `cargo build ...` to the end of its line.
+fn cargo_build_line(script: &str) -> String {
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+            .unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.find("cargo build").map(|i| l[i..].trim().to_string()))
+        .collect();
+    assert_eq!(lines.len(), 1, "{script} builds once: {lines:?}");
+    lines[0].clone()
+}
+
+/// scripts/demo.sh builds exactly as scripts/test.sh does (one build shared by
+/// both, no rebuild that replaces the binary when one runs after the other),
+/// installs the binary on PATH and says so, and the README says where it is.
+#[test]
+fn demo_shares_the_test_build_and_puts_drclone_on_path() {
+    assert_eq!(
+        cargo_build_line("scripts/demo.sh"),
+        cargo_build_line("scripts/test.sh")
+    );
+    let demo = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo.sh"),
+    )
+    .unwrap();
+    assert!(
+        demo.lines().any(|l| {
+            let l = l.trim_start();
+            (l.starts_with("install ") || l.starts_with("$SUDO install "))
+                && l.contains("/usr/local/bin/drclone")
+        }),
+        "demo.sh installs drclone in /usr/local/bin"
+    );
+    assert!(
+        demo.lines()
+            .any(|l| l.contains("echo") && l.contains("/usr/local/bin/drclone")),
+        "demo.sh says where drclone is"
+    );
+    let syntax = std::process::Command::new("bash")
+        .args(["-n", "scripts/demo.sh"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(syntax.success(), "bash -n scripts/demo.sh");
+    assert!(
+        readme_section("Two commands").contains("/usr/local/bin/drclone"),
+        "README's Two commands says where drclone is"
+    );
 }

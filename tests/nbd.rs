@@ -431,20 +431,10 @@ fn captive_stdio_server_and_hostile_input() {
     store_with_disk(&env, "2M");
     let bin = assert_cmd::cargo::cargo_bin("drclone");
     let store = env.store.to_str().unwrap().to_string();
+    let args = activating_nbdinfo("--json", &env, &["--default-export", "app1/disk0"]);
     let out = run(
         "nbdinfo",
-        &[
-            "--json",
-            "--",
-            "[",
-            bin.to_str().unwrap(),
-            "--store",
-            &store,
-            "serve",
-            "--default-export",
-            "app1/disk0",
-            "]",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["exports"][0]["export-size"], 2 * MIB as u64);
@@ -501,4 +491,156 @@ h.shutdown()
     );
     drop(s);
     run("nbdinfo", &[&srv.tcp("app1/disk0")]);
+}
+
+/// The arguments of `nbdinfo OPT -- [ drclone --store STORE serve SERVE_ARGS ]`:
+/// libnbd starts the server with systemd-style socket activation.
+fn activating_nbdinfo(opt: &str, env: &Env, serve_args: &[&str]) -> Vec<String> {
+    let bin = assert_cmd::cargo::cargo_bin("drclone");
+    let mut a: Vec<String> = [opt, "--", "[", bin.to_str().unwrap(), "--store"]
+        .map(String::from)
+        .to_vec();
+    a.push(env.store.to_str().unwrap().to_string());
+    a.push("serve".into());
+    a.extend(serve_args.iter().map(|s| s.to_string()));
+    a.push("]".into());
+    a
+}
+
+/// The pids of the `drclone ... --store STORE ... serve` processes alive now.
+fn serve_pids(store: &str) -> Vec<u32> {
+    let mut pids = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_drclone = args.first().is_some_and(|a| a.ends_with(b"drclone"));
+        if is_drclone && args.contains(&store.as_bytes()) && args.contains(&&b"serve"[..]) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Wait (up to a minute: a liveness bound, not a timing claim) until no serve
+/// process of `store` is left; kills the ones left and panics if any stays.
+fn wait_serve_gone(store: &str, what: &str) {
+    for _ in 0..600 {
+        if serve_pids(store).is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left = serve_pids(store);
+    for &pid in &left {
+        // SAFETY: a plain kill(2) of a process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    panic!("{what}: drclone serve {left:?} stayed (killed now)");
+}
+
+/// Socket activation the way libnbd starts a server (`nbdinfo -- [ CMD ]`): the
+/// server leaves once its last client has gone, also when the handshake failed
+/// (no --default-export: the empty export name is unknown), and it leaves when
+/// its parent dies before any client came.  An orphan would hold the store's
+/// lock (every other command fails) and the caller's stdout forever.
+#[test]
+fn socket_activated_serve_leaves_with_its_last_client_and_its_parent() {
+    need("nbdinfo");
+    let env = Env::new();
+    store_with_disk(&env, "2M");
+    let bin = assert_cmd::cargo::cargo_bin("drclone");
+    let store = env.store.to_str().unwrap().to_string();
+    // Output to files: an orphaned server would keep a pipe open.
+    let (out, err) = (env.path("nbdinfo.out"), env.path("nbdinfo.err"));
+    let status = std::process::Command::new("timeout")
+        .args(["--kill-after=10", "120", "nbdinfo"])
+        .args(activating_nbdinfo("--size", &env, &[]))
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .status()
+        .unwrap();
+    let err_text = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        !status.success() && err_text.contains("no export named"),
+        "nbdinfo without --default-export: {status}: {err_text}"
+    );
+    wait_serve_gone(&store, "after a failed handshake");
+    env.ok(&["volume", "list"]);
+
+    // A successful client: the server is gone once it disconnected.
+    let args = activating_nbdinfo("--size", &env, &["--default-export", "app1/disk0"]);
+    let size = run(
+        "nbdinfo",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(size.trim(), (2 * MIB).to_string());
+    wait_serve_gone(&store, "after a served client");
+    env.ok(&["volume", "list"]);
+
+    // The parent dies (SIGKILL) before any client connects.
+    let sock = env.path("act.sock");
+    let mut parent = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!(
+            r#"
+import os, socket, time
+s = socket.socket(socket.AF_UNIX)
+s.bind({sock:?})
+s.listen()
+pid = os.fork()
+if pid == 0:
+    os.dup2(s.fileno(), 3)
+    null = os.open("/dev/null", os.O_WRONLY)
+    os.dup2(null, 1)
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.environ["LISTEN_FDS"] = "1"
+    os.execv({bin:?}, [{bin:?}, "--store", {store:?}, "serve"])
+print(pid, flush=True)
+time.sleep(600)
+"#,
+            sock = sock.to_str().unwrap(),
+            bin = bin.to_str().unwrap(),
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(parent.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid: u32 = line.trim().parse().expect("the server's pid");
+    // Serving: it holds the store's lock.
+    let holds_lock = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.ends_with("meta/LOCK")))
+            })
+            .unwrap_or(false)
+    };
+    let mut up = false;
+    for _ in 0..600 {
+        up = holds_lock();
+        if up {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if !up {
+        let _ = parent.kill();
+        wait_serve_gone(&store, "before it opened the store");
+        panic!("the activated server never opened the store");
+    }
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    wait_serve_gone(&store, "after its parent died");
+    env.ok(&["volume", "list"]);
+    env.ok(&["verify"]);
 }

@@ -27,10 +27,25 @@ pub(crate) fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("drclone: error: {e:#}");
+            eprintln!("drclone: error: {}", error_text(&e));
             std::process::exit(1);
         }
     }
+}
+
+/// An error and its causes, each cause only if its text is not already in what
+/// is shown (anyhow's `{:#}` repeats a `#[source]` the message already holds, as
+/// in "PATH: No such file or directory (os error 2): No such file ...").
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 /// Append a result to `out`: JSON with --json, else the text.
@@ -260,7 +275,7 @@ fn handle_forwarded(store: &Arc<Store>, req: ControlRequest) -> ControlResponse 
         Err(e) => ControlResponse {
             code: 1,
             stdout: out,
-            stderr: format!("drclone: error: {e:#}\n"),
+            stderr: format!("drclone: error: {}\n", error_text(&e)),
         },
     }
 }
@@ -429,7 +444,7 @@ fn dispatch(
             let arr: Vec<_> = ps
                 .iter()
                 .map(|p| {
-                    json!({"id": p.id.to_string(), "time": p.time, "kind": p.kind, "label": p.label,
+                    json!({"id": p.id, "time": p.time, "kind": p.kind, "label": p.label,
                                 "volumes": p.volumes.iter().map(|v| &v.disk).collect::<Vec<_>>()})
                 })
                 .collect();

@@ -210,7 +210,11 @@ pub fn activation_listener() -> Option<UnixListener> {
     Some(unsafe { UnixListener::from_raw_fd(3) })
 }
 
-/// Serve connections on a socket-activation listener until SIGTERM/SIGINT.
+/// Serve connections on a socket-activation listener until the last client has
+/// disconnected (after at least one came, like `qemu-nbd` without
+/// `--persistent`; a client whose handshake failed counts), until the parent
+/// process dies, or until SIGTERM/SIGINT.  A server started by a client
+/// (`nbdinfo -- [ drclone serve ]`) thus never outlives it holding the store.
 pub fn serve_activated(
     store: Arc<Store>,
     l: UnixListener,
@@ -218,21 +222,74 @@ pub fn serve_activated(
     limits: Limits,
 ) -> Result<()> {
     let stop = stop_on_signals()?;
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
     l.set_nonblocking(true)
         .map_err(|e| Error::io("activation socket", e))?;
     let shared = start_shared(store.clone(), default_export, limits);
+    let accepted = Arc::new(AccountedAccepts::default());
     let mut threads = vec![accept_loop(
         stop.clone(),
         "activation socket".into(),
-        move || would_block(l.accept()).map(|o| o.map(|(s, _)| (s, "activated".to_string()))),
+        {
+            let accepted = accepted.clone();
+            move || {
+                let r = would_block(l.accept());
+                accepted.call(matches!(r, Ok(Some(_))));
+                r.map(|o| o.map(|(s, _)| (s, "activated".to_string())))
+            }
+        },
         shared.clone(),
     )];
     threads.push(reaper(stop.clone(), shared.clone()));
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: as above.
+        if unsafe { libc::getppid() } != parent {
+            log::info!("socket activation: the parent process is gone; shutting down");
+            break;
+        }
+        if accepted.all_gone(&shared.sessions) {
+            log::info!("socket activation: the last client disconnected; shutting down");
+            break;
+        }
     }
+    stop.store(true, Ordering::Relaxed);
     drain(&store, &shared, threads)?;
     store.close()
+}
+
+/// The connections an accept loop took, for "has the last client gone?": each
+/// is registered as a session by the loop before it calls accept again.
+#[derive(Default)]
+struct AccountedAccepts {
+    /// Connections accepted so far.
+    taken: AtomicUsize,
+    /// The last accepted connection may not be registered yet.
+    in_hand: AtomicBool,
+}
+
+impl AccountedAccepts {
+    /// Called by the accept closure on each call: `took` if it returns a
+    /// connection.  The call itself shows the previous one was registered.
+    fn call(&self, took: bool) {
+        if took {
+            self.in_hand.store(true, Ordering::SeqCst);
+            self.taken.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.in_hand.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// At least one connection came, and every one has ended.
+    fn all_gone(&self, sessions: &Sessions) -> bool {
+        let before = self.taken.load(Ordering::SeqCst);
+        if before == 0 || self.in_hand.load(Ordering::SeqCst) {
+            return false;
+        }
+        let live = sessions.count();
+        live == 0 && self.taken.load(Ordering::SeqCst) == before
+    }
 }
 
 fn stop_on_signals() -> Result<Arc<AtomicBool>> {

@@ -82,7 +82,14 @@ pub fn import(store: &Store, view: &View, path: &Path, pb: &ProgressBar) -> Resu
     }
     let f = File::open(path).at(path)?;
     let meta = f.metadata().at(path)?;
-    let len = if meta.file_type().is_file() {
+    let kind = meta.file_type();
+    if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+        return Err(Error::invalid(format!(
+            "image {} is not a regular file or block device",
+            path.display()
+        )));
+    }
+    let len = if kind.is_file() {
         meta.len()
     } else {
         // Block devices report their size by seeking to the end.

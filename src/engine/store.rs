@@ -454,8 +454,9 @@ impl Store {
         let body = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(format!(
-                    "drclone store {} (no {CONFIG_FILE}; create one with `drclone init`)",
+                return Err(Error::invalid(format!(
+                    "no drclone store at {} (no {CONFIG_FILE}): give --store DIR or set \
+                     DRCLONE_STORE, or create one with `drclone init`",
                     dir.display()
                 )))
             }
