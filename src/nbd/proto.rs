@@ -666,3 +666,405 @@ mod tests {
         assert_eq!(option_reply(OPT_GO, REP_ACK, &[]).len(), 20);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Client side: what a client sends during option haggling and decodes from the
+// server (used by `super::client`).  Same rules: pure, bounds-checked, no panics.
+
+/// The IANA port of NBD, used when an `nbd://` URI names none.
+pub const DEFAULT_PORT: u16 = 10809;
+/// Oldstyle greeting's second magic (unsupported by the client).
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+pub const REP_ERR_PLATFORM: u32 = (1 << 31) + 4;
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
+/// Error chunk with an offset (`error`, message, then a 64-bit offset).
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+/// Length of a simple reply header.
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Length of a structured reply chunk header.
+pub const STRUCTURED_HEADER_LEN: usize = 20;
+/// Length of an option reply header.
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+/// `qemu:dirty-bitmap:*` state: the block was written since the bitmap started.
+pub const STATE_DIRTY: u32 = 1 << 0;
+/// Prefix of qemu's dirty-bitmap metadata contexts.
+pub const QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+
+/// The metadata context name qemu (`qemu-nbd -B NAME`, `qemu-storage-daemon`)
+/// gives the persistent dirty bitmap `name`.
+pub fn dirty_bitmap_context(name: &str) -> String {
+    format!("{QEMU_DIRTY_BITMAP}{name}")
+}
+
+/// Decode the server's 18-byte greeting; returns its handshake flags.  Errors on
+/// a non-NBD peer and on oldstyle servers (which this client does not speak).
+pub fn parse_greeting(b: &[u8]) -> PResult<u16> {
+    let mut r = Reader::new(b);
+    if r.u64()? != NBDMAGIC {
+        return err("peer is not an NBD server (no NBDMAGIC)");
+    }
+    match r.u64()? {
+        IHAVEOPT => {}
+        OLDSTYLE_MAGIC => return err("server speaks the oldstyle handshake, not newstyle"),
+        m => return err(format!("bad greeting magic {m:#x}")),
+    }
+    let flags = r.u16()?;
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return err("server does not offer the fixed newstyle handshake");
+    }
+    Ok(flags)
+}
+
+/// An option request: `IHAVEOPT`, option, length, data.
+pub fn option_request(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + data.len());
+    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// `NBD_OPT_INFO`/`NBD_OPT_GO` payload (the inverse of [`parse_info_request`]).
+pub fn info_request(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        v.extend_from_slice(&i.to_be_bytes());
+    }
+    v
+}
+
+/// `NBD_OPT_{LIST,SET}_META_CONTEXT` payload (the inverse of
+/// [`parse_meta_request`]).
+pub fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    v
+}
+
+/// Decode an option reply header: (option, reply type, payload length).
+pub fn option_reply_header(h: &[u8]) -> PResult<(u32, u32, u32)> {
+    let mut r = Reader::new(h);
+    let magic = r.u64()?;
+    if magic != OPT_REPLY_MAGIC {
+        return err(format!("bad option reply magic {magic:#x}"));
+    }
+    Ok((r.u32()?, r.u32()?, r.u32()?))
+}
+
+/// What an `NBD_REP_INFO` reply says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Info {
+    /// Export size in bytes and transmission flags.
+    Export { size: u64, flags: u16 },
+    /// Block size constraints in bytes: minimum, preferred, maximum.
+    BlockSize { min: u32, preferred: u32, max: u32 },
+    /// Any other info type (name, description, ...), ignored by the client.
+    Other(u16),
+}
+
+/// Decode an `NBD_REP_INFO` payload.  Known types must have their exact length.
+pub fn parse_info(data: &[u8]) -> PResult<Info> {
+    let mut r = Reader::new(data);
+    let typ = r.u16()?;
+    let info = match typ {
+        INFO_EXPORT => Info::Export {
+            size: r.u64()?,
+            flags: r.u16()?,
+        },
+        INFO_BLOCK_SIZE => Info::BlockSize {
+            min: r.u32()?,
+            preferred: r.u32()?,
+            max: r.u32()?,
+        },
+        other => return Ok(Info::Other(other)),
+    };
+    if r.remaining() != 0 {
+        return err(format!("NBD_INFO type {typ} has trailing bytes"));
+    }
+    Ok(info)
+}
+
+/// Decode an `NBD_REP_META_CONTEXT` payload: (context id, name).
+pub fn parse_rep_meta_context(data: &[u8]) -> PResult<(u32, String)> {
+    let mut r = Reader::new(data);
+    let id = r.u32()?;
+    let rest = r.take(r.remaining())?;
+    Ok((id, check_string(rest)?))
+}
+
+/// Decode a simple reply (16 bytes, magic included): (error, cookie).
+pub fn parse_simple_reply(b: &[u8]) -> PResult<(u32, u64)> {
+    let mut r = Reader::new(b);
+    let magic = r.u32()?;
+    if magic != SIMPLE_REPLY_MAGIC {
+        return err(format!("bad simple reply magic {magic:#x}"));
+    }
+    Ok((r.u32()?, r.u64()?))
+}
+
+/// A structured reply chunk header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub flags: u16,
+    pub typ: u16,
+    pub cookie: u64,
+    /// Payload length in bytes.
+    pub length: u32,
+}
+
+impl ChunkHeader {
+    /// Decode the 20-byte header (magic included); the inverse of
+    /// [`structured_header`].
+    pub fn decode(b: &[u8]) -> PResult<ChunkHeader> {
+        let mut r = Reader::new(b);
+        let magic = r.u32()?;
+        if magic != STRUCTURED_REPLY_MAGIC {
+            return err(format!("bad structured reply magic {magic:#x}"));
+        }
+        Ok(ChunkHeader {
+            flags: r.u16()?,
+            typ: r.u16()?,
+            cookie: r.u64()?,
+            length: r.u32()?,
+        })
+    }
+
+    /// Whether this is the last chunk of its reply.
+    pub fn done(&self) -> bool {
+        self.flags & REPLY_FLAG_DONE != 0
+    }
+
+    /// Whether this is an error chunk (bit 15 of the type).
+    pub fn is_error(&self) -> bool {
+        self.typ & (1 << 15) != 0
+    }
+}
+
+/// Decode an `OFFSET_HOLE` payload (exactly 12 bytes): (offset, nonzero length).
+pub fn parse_offset_hole(data: &[u8]) -> PResult<(u64, u32)> {
+    if data.len() != 12 {
+        return err(format!(
+            "OFFSET_HOLE payload of {} bytes, not 12",
+            data.len()
+        ));
+    }
+    let mut r = Reader::new(data);
+    let (off, len) = (r.u64()?, r.u32()?);
+    if len == 0 {
+        return err("OFFSET_HOLE of zero bytes");
+    }
+    Ok((off, len))
+}
+
+/// Decode an error chunk payload: (errno, message, offset for `ERROR_OFFSET`).
+/// Other error types may carry trailing fields, which are ignored.
+pub fn parse_error_chunk(typ: u16, data: &[u8]) -> PResult<(u32, String, Option<u64>)> {
+    let mut r = Reader::new(data);
+    let errno = r.u32()?;
+    let n = r.u16()? as usize;
+    let msg = String::from_utf8_lossy(r.take(n)?).into_owned();
+    let off = if typ == REPLY_TYPE_ERROR_OFFSET {
+        Some(r.u64()?)
+    } else {
+        None
+    };
+    if typ == REPLY_TYPE_ERROR && r.remaining() != 0 {
+        return err("trailing bytes after an error chunk's message");
+    }
+    Ok((errno, msg, off))
+}
+
+/// Decode a `BLOCK_STATUS` payload: (context id, descriptors of (length, flags)).
+/// Needs at least one descriptor, and no zero lengths.
+pub fn parse_block_status(data: &[u8]) -> PResult<(u32, Vec<(u32, u32)>)> {
+    if data.len() < 12 || (data.len() - 4) % 8 != 0 {
+        return err(format!(
+            "BLOCK_STATUS payload of {} bytes is not 4 + 8*n (n >= 1)",
+            data.len()
+        ));
+    }
+    let mut r = Reader::new(data);
+    let id = r.u32()?;
+    let mut d = Vec::with_capacity((data.len() - 4) / 8);
+    while r.remaining() > 0 {
+        let (len, flags) = (r.u32()?, r.u32()?);
+        if len == 0 {
+            return err("BLOCK_STATUS descriptor of zero bytes");
+        }
+        d.push((len, flags));
+    }
+    Ok((id, d))
+}
+
+/// The name of an NBD errno, for messages.
+pub fn errno_name(e: u32) -> &'static str {
+    match e {
+        EPERM => "EPERM",
+        EIO => "EIO",
+        ENOMEM => "ENOMEM",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        EOVERFLOW => "EOVERFLOW",
+        ENOTSUP => "ENOTSUP",
+        ESHUTDOWN => "ESHUTDOWN",
+        _ => "unknown error",
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+
+    #[test]
+    fn client_encoders_are_the_inverse_of_the_server_decoders() {
+        let go = info_request("app/d", &[INFO_BLOCK_SIZE, INFO_NAME]);
+        assert_eq!(
+            parse_info_request(&go).unwrap(),
+            ("app/d".into(), vec![INFO_BLOCK_SIZE, INFO_NAME])
+        );
+        let q = [BASE_ALLOCATION, "qemu:dirty-bitmap:b0"];
+        let meta = meta_request("x", &q);
+        assert_eq!(
+            parse_meta_request(&meta).unwrap(),
+            ("x".into(), q.iter().map(|s| s.to_string()).collect())
+        );
+        let o = option_request(OPT_GO, &go);
+        assert_eq!(option_header(&o[..16]).unwrap(), (OPT_GO, go.len() as u32));
+        assert_eq!(&o[16..], &go[..]);
+        let rep = option_reply(OPT_GO, REP_INFO, &info_export(1 << 30, TF_HAS_FLAGS));
+        assert_eq!(
+            option_reply_header(&rep[..20]).unwrap(),
+            (OPT_GO, REP_INFO, 12)
+        );
+        assert_eq!(
+            parse_info(&rep[20..]).unwrap(),
+            Info::Export {
+                size: 1 << 30,
+                flags: TF_HAS_FLAGS
+            }
+        );
+        assert_eq!(
+            parse_info(&info_block_size(1, 4096, 1 << 25)).unwrap(),
+            Info::BlockSize {
+                min: 1,
+                preferred: 4096,
+                max: 1 << 25
+            }
+        );
+        assert_eq!(parse_info(&info_name("n")).unwrap(), Info::Other(INFO_NAME));
+        assert_eq!(
+            parse_rep_meta_context(&rep_meta_context(7, BASE_ALLOCATION)).unwrap(),
+            (7, BASE_ALLOCATION.into())
+        );
+        assert_eq!(dirty_bitmap_context("b0"), "qemu:dirty-bitmap:b0");
+        assert_eq!(
+            parse_greeting(&greeting()).unwrap(),
+            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+        );
+    }
+
+    #[test]
+    fn client_decoders_reject_short_or_bad_input() {
+        let g = greeting();
+        for n in 0..g.len() {
+            assert!(parse_greeting(&g[..n]).is_err());
+        }
+        let mut old = g;
+        old[8..16].copy_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+        assert!(parse_greeting(&old).unwrap_err().0.contains("oldstyle"));
+        let mut unfixed = g;
+        unfixed[16..18].copy_from_slice(&0u16.to_be_bytes());
+        assert!(parse_greeting(&unfixed).is_err());
+        assert!(parse_greeting(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
+
+        let rep = option_reply(OPT_GO, REP_ACK, &[]);
+        for n in 0..20 {
+            assert!(option_reply_header(&rep[..n]).is_err());
+        }
+        assert!(option_reply_header(&[0u8; 20]).is_err());
+        let ie = info_export(5, 1);
+        for n in 0..ie.len() {
+            assert!(parse_info(&ie[..n]).is_err(), "prefix {n}");
+        }
+        let mut long = ie.clone();
+        long.push(0);
+        assert!(parse_info(&long).is_err());
+        assert!(parse_rep_meta_context(&[0, 0, 1]).is_err());
+        assert!(parse_rep_meta_context(&rep_meta_context(1, "a\0b")).is_err());
+    }
+
+    #[test]
+    fn reply_chunks_round_trip_and_are_bounds_checked() {
+        let s = simple_reply(42, EIO);
+        assert_eq!(parse_simple_reply(&s).unwrap(), (EIO, 42));
+        assert!(parse_simple_reply(&s[..15]).is_err());
+        assert!(parse_simple_reply(&structured_header(1, 0, 0, 0)[..16]).is_err());
+
+        let h = structured_header(9, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 4104);
+        let c = ChunkHeader::decode(&h).unwrap();
+        assert_eq!(
+            c,
+            ChunkHeader {
+                flags: REPLY_FLAG_DONE,
+                typ: REPLY_TYPE_OFFSET_DATA,
+                cookie: 9,
+                length: 4104
+            }
+        );
+        assert!(c.done() && !c.is_error());
+        for n in 0..20 {
+            assert!(ChunkHeader::decode(&h[..n]).is_err());
+        }
+        assert!(ChunkHeader::decode(&s[..]).is_err());
+
+        let e = structured_error(3, EPERM, "read-only");
+        let ch = ChunkHeader::decode(&e[..20]).unwrap();
+        assert!(ch.is_error() && ch.done());
+        assert_eq!(
+            parse_error_chunk(ch.typ, &e[20..]).unwrap(),
+            (EPERM, "read-only".into(), None)
+        );
+        for n in 0..e.len() - 20 {
+            assert!(parse_error_chunk(ch.typ, &e[20..20 + n]).is_err(), "{n}");
+        }
+        let mut eo = e[20..].to_vec();
+        eo.extend_from_slice(&77u64.to_be_bytes());
+        assert_eq!(
+            parse_error_chunk(REPLY_TYPE_ERROR_OFFSET, &eo).unwrap(),
+            (EPERM, "read-only".into(), Some(77))
+        );
+        assert!(parse_error_chunk(REPLY_TYPE_ERROR, &eo).is_err());
+        // A message length past the payload is an error, not a panic.
+        let lying = [0, 0, 0, 5, 0xff, 0xff, b'x'];
+        assert!(parse_error_chunk(REPLY_TYPE_ERROR, &lying).is_err());
+
+        let mut hole = 4096u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&512u32.to_be_bytes());
+        assert_eq!(parse_offset_hole(&hole).unwrap(), (4096, 512));
+        assert!(parse_offset_hole(&hole[..11]).is_err());
+        hole[8..12].copy_from_slice(&0u32.to_be_bytes());
+        assert!(parse_offset_hole(&hole).is_err());
+
+        let bs = block_status(1, 5, &[(4096, STATE_HOLE), (8192, 0)]);
+        assert_eq!(
+            parse_block_status(&bs[20..]).unwrap(),
+            (5, vec![(4096, STATE_HOLE), (8192, 0)])
+        );
+        for n in 0..bs.len() - 20 {
+            let whole = n >= 12 && (n - 4) % 8 == 0;
+            assert_eq!(parse_block_status(&bs[20..20 + n]).is_ok(), whole, "{n}");
+        }
+        assert!(parse_block_status(&block_status(1, 5, &[(0, 0)])[20..]).is_err());
+        assert_eq!(errno_name(EIO), "EIO");
+        assert_eq!(errno_name(999), "unknown error");
+    }
+}
