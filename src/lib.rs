@@ -55,6 +55,7 @@ pub mod error;
 pub mod fuse;
 pub mod metrics;
 pub mod nbd;
+pub mod repl;
 pub mod util;
 
 pub use engine::store::{Block, InitOptions, Store, View};

@@ -131,3 +131,8 @@ mod tests {
         assert_eq!(human(1536), "1.5 KiB");
     }
 }
+
+/// Lower-case hex of `b` (chunk ids in messages).
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

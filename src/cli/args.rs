@@ -100,6 +100,42 @@ pub(crate) enum Cmd {
         #[arg(long)]
         commit: bool,
     },
+    /// Replicate sources on this (protected) host into a drclone target: each
+    /// cycle sends only the chunks the target lacks and commits one recovery point
+    /// of the group.  Without --interval, one cycle.
+    Replicate {
+        /// The target's replication address (its `serve --replication-listen`).
+        #[arg(long, value_name = "HOST:PORT")]
+        target: String,
+        /// GROUP/DISK=SOURCE (a file or block device); repeat for every disk of
+        /// the group.
+        #[arg(long = "volume", value_name = "GROUP/DISK=SOURCE", required = true)]
+        volumes: Vec<String>,
+        /// Repeat every DURATION (e.g. 5m), retrying with backoff when the target
+        /// is away.
+        #[arg(long)]
+        interval: Option<String>,
+        /// Where the manifests of the last cycles live
+        /// (default ~/.local/state/drclone).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// File holding the token the target wants.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Limit the bytes per second on the wire (e.g. 20M).
+        #[arg(long, value_name = "RATE")]
+        bwlimit: Option<String>,
+        /// Run before the sources are read (e.g. fsfreeze -f); failure skips the cycle.
+        #[arg(long, value_name = "CMD")]
+        pre_snapshot: Option<String>,
+        /// Run after they are read; with --pre-snapshot, success makes an
+        /// app-consistent point.
+        #[arg(long, value_name = "CMD")]
+        post_snapshot: Option<String>,
+        /// Label of the points.
+        #[arg(long)]
+        label: Option<String>,
+    },
     /// Per group: role, latest points, RPO, last drill.
     Status,
     /// The audit log of DR actions.
@@ -148,6 +184,12 @@ pub(crate) enum Cmd {
         /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9810), at /metrics.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Receive replication on ADDR (default 127.0.0.1:10810; `off` for none).
+        #[arg(long, value_name = "ADDR")]
+        replication_listen: Option<String>,
+        /// Agents must present the token in this file (`replicate --token-file`).
+        #[arg(long, value_name = "FILE")]
+        replication_token_file: Option<PathBuf>,
     },
 }
 

@@ -109,6 +109,8 @@ fn run(cli: Cli) -> Result<i32> {
             handshake_timeout,
             idle_timeout,
             metrics,
+            replication_listen,
+            replication_token_file,
         } => {
             if daemon::connect(&cli.store).is_some() {
                 bail!(
@@ -138,6 +140,24 @@ fn run(cli: Cli) -> Result<i32> {
                 default_export: default_export.clone(),
                 limits,
                 metrics: metrics.clone(),
+                replication: match replication_listen.as_deref() {
+                    Some("off") => None,
+                    Some(a) => Some((a.to_string(), true)),
+                    None => Some(("127.0.0.1:10810".to_string(), false)),
+                },
+                replication_cfg: drclone::repl::receiver::Config {
+                    token: match replication_token_file {
+                        Some(f) => Some(
+                            std::fs::read_to_string(f)
+                                .with_context(|| {
+                                    format!("reading the replication token file {}", f.display())
+                                })?
+                                .trim()
+                                .to_string(),
+                        ),
+                        None => None,
+                    },
+                },
             };
             let handler: Arc<daemon::Handler> = Arc::new(handle_forwarded);
             daemon::run(store, opts, handler, |eps| {
@@ -146,6 +166,10 @@ fn run(cli: Cli) -> Result<i32> {
             return Ok(0);
         }
         _ => {}
+    }
+    if let Cmd::Replicate { .. } = &cli.cmd {
+        // The agent, on the protected host: the store is the target's.
+        return super::repl::run(&cli);
     }
     if let Cmd::Test { .. } = &cli.cmd {
         // The drill's command runs here, in the operator's environment; the store
@@ -220,6 +244,8 @@ fn run(cli: Cli) -> Result<i32> {
             default_export: None,
             limits: Default::default(),
             metrics: None,
+            replication: None,
+            replication_cfg: Default::default(),
         };
         let handler: Arc<daemon::Handler> = Arc::new(handle_forwarded);
         let shown = (cli.store.clone(), dir.clone());
@@ -314,6 +340,7 @@ fn dispatch(
         | Cmd::Retention(_)
         | Cmd::Point(PointCmd::Rm { .. })) => super::dr::dispatch(store, cmd, json, out, who)?,
         Cmd::Test { .. } => unreachable!("drclone test runs in the client (cli::dr::run_test)"),
+        Cmd::Replicate { .. } => unreachable!("drclone replicate opens no store (cli::repl::run)"),
         Cmd::Mount { dir } => {
             let dir = user_path(&dir, cwd);
             drclone::fuse::mount_hosted(store.clone(), &dir)?;

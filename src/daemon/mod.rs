@@ -37,6 +37,8 @@ use crate::nbd::limits::{Limits, MAX_REFUSING};
 use crate::nbd::server::{refuse_connection, serve_connection, serve_session, Shared};
 use crate::nbd::sessions::Sessions;
 
+pub mod replication;
+
 /// How long a SIGTERM drain waits for sessions to finish what they took (and
 /// then again after dropping the rest).
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
@@ -183,6 +185,11 @@ pub struct Options {
     pub limits: Limits,
     /// Serve Prometheus metrics (`GET /metrics`) on this address.
     pub metrics: Option<String>,
+    /// The replication receiver's address; `required` makes a failure to bind
+    /// fatal (an address the operator named), otherwise it is logged.
+    pub replication: Option<(String, bool)>,
+    /// Receiver settings (the token).
+    pub replication_cfg: crate::repl::receiver::Config,
 }
 
 /// Serve one NBD connection on stdin/stdout (the captive-server pattern).
@@ -550,6 +557,21 @@ pub fn run(
         });
     }
     threads.push(maintenance(stop.clone(), store.clone()));
+    if let Some((addr, required)) = &opts.replication {
+        match replication::listen(
+            addr,
+            store.clone(),
+            opts.replication_cfg.clone(),
+            stop.clone(),
+        ) {
+            Ok((bound, h)) => {
+                threads.push(h);
+                endpoints_extra.push(format!("replication {bound}"));
+            }
+            Err(e) if !required => log::warn!("{e}; replication not received"),
+            Err(e) => return Err(e),
+        }
+    }
     if let Some(addr) = &opts.metrics {
         let sessions = shared.sessions.clone();
         threads.push(crate::metrics::serve(

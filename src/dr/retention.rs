@@ -143,6 +143,7 @@ mod tests {
                 epoch: id,
                 size: 512,
             }],
+            origin: None,
         }
     }
 

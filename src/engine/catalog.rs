@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use rocksdb::WriteBatch;
 
 use crate::engine::keys;
-use crate::engine::meta::{encode_rec, GroupRec, LineageRec, PointRec, PointVolume, VolumeRec};
+use crate::engine::meta::{
+    encode_rec, GroupRec, LineageRec, MapVal, Origin, PointRec, PointVolume, VolumeRec,
+};
 use crate::engine::store::*;
 use crate::engine::types::{PointKind, RetentionPolicy, Role};
 use crate::engine::write::Access;
@@ -214,9 +216,48 @@ impl Store {
 
     /// Take a crash-consistent recovery point of every volume of `group` at once.
     pub fn create_point(&self, group: &str, app: bool, label: Option<String>) -> Result<PointRec> {
+        self.create_point_staged(group, app, label, &[], None)
+    }
+
+    /// Apply a replication cycle and take its point, atomically: `staged` holds,
+    /// per disk of `group`, the new map entries of its head (block index, value);
+    /// they are written at the heads' current epochs in the same synced batch as
+    /// the point, so readers see the cycle wholly or not at all, and a crash
+    /// leaves neither.  Every chunk the entries name must be stored (and pinned
+    /// by the caller until this returns).
+    ///
+    /// Errors: NotFound (group, a disk); Invalid (a block beyond its volume).
+    pub fn create_point_staged(
+        &self,
+        group: &str,
+        app: bool,
+        label: Option<String>,
+        staged: &[(String, Vec<(u64, MapVal)>)],
+        origin: Option<Origin>,
+    ) -> Result<PointRec> {
         let _m = self.meta.lock().unwrap();
-        self.group(group)?;
+        let g = self.group(group)?;
+        if origin.is_some() && g.role != crate::engine::types::Role::Protected {
+            // Checked under the catalog lock a failover takes too.
+            return Err(Error::Refused(format!(
+                "group {group} is {}: replication into it is refused",
+                g.role
+            )));
+        }
         let vols = self.volumes(Some(group))?;
+        let cs = self.chunk_size();
+        for (disk, entries) in staged {
+            let v = vols
+                .iter()
+                .find(|v| &v.disk == disk)
+                .ok_or_else(|| Error::NotFound(format!("volume {group}/{disk}")))?;
+            let blocks = v.size.div_ceil(cs);
+            if let Some((b, _)) = entries.iter().find(|(b, _)| *b >= blocks) {
+                return Err(Error::invalid(format!(
+                    "block {b} is beyond the end of {group}/{disk} ({blocks} blocks)"
+                )));
+            }
+        }
         let lineages: std::collections::HashSet<u64> = vols.iter().map(|v| v.lineage).collect();
         // Most of the group's overlay pages go to the map before the gate (so
         // writers wait only for what arrives meanwhile)...
@@ -253,6 +294,11 @@ impl Store {
             let mut lin = lins.get(&v.lineage).cloned().ok_or_else(|| {
                 Error::NotFound(format!("lineage {} of {}/{}", v.lineage, v.group, v.disk))
             })?;
+            if let Some((_, entries)) = staged.iter().find(|(d, _)| *d == v.disk) {
+                for (block, val) in entries {
+                    b.put(keys::map(lin.id, *block, lin.epoch), val.encode());
+                }
+            }
             pvs.push(PointVolume {
                 disk: v.disk.clone(),
                 lineage: lin.id,
@@ -274,11 +320,19 @@ impl Store {
             },
             label,
             volumes: pvs,
+            origin,
         };
         b.put(keys::point(group, id), encode_rec(&rec));
         self.db.write(b, true)?;
         for l in updated {
             lins.insert(l.id, l);
+        }
+        for (disk, entries) in staged {
+            if let Some(v) = vols.iter().find(|v| &v.disk == disk) {
+                for (block, _) in entries {
+                    self.head_cache.invalidate((v.lineage, *block));
+                }
+            }
         }
         log::info!(
             "point {id} of group {group}: {} volume(s)",
@@ -351,7 +405,24 @@ impl Store {
     /// refused meanwhile.  Fails with NotFound if the view was removed since it
     /// was resolved.
     pub fn lease(&self, view: &View, user: &str) -> Result<Lease> {
+        self.lease_if(view, user, |_| Ok(()))
+    }
+
+    /// [`Store::lease`], if `check` accepts the view's current users (given by
+    /// name), atomically with taking it: two writers that each refuse the other
+    /// (a replication session, an NBD client) cannot both get in.
+    pub fn lease_if(
+        &self,
+        view: &View,
+        user: &str,
+        check: impl FnOnce(&[String]) -> Result<()>,
+    ) -> Result<Lease> {
         let mut leases = self.leases.inner.lock().unwrap();
+        let users: Vec<String> = leases
+            .get(&(view.lineage, view.epoch))
+            .map(|v| v.iter().map(|u| u.1.clone()).collect())
+            .unwrap_or_default();
+        check(&users)?;
         // Still there?  (Checked under the mutex removals hold.)
         let (g, d, p) = crate::util::parse_volume_ref(&view.name)?;
         let now = self.view(&g, &d, p.as_deref())?;

@@ -159,6 +159,10 @@ pub struct ChunkStore {
     open: Mutex<Option<OpenPack>>,
     sealer: Arc<Sealer>,
     touched: Mutex<Option<HashSet<ChunkId>>>,
+    /// Chunks a replication cycle relies on before any map entry references
+    /// them (it said it holds them, or received them): GC's sweep spares them.
+    /// Counted, since two cycles may pin one chunk.  Taken after `touched`.
+    pins: Mutex<std::collections::HashMap<ChunkId, u32>>,
     /// Chunks lost in the crash this open recovered from (see `take_lost`).
     lost: Mutex<Vec<ChunkId>>,
     /// The `D` value last written per open pack (see `sync_packs_recorded`).
@@ -197,6 +201,7 @@ impl ChunkStore {
             open: Mutex::new(None),
             sealer: Sealer::start(db.clone()),
             touched: Mutex::new(None),
+            pins: Mutex::new(Default::default()),
             lost: Mutex::new(Vec::new()),
             durable_written: Mutex::new(Default::default()),
             pack_target,
@@ -742,10 +747,13 @@ impl ChunkStore {
     pub(crate) fn sweep(&self, dead: &[(ChunkId, ChunkLoc)]) -> Result<Vec<(u64, u64)>> {
         let guard = self.touched.lock().unwrap();
         let touched = guard.as_ref().expect("sweep runs inside a GC");
+        // Held until the deletions are written: a pin either comes first (and
+        // spares the chunk) or finds it gone.
+        let pins = self.pins.lock().unwrap();
         let mut batch = WriteBatch::default();
         let mut freed = Vec::new();
         for (id, loc) in dead {
-            if touched.contains(id) {
+            if touched.contains(id) || pins.contains_key(id) {
                 continue;
             }
             batch.delete(keys::chunk(id));
@@ -754,8 +762,89 @@ impl ChunkStore {
             freed.push((loc.pack, RECORD_HEADER_LEN as u64 + loc.stored_len as u64));
         }
         self.db.write(batch, false)?;
+        drop(pins);
         drop(guard);
         Ok(freed)
+    }
+
+    /// Pin `ids` against GC and say which are stored (`true`) and which the
+    /// caller must send.  A chunk reported stored stays until [`ChunkStore::unpin`]
+    /// (a replication cycle pins what it references until its commit).
+    pub fn pin_and_check(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
+        let mut pins = self.pins.lock().unwrap();
+        for id in ids {
+            *pins.entry(*id).or_default() += 1;
+        }
+        let mut have = Vec::with_capacity(ids.len());
+        for id in ids {
+            have.push(self.db.get(&keys::chunk(id))?.is_some());
+        }
+        crate::fail_point!("pin-after-check");
+        Ok(have)
+    }
+
+    /// Pin `ids` (chunks just received), counted like [`ChunkStore::pin_and_check`].
+    pub fn pin(&self, ids: &[ChunkId]) {
+        let mut pins = self.pins.lock().unwrap();
+        for id in ids {
+            *pins.entry(*id).or_default() += 1;
+        }
+    }
+
+    /// Drop one pin of each of `ids`.
+    pub fn unpin(&self, ids: &[ChunkId]) {
+        let mut pins = self.pins.lock().unwrap();
+        for id in ids {
+            if let Some(n) = pins.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Store chunks received from elsewhere (replication): each is stored (or
+    /// found), its pack bytes made durable, then its index entries committed,
+    /// so a later cycle finds it even if this one never commits.  Returns the
+    /// ids, pinned (the caller unpins after its commit).  `verify` is each
+    /// chunk's claimed id: a chunk whose data hashes to another id is refused
+    /// (Error::Invalid) and nothing of the batch is indexed.
+    pub fn put_received(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<Vec<ChunkId>> {
+        let mut batch = WriteBatch::default();
+        let mut ids = Vec::with_capacity(chunks.len());
+        for (claimed, data) in chunks {
+            let id = self.codec.id(data);
+            if id != *claimed {
+                return Err(crate::error::Error::invalid(format!(
+                    "received chunk {} does not match its data (it hashes to {})",
+                    crate::util::hex(claimed),
+                    crate::util::hex(&id)
+                )));
+            }
+            ids.push(id);
+        }
+        self.pin(&ids);
+        let r = (|| {
+            let mut seen = HashSet::new();
+            for (id, (_, data)) in ids.iter().zip(chunks) {
+                if !seen.insert(*id) {
+                    continue;
+                }
+                let (_, loc) = self.put(data)?;
+                if let Some(loc) = loc {
+                    Self::index(&mut batch, id, &loc);
+                }
+            }
+            // I2: the pack bytes durable before an index entry points at them.
+            self.sync_packs_recorded()?;
+            self.db.write(batch, false)
+        })();
+        if let Err(e) = r {
+            self.unpin(&ids);
+            return Err(e);
+        }
+        Ok(ids)
     }
 
     /// Copy the live records of a sealed pack into the open pack, make the copies

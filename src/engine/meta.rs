@@ -98,6 +98,19 @@ pub struct PointRec {
     pub kind: PointKind,
     pub label: Option<String>,
     pub volumes: Vec<PointVolume>,
+    /// Where the point's data came from, when a replication cycle made it.
+    #[serde(default)]
+    pub origin: Option<Origin>,
+}
+
+/// The source of a replicated recovery point: the sending store's UUID (or the
+/// agent's host) and its point id, if it had one.  `push` and failback find the
+/// newest point two stores have in common through it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Origin {
+    /// The source store's UUID, or `agent:HOST` for a `replicate` agent.
+    pub source: String,
+    pub point: Option<u64>,
 }
 
 /// State of one pack file.

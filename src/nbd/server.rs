@@ -310,18 +310,38 @@ impl Conn {
 
     /// Lease `view` for this connection and name it in the session registry
     /// (invariant I8); fails if the view was removed since it was resolved.
-    fn take(&mut self, view: View) -> Result<View, String> {
+    /// Lease the view for this session.  Errors: (option reply error, text):
+    /// `NBD_REP_ERR_POLICY` when another writer holds it, else `UNKNOWN` (it
+    /// was removed while being opened).
+    fn take(&mut self, view: View) -> Result<View, (u32, String)> {
+        let name = view.name.clone();
         let lease = self
             .store
-            .lease(
+            .lease_if(
                 &view,
                 &format!(
                     "nbd {} (session {})",
                     self.session.peer(),
                     self.session.id()
                 ),
+                |users| match users
+                    .iter()
+                    .find(|u| u.starts_with(crate::repl::receiver::LEASE_PREFIX))
+                {
+                    // A replication cycle writes this head: one writer at a time.
+                    Some(u) if view.writable => Err(crate::Error::Busy(format!(
+                        "{name} is being written by {u}; a volume takes one writer at a time"
+                    ))),
+                    _ => Ok(()),
+                },
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                let code = match e {
+                    crate::Error::Busy(_) => REP_ERR_POLICY,
+                    _ => REP_ERR_UNKNOWN,
+                };
+                (code, e.to_string())
+            })?;
         self.lease = Some(lease);
         self.session.set_export(&view.name, view.writable);
         Ok(view)
@@ -362,7 +382,10 @@ impl Conn {
                     // EXPORT_NAME has no error reply: a bad name closes.
                     let name = parse_export_name(&data)
                         .map_err(|e| std::io::Error::other(format!("export name: {}", e.0)))?;
-                    return match self.resolve(&name).and_then(|v| self.take(v)) {
+                    return match self
+                        .resolve(&name)
+                        .and_then(|v| self.take(v).map_err(|e| e.1))
+                    {
                         Ok(view) => {
                             self.tflags = transmission_flags(&view, self.structured);
                             self.send(
@@ -431,8 +454,8 @@ impl Conn {
                     if opt == OPT_GO {
                         let view = match self.take(view) {
                             Ok(v) => v,
-                            Err(e) => {
-                                self.opt_error(w, opt, REP_ERR_UNKNOWN, &e)?;
+                            Err((code, e)) => {
+                                self.opt_error(w, opt, code, &e)?;
                                 continue;
                             }
                         };

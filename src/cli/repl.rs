@@ -1,0 +1,122 @@
+//! `drclone replicate`: the agent side, run on the protected host.  It opens no
+//! store (the store is the target's); the library does the work
+//! (`drclone::repl::agent`).
+
+use anyhow::{bail, Context, Result};
+use drclone::engine::types::parse_duration;
+use drclone::repl::agent::{self, Options, VolumeSpec};
+use drclone::util::parse_size;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::args::*;
+
+fn volume_spec(s: &str) -> Result<VolumeSpec> {
+    let (name, src) = s
+        .split_once('=')
+        .with_context(|| format!("--volume {s:?} is not GROUP/DISK=SOURCE"))?;
+    let (group, disk) = name
+        .split_once('/')
+        .with_context(|| format!("--volume {s:?}: {name:?} is not GROUP/DISK"))?;
+    drclone::util::check_name("group", group)?;
+    drclone::util::check_name("disk", disk)?;
+    Ok(VolumeSpec {
+        group: group.into(),
+        disk: disk.into(),
+        source: PathBuf::from(src),
+    })
+}
+
+fn default_state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("drclone")
+}
+
+/// Run `replicate`: one cycle, or cycles every --interval until SIGTERM/SIGINT.
+/// Exit code 0, or 1 when the (single) cycle failed.
+pub(crate) fn run(cli: &Cli) -> Result<i32> {
+    let Cmd::Replicate {
+        target,
+        volumes,
+        interval,
+        state_dir,
+        token_file,
+        bwlimit,
+        pre_snapshot,
+        post_snapshot,
+        label,
+    } = &cli.cmd
+    else {
+        unreachable!()
+    };
+    let token = match token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let opts = Options {
+        target: target.clone(),
+        volumes: volumes
+            .iter()
+            .map(|v| volume_spec(v))
+            .collect::<Result<_>>()?,
+        state_dir: state_dir.clone().unwrap_or_else(default_state_dir),
+        token,
+        label: label.clone(),
+        bwlimit: bwlimit.as_deref().map(parse_size).transpose()?,
+        pre_snapshot: pre_snapshot.clone(),
+        post_snapshot: post_snapshot.clone(),
+        progress: !cli.json && std::io::stderr().is_terminal(),
+    };
+    if opts.bwlimit == Some(0) {
+        bail!("--bwlimit must be more than 0");
+    }
+    let print = |r: &agent::CycleReport| {
+        if cli.json {
+            println!("{}", serde_json::to_string(r).expect("json"));
+        } else {
+            println!(
+                "point {} of {}: {} changed, {} chunk(s) sent, {} bytes on the wire, {} ms{}",
+                r.point,
+                r.group,
+                drclone::util::human(r.bytes_logical),
+                r.chunks_sent,
+                r.bytes_sent,
+                r.duration_ms,
+                if r.app { " (app-consistent)" } else { "" }
+            );
+        }
+    };
+    match interval {
+        None => {
+            let r = agent::cycle(&opts)?;
+            print(&r);
+            Ok(0)
+        }
+        Some(i) => {
+            let every = std::time::Duration::from_secs(parse_duration(i)?);
+            let stop = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+            agent::run_every(
+                &opts,
+                every,
+                &|| stop.load(Ordering::Relaxed),
+                &mut |r| match r {
+                    Ok(r) => print(r),
+                    Err(e) => eprintln!("drclone: cycle failed: {e}"),
+                },
+            );
+            Ok(0)
+        }
+    }
+}

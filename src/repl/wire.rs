@@ -1,0 +1,428 @@
+//! The replication wire protocol, version 1: pure encoders and decoders (no I/O
+//! beyond `Read`/`Write`, no engine), so they can be fuzzed alone.
+//!
+//! ```text
+//! agent -> receiver   MAGIC (8 bytes "DRCLREPL") + version u32 BE
+//! receiver -> agent   MAGIC + version u32 BE
+//! then frames, both ways:   length u32 BE (of type + body) | type u8 | body
+//! ```
+//!
+//! A frame is at most [`MAX_FRAME`] bytes; a longer length is refused before
+//! anything is allocated.  Messages (agent -> receiver, then the answer):
+//!
+//! | type | message | body | answer |
+//! |---|---|---|---|
+//! | 1 | HELLO | JSON [`Hello`] | WELCOME (2) JSON [`Welcome`], or ERROR |
+//! | 3 | HAVE | n × 32-byte chunk ids | LACK (4): n bits, 1 = send it |
+//! | 5 | CHUNKS | n × (id 32, raw len u32, codec u8, len u32, payload) | STORED (6): count u32 |
+//! | 7 | MAP | disk (u16 len + UTF-8), n × entry | none |
+//! | 9 | COMMIT | JSON [`Commit`] | COMMITTED (10) JSON [`Committed`], or ERROR |
+//! | 15 | ERROR | UTF-8 text | (the receiver closes after sending one) |
+//!
+//! A MAP entry is `kind u8` then: kind 0 (zeros) `first block u64, count u64`;
+//! kind 1 (data) `block u64, chunk id 32`.  Chunk ids are BLAKE3 of the chunk's
+//! bytes (the receiver checks every one).  Codec 0 is raw, 1 is zstd.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::keys::ChunkId;
+use crate::error::{Error, Result};
+
+pub const MAGIC: &[u8; 8] = b"DRCLREPL";
+pub const VERSION: u32 = 1;
+/// Largest frame (type + body), bytes: 32 MiB.
+pub const MAX_FRAME: usize = 32 << 20;
+/// Largest HELLO/COMMIT body, bytes.
+pub const MAX_JSON: usize = 1 << 20;
+
+pub const HELLO: u8 = 1;
+pub const WELCOME: u8 = 2;
+pub const HAVE: u8 = 3;
+pub const LACK: u8 = 4;
+pub const CHUNKS: u8 = 5;
+pub const STORED: u8 = 6;
+pub const MAP: u8 = 7;
+pub const COMMIT: u8 = 9;
+pub const COMMITTED: u8 = 10;
+pub const ERROR: u8 = 15;
+
+pub const CODEC_RAW: u8 = 0;
+pub const CODEC_ZSTD: u8 = 1;
+
+/// The agent's first message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hello {
+    /// The shared secret (`--token-file`), if the receiver wants one.
+    pub token: Option<String>,
+    pub group: String,
+    /// The volumes of this cycle: disk name and size in bytes.
+    pub volumes: Vec<(String, u64)>,
+    /// Who sends: `agent:HOST` or a store's UUID.
+    pub source: String,
+}
+
+/// The receiver's answer to HELLO.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Welcome {
+    /// The target store's chunk size in bytes: the agent cuts sources at it.
+    pub chunk_size: u64,
+    /// The target store's UUID.
+    pub store: String,
+    /// The group's latest point, if any (the agent's manifest is trusted only
+    /// if it was made by the cycle that committed it).
+    pub latest_point: Option<u64>,
+    /// The group's fencing epoch.
+    pub epoch: u64,
+}
+
+/// Ends a cycle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Commit {
+    pub label: Option<String>,
+    /// The agent's pre/post-snapshot hooks succeeded: an app-consistent point.
+    pub app: bool,
+    /// The source's point id, when the source is a store.
+    pub source_point: Option<u64>,
+}
+
+/// The receiver's answer to COMMIT.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Committed {
+    pub point: u64,
+}
+
+/// One MAP entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Blocks `first..first + count` read as zeros.
+    Zeros { first: u64, count: u64 },
+    /// Block `block` holds chunk `id`.
+    Data { block: u64, id: ChunkId },
+}
+
+/// One chunk of a CHUNKS frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireChunk {
+    pub id: ChunkId,
+    /// Its plaintext length in bytes.
+    pub raw_len: u32,
+    pub codec: u8,
+    pub payload: Vec<u8>,
+}
+
+fn bad(what: impl Into<String>) -> Error {
+    Error::invalid(format!("replication protocol: {}", what.into()))
+}
+
+/// Write the handshake (magic + version).
+pub fn write_handshake(w: &mut impl Write) -> std::io::Result<()> {
+    let mut b = MAGIC.to_vec();
+    b.extend_from_slice(&VERSION.to_be_bytes());
+    w.write_all(&b)
+}
+
+/// Read and check the peer's handshake.  Errors: not drclone's protocol, or
+/// another version.
+pub fn read_handshake(r: &mut impl Read) -> Result<()> {
+    let mut b = [0u8; 12];
+    r.read_exact(&mut b)
+        .map_err(|e| bad(format!("no handshake: {e}")))?;
+    check_handshake(&b)
+}
+
+/// Check a 12-byte handshake.
+pub fn check_handshake(b: &[u8; 12]) -> Result<()> {
+    if &b[..8] != MAGIC {
+        return Err(bad(
+            "the peer does not speak drclone replication (bad magic)",
+        ));
+    }
+    let v = u32::from_be_bytes(b[8..].try_into().unwrap());
+    if v != VERSION {
+        return Err(bad(format!(
+            "the peer speaks version {v}; this drclone speaks version {VERSION}"
+        )));
+    }
+    Ok(())
+}
+
+/// Write one frame.
+pub fn write_frame(w: &mut impl Write, typ: u8, body: &[u8]) -> std::io::Result<()> {
+    let len = (body.len() + 1) as u32;
+    let mut hdr = [0u8; 5];
+    hdr[..4].copy_from_slice(&len.to_be_bytes());
+    hdr[4] = typ;
+    w.write_all(&hdr)?;
+    w.write_all(body)
+}
+
+/// Read one frame: (type, body).  Errors: a length over [`MAX_FRAME`] or zero,
+/// end of stream, I/O.
+pub fn read_frame(r: &mut impl Read) -> Result<(u8, Vec<u8>)> {
+    let mut hdr = [0u8; 5];
+    r.read_exact(&mut hdr)
+        .map_err(|e| Error::io("replication connection", e))?;
+    let len = u32::from_be_bytes(hdr[..4].try_into().unwrap()) as usize;
+    if len == 0 || len > MAX_FRAME + 1 {
+        return Err(bad(format!("frame length {len} is out of bounds")));
+    }
+    let mut body = vec![0u8; len - 1];
+    r.read_exact(&mut body)
+        .map_err(|e| Error::io("replication connection", e))?;
+    Ok((hdr[4], body))
+}
+
+/// A JSON body, bounded.
+pub fn json<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T> {
+    if body.len() > MAX_JSON {
+        return Err(bad(format!("{what} is {} bytes", body.len())));
+    }
+    serde_json::from_slice(body).map_err(|e| bad(format!("{what} does not parse: {e}")))
+}
+
+pub fn encode_ids(ids: &[ChunkId]) -> Vec<u8> {
+    ids.concat()
+}
+
+pub fn decode_ids(body: &[u8]) -> Result<Vec<ChunkId>> {
+    if body.len() % 32 != 0 {
+        return Err(bad("HAVE is not a whole number of 32-byte ids"));
+    }
+    Ok(body
+        .chunks_exact(32)
+        .map(|c| c.try_into().unwrap())
+        .collect())
+}
+
+/// A bitmap of `bits`, one bit per id (1 = lacking), LSB first.
+pub fn encode_bits(bits: &[bool]) -> Vec<u8> {
+    let mut v = vec![0u8; bits.len().div_ceil(8)];
+    for (i, b) in bits.iter().enumerate() {
+        if *b {
+            v[i / 8] |= 1 << (i % 8);
+        }
+    }
+    v
+}
+
+pub fn decode_bits(body: &[u8], n: usize) -> Result<Vec<bool>> {
+    if body.len() != n.div_ceil(8) {
+        return Err(bad(format!("LACK has {} bytes for {n} ids", body.len())));
+    }
+    Ok((0..n).map(|i| body[i / 8] & (1 << (i % 8)) != 0).collect())
+}
+
+pub fn encode_chunks(chunks: &[WireChunk]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for c in chunks {
+        v.extend_from_slice(&c.id);
+        v.extend_from_slice(&c.raw_len.to_be_bytes());
+        v.push(c.codec);
+        v.extend_from_slice(&(c.payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(&c.payload);
+    }
+    v
+}
+
+/// Decode a CHUNKS body.  `max_raw`: the largest plaintext length allowed
+/// (the chunk size).
+pub fn decode_chunks(body: &[u8], max_raw: u32) -> Result<Vec<WireChunk>> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        if rest.len() < 41 {
+            return Err(bad("CHUNKS ends inside a chunk header"));
+        }
+        let id: ChunkId = rest[..32].try_into().unwrap();
+        let raw_len = u32::from_be_bytes(rest[32..36].try_into().unwrap());
+        let codec = rest[36];
+        let len = u32::from_be_bytes(rest[37..41].try_into().unwrap()) as usize;
+        if raw_len == 0 || raw_len > max_raw {
+            return Err(bad(format!(
+                "a chunk of {raw_len} bytes (the chunk size is {max_raw})"
+            )));
+        }
+        if codec != CODEC_RAW && codec != CODEC_ZSTD {
+            return Err(bad(format!("unknown codec {codec}")));
+        }
+        if rest.len() < 41 + len {
+            return Err(bad("a chunk's length runs past the frame"));
+        }
+        out.push(WireChunk {
+            id,
+            raw_len,
+            codec,
+            payload: rest[41..41 + len].to_vec(),
+        });
+        rest = &rest[41 + len..];
+    }
+    Ok(out)
+}
+
+/// The plaintext of a received chunk.  Errors: a payload that does not
+/// decompress to exactly `raw_len` bytes.
+pub fn unpack(c: &WireChunk) -> Result<Vec<u8>> {
+    let data = match c.codec {
+        CODEC_RAW => c.payload.clone(),
+        _ => zstd::bulk::decompress(&c.payload, c.raw_len as usize)
+            .map_err(|e| bad(format!("a chunk does not decompress: {e}")))?,
+    };
+    if data.len() != c.raw_len as usize {
+        return Err(bad(format!(
+            "a chunk decompressed to {} bytes, not {}",
+            data.len(),
+            c.raw_len
+        )));
+    }
+    Ok(data)
+}
+
+/// Compress `data` for the wire (zstd level 1, or raw when that is no smaller).
+pub fn pack(id: ChunkId, data: &[u8]) -> WireChunk {
+    match zstd::bulk::compress(data, 1) {
+        Ok(z) if z.len() < data.len() => WireChunk {
+            id,
+            raw_len: data.len() as u32,
+            codec: CODEC_ZSTD,
+            payload: z,
+        },
+        _ => WireChunk {
+            id,
+            raw_len: data.len() as u32,
+            codec: CODEC_RAW,
+            payload: data.to_vec(),
+        },
+    }
+}
+
+pub fn encode_map(disk: &str, entries: &[Entry]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + disk.len() + entries.len() * 41);
+    v.extend_from_slice(&(disk.len() as u16).to_be_bytes());
+    v.extend_from_slice(disk.as_bytes());
+    for e in entries {
+        match e {
+            Entry::Zeros { first, count } => {
+                v.push(0);
+                v.extend_from_slice(&first.to_be_bytes());
+                v.extend_from_slice(&count.to_be_bytes());
+            }
+            Entry::Data { block, id } => {
+                v.push(1);
+                v.extend_from_slice(&block.to_be_bytes());
+                v.extend_from_slice(id);
+            }
+        }
+    }
+    v
+}
+
+pub fn decode_map(body: &[u8]) -> Result<(String, Vec<Entry>)> {
+    if body.len() < 2 {
+        return Err(bad("MAP without a disk name"));
+    }
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    if body.len() < 2 + n {
+        return Err(bad("MAP's disk name runs past the frame"));
+    }
+    let disk = std::str::from_utf8(&body[2..2 + n])
+        .map_err(|_| bad("MAP's disk name is not UTF-8"))?
+        .to_string();
+    let mut rest = &body[2 + n..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        match rest[0] {
+            0 if rest.len() >= 17 => {
+                out.push(Entry::Zeros {
+                    first: u64::from_be_bytes(rest[1..9].try_into().unwrap()),
+                    count: u64::from_be_bytes(rest[9..17].try_into().unwrap()),
+                });
+                rest = &rest[17..];
+            }
+            1 if rest.len() >= 41 => {
+                out.push(Entry::Data {
+                    block: u64::from_be_bytes(rest[1..9].try_into().unwrap()),
+                    id: rest[9..41].try_into().unwrap(),
+                });
+                rest = &rest[41..];
+            }
+            k => return Err(bad(format!("MAP entry of kind {k} is malformed"))),
+        }
+    }
+    Ok((disk, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_lying_lengths_are_refused() {
+        let mut v = Vec::new();
+        write_frame(&mut v, HAVE, &[7u8; 64]).unwrap();
+        let (t, b) = read_frame(&mut &v[..]).unwrap();
+        assert_eq!((t, b.len()), (HAVE, 64));
+        let mut lie = ((MAX_FRAME + 10) as u32).to_be_bytes().to_vec();
+        lie.push(HAVE);
+        let e = read_frame(&mut &lie[..]).unwrap_err().to_string();
+        assert!(e.contains("out of bounds"), "{e}");
+        assert!(read_frame(&mut &[0u8, 0, 0, 0, 1][..]).is_err());
+        // Truncated body: an error, not a panic.
+        assert!(read_frame(&mut &v[..20]).is_err());
+    }
+
+    #[test]
+    fn handshake_names_what_is_wrong() {
+        let mut v = Vec::new();
+        write_handshake(&mut v).unwrap();
+        read_handshake(&mut &v[..]).unwrap();
+        let e = check_handshake(b"GET / HTTP/1").unwrap_err().to_string();
+        assert!(e.contains("bad magic"), "{e}");
+        let mut w = *b"DRCLREPL\0\0\0\x09";
+        let e = check_handshake(&w).unwrap_err().to_string();
+        assert!(e.contains("version 9"), "{e}");
+        w[11] = 1;
+        check_handshake(&w).unwrap();
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let ids = vec![[1u8; 32], [2u8; 32]];
+        assert_eq!(decode_ids(&encode_ids(&ids)).unwrap(), ids);
+        assert!(decode_ids(&[0u8; 33]).is_err());
+        let bits = vec![true, false, true, true, false, false, false, false, true];
+        assert_eq!(decode_bits(&encode_bits(&bits), 9).unwrap(), bits);
+        assert!(decode_bits(&[0u8; 3], 9).is_err());
+        let data = vec![5u8; 4096];
+        let c = pack(*blake3::hash(&data).as_bytes(), &data);
+        assert_eq!(c.codec, CODEC_ZSTD);
+        let d = decode_chunks(&encode_chunks(&[c.clone()]), 65536).unwrap();
+        assert_eq!(unpack(&d[0]).unwrap(), data);
+        assert!(decode_chunks(&encode_chunks(&[c.clone()]), 1024).is_err());
+        let mut lying = encode_chunks(&[c]);
+        lying.truncate(lying.len() - 1);
+        assert!(decode_chunks(&lying, 65536).is_err());
+        let es = vec![
+            Entry::Zeros { first: 3, count: 9 },
+            Entry::Data {
+                block: 1,
+                id: [9; 32],
+            },
+        ];
+        assert_eq!(
+            decode_map(&encode_map("d0", &es)).unwrap(),
+            ("d0".into(), es)
+        );
+        assert!(decode_map(&[0, 5, b'a']).is_err());
+        assert!(decode_map(&[0, 1, b'a', 1, 0]).is_err());
+    }
+
+    #[test]
+    fn a_payload_that_lies_about_its_length_is_refused() {
+        let data = vec![1u8; 1000];
+        let mut c = pack([0; 32], &data);
+        c.raw_len = 999;
+        assert!(unpack(&c).is_err());
+    }
+}

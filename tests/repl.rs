@@ -1,0 +1,554 @@
+//! Replication (issue 10) between two processes on loopback: the agent
+//! (`drclone replicate`) and the receiver inside `drclone serve`.  Bytes on the
+//! wire are counted by a proxy between them, not by drclone's own report.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const MIB: usize = 1 << 20;
+
+/// A TCP proxy to `target` counting the bytes agents send through it.
+struct Proxy {
+    port: u16,
+    sent: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { break };
+                let Ok(t) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let (mut c2, mut t2) = (c.try_clone().unwrap(), t.try_clone().unwrap());
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let mut t = t;
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                counter.fetch_add(n as u64, Ordering::SeqCst);
+                                if t.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = t.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        match t2.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if c2.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Proxy { port, sent }
+    }
+
+    fn take(&self) -> u64 {
+        self.sent.swap(0, Ordering::SeqCst)
+    }
+}
+
+/// A target: a store served with a replication port (and `extra` flags).
+struct Target {
+    env: Env,
+    srv: Option<std::process::Child>,
+    repl: u16,
+    nbd: u16,
+}
+
+impl Target {
+    fn new(extra: &[&str]) -> Target {
+        let env = Env::new();
+        env.ok(&["init"]);
+        let mut t = Target {
+            env,
+            srv: None,
+            repl: free_port(),
+            nbd: free_port(),
+        };
+        t.start(extra);
+        t
+    }
+
+    fn start(&mut self, extra: &[&str]) {
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+            .env("DRCLONE_STORE", &self.env.store)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.nbd),
+                "--replication-listen",
+                &format!("127.0.0.1:{}", self.repl),
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.srv = Some(child);
+        for _ in 0..500 {
+            if TcpStream::connect(("127.0.0.1", self.repl)).is_ok()
+                && self.env.store.join("control.sock").exists()
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("drclone serve did not start");
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.srv.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// `drclone replicate` through `via` (a port); returns the JSON report.
+    fn replicate(
+        &self,
+        via: u16,
+        vols: &[(&str, &std::path::Path)],
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let out = self.replicate_raw(via, vols, extra);
+        assert!(
+            out.status.success(),
+            "replicate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn replicate_raw(
+        &self,
+        via: u16,
+        vols: &[(&str, &std::path::Path)],
+        extra: &[&str],
+    ) -> std::process::Output {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
+        c.env_remove("DRCLONE_STORE")
+            .args([
+                "--json",
+                "replicate",
+                "--target",
+                &format!("127.0.0.1:{via}"),
+            ])
+            .arg("--state-dir")
+            .arg(self.env.path("agent-state"));
+        for (name, src) in vols {
+            c.arg("--volume").arg(format!("{name}={}", src.display()));
+        }
+        c.args(extra).output().unwrap()
+    }
+
+    /// Export a head or point to a file and return its bytes.
+    fn export(&self, what: &str) -> Vec<u8> {
+        let out = self.env.path("export.bin");
+        let _ = std::fs::remove_file(&out);
+        self.env.ok(&["export", what, out.to_str().unwrap()]);
+        std::fs::read(out).unwrap()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.srv.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+fn file(env: &Env, name: &str, data: &[u8]) -> std::path::PathBuf {
+    let p = env.path(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// Seed: at most 1.05x the data on the wire.  Incremental after changing 1%
+/// in 1 MiB regions: at most 1.5x the changed bytes.  Compressible text: at
+/// most 0.4x its size.  Every point lands byte-identical.
+#[test]
+fn seed_incremental_and_text_stay_within_their_byte_budgets() {
+    let t = Target::new(&[]);
+    let proxy = Proxy::start(t.repl);
+    let size = 100 * MIB;
+    let mut data = random_bytes(11, size);
+    let src = file(&t.env, "d0.raw", &data);
+    let r = t.replicate(proxy.port, &[("g/d0", &src)], &[]);
+    let seed = proxy.take();
+    println!("seed of {size} bytes: {seed} bytes on the wire ({r})");
+    assert!(seed as f64 <= 1.05 * size as f64, "seed sent {seed} bytes");
+    assert_eq!(r["point"], 1);
+    assert!(
+        t.export("g/d0@1") == data,
+        "seed point differs from the source"
+    );
+
+    // 1% changed, in 1 MiB regions.
+    for region in [7usize, 50] {
+        let fresh = random_bytes(100 + region as u64, MIB / 2);
+        data[region * MIB..region * MIB + MIB / 2].copy_from_slice(&fresh);
+    }
+    std::fs::write(&src, &data).unwrap();
+    let r = t.replicate(proxy.port, &[("g/d0", &src)], &[]);
+    let inc = proxy.take();
+    println!("incremental of 1 MiB changed: {inc} bytes on the wire ({r})");
+    assert!(
+        inc as f64 <= 1.5 * MIB as f64,
+        "incremental sent {inc} bytes"
+    );
+    assert!(t.export("g/d0@2") == data, "incremental point differs");
+    assert_eq!(r["bytes_logical"], MIB as u64);
+
+    let text = text_bytes(5, 32 * MIB);
+    let tsrc = file(&t.env, "t.raw", &text);
+    t.replicate(proxy.port, &[("txt/d", &tsrc)], &[]);
+    let sent = proxy.take();
+    println!("text of {} bytes: {sent} bytes on the wire", text.len());
+    assert!(
+        sent as f64 <= 0.4 * text.len() as f64,
+        "text sent {sent} bytes"
+    );
+    assert!(t.export("txt/d@latest") == text);
+}
+
+/// kill -9 of the agent mid-seed, then a rerun: at most 1.2x the data in total
+/// (what arrived is not resent).  A target killed mid-cycle leaves no partial
+/// point, and the rerun lands the same data; both volumes of one cycle land in
+/// one point.
+#[test]
+fn interrupted_cycles_resume_and_leave_no_partial_point() {
+    let mut t = Target::new(&[]);
+    let proxy = Proxy::start(t.repl);
+    let size = 48 * MIB;
+    let d0 = random_bytes(21, size);
+    let d1 = random_bytes(22, 16 * MIB);
+    let s0 = file(&t.env, "d0.raw", &d0);
+    let s1 = file(&t.env, "d1.raw", &d1);
+    // The agent, slowed to 16 MiB/s, killed after about half the seed.
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
+    c.args([
+        "replicate",
+        "--bwlimit",
+        "16M",
+        "--target",
+        &format!("127.0.0.1:{}", proxy.port),
+    ])
+    .arg("--state-dir")
+    .arg(t.env.path("agent-state"))
+    .arg("--volume")
+    .arg(format!("g/d0={}", s0.display()))
+    .arg("--volume")
+    .arg(format!("g/d1={}", s1.display()));
+    let mut agent = c.spawn().unwrap();
+    while proxy.sent.load(Ordering::SeqCst) < (size / 2) as u64 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        t.env
+            .json(&["point", "list", "g"])
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "a killed cycle left a point"
+    );
+    let r = t.replicate(proxy.port, &[("g/d0", &s0), ("g/d1", &s1)], &[]);
+    let total = proxy.take();
+    let all = (size + 16 * MIB) as f64;
+    println!("seed interrupted then resumed: {total} bytes in total for {all} ({r})");
+    assert!(total as f64 <= 1.2 * all, "sent {total} bytes in total");
+    let p = r["point"].as_u64().unwrap();
+    assert!(t.export(&format!("g/d0@{p}")) == d0);
+    assert!(
+        t.export(&format!("g/d1@{p}")) == d1,
+        "both volumes in the one point"
+    );
+
+    // The target killed mid-cycle (a slowed agent), then restarted.
+    let mut d0b = d0.clone();
+    d0b[..8 * MIB].copy_from_slice(&random_bytes(23, 8 * MIB));
+    std::fs::write(&s0, &d0b).unwrap();
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
+    c.args([
+        "replicate",
+        "--bwlimit",
+        "2M",
+        "--target",
+        &format!("127.0.0.1:{}", proxy.port),
+    ])
+    .arg("--state-dir")
+    .arg(t.env.path("agent-state"))
+    .arg("--volume")
+    .arg(format!("g/d0={}", s0.display()))
+    .arg("--volume")
+    .arg(format!("g/d1={}", s1.display()))
+    .stderr(std::process::Stdio::piped());
+    let agent = c.spawn().unwrap();
+    while proxy.sent.load(Ordering::SeqCst) < 2 * MIB as u64 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    t.kill9();
+    let out = agent.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the cycle cannot have committed");
+    t.start(&[]);
+    let pts = t.env.json(&["point", "list", "g"]);
+    assert_eq!(pts.as_array().unwrap().len(), 1, "no partial point: {pts}");
+    assert!(
+        t.export("g/d0") == d0,
+        "the head shows no half-applied cycle"
+    );
+    let r = t.replicate(proxy.port, &[("g/d0", &s0), ("g/d1", &s1)], &[]);
+    let p = r["point"].as_u64().unwrap();
+    assert!(t.export(&format!("g/d0@{p}")) == d0b);
+    assert!(t.export(&format!("g/d1@{p}")) == d1);
+}
+
+/// Security and hostile input: a wrong or missing token is refused before
+/// anything is stored; garbage on the port and a chunk whose id does not match
+/// its data get errors, and the daemon goes on serving.
+#[test]
+fn tokens_garbage_and_lying_chunks_are_refused() {
+    let env0 = Env::new();
+    let tok = env0.path("token");
+    std::fs::write(&tok, "s3cret\n").unwrap();
+    let bad = env0.path("bad");
+    std::fs::write(&bad, "guess\n").unwrap();
+    let t = Target::new(&["--replication-token-file", tok.to_str().unwrap()]);
+    let data = random_bytes(31, 4 * MIB);
+    let src = file(&t.env, "d.raw", &data);
+    for extra in [vec![], vec!["--token-file", bad.to_str().unwrap()]] {
+        let out = t.replicate_raw(t.repl, &[("g/d", &src)], &extra);
+        assert!(!out.status.success());
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("wrong or missing replication token"), "{e}");
+    }
+    assert!(
+        !t.env.ok(&["group", "list"]).contains('g'),
+        "a refused agent created nothing"
+    );
+    // Garbage, and an HTTP request, on the replication port.
+    for junk in [
+        &random_bytes(1, 4096)[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", t.repl)).unwrap();
+        let _ = s.write_all(junk);
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    // A lying length and a chunk whose id does not match its data.
+    {
+        use drclone::repl::wire;
+        let mut s = TcpStream::connect(("127.0.0.1", t.repl)).unwrap();
+        wire::write_handshake(&mut s).unwrap();
+        wire::read_handshake(&mut s).unwrap();
+        let hello = wire::Hello {
+            token: Some("s3cret".into()),
+            group: "h".into(),
+            volumes: vec![("d".into(), MIB as u64)],
+            source: "test".into(),
+        };
+        wire::write_frame(&mut s, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
+        let (t1, _) = wire::read_frame(&mut s).unwrap();
+        assert_eq!(t1, wire::WELCOME);
+        let c = wire::pack([7u8; 32], &random_bytes(3, 65536));
+        wire::write_frame(&mut s, wire::CHUNKS, &wire::encode_chunks(&[c])).unwrap();
+        let (t2, body) = wire::read_frame(&mut s).unwrap();
+        assert_eq!(t2, wire::ERROR);
+        let msg = String::from_utf8_lossy(&body);
+        assert!(msg.contains("does not match its data"), "{msg}");
+        let mut s = TcpStream::connect(("127.0.0.1", t.repl)).unwrap();
+        wire::write_handshake(&mut s).unwrap();
+        wire::read_handshake(&mut s).unwrap();
+        s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        s.write_all(&[wire::HELLO]).unwrap();
+        let (t3, body) = wire::read_frame(&mut s).unwrap();
+        assert_eq!(t3, wire::ERROR);
+        assert!(String::from_utf8_lossy(&body).contains("out of bounds"));
+    }
+    // Still serving: the right token works and the data lands.
+    let r = t.replicate(
+        t.repl,
+        &[("g/d", &src)],
+        &["--token-file", tok.to_str().unwrap()],
+    );
+    assert!(t.export(&format!("g/d@{}", r["point"])) == data);
+    run(
+        "nbdinfo",
+        &["--size", &format!("nbd://127.0.0.1:{}/g/d", t.nbd)],
+    );
+}
+
+/// Fencing: replication into a failed-over group is refused, by name, and
+/// resumes after undo; a volume an NBD client has open is refused too.
+#[test]
+fn failed_over_groups_and_busy_volumes_refuse_cycles() {
+    let t = Target::new(&[]);
+    let data = random_bytes(41, 2 * MIB);
+    let src = file(&t.env, "d.raw", &data);
+    t.replicate(t.repl, &[("g/d", &src)], &[]);
+    t.env.ok(&["failover", "g"]);
+    let out = t.replicate_raw(t.repl, &[("g/d", &src)], &[]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("failed-over") && e.contains("refused"), "{e}");
+    t.env.ok(&["failover", "g", "--undo"]);
+    t.replicate(t.repl, &[("g/d", &src)], &[]);
+    // An NBD client holding the head: one writer at a time.
+    let mut hold = PyChild::spawn(
+        &t.env,
+        "hold",
+        &format!(
+            "h = connect('nbd://127.0.0.1:{}/g/d')\nsay('open')\nsys.stdin.readline()",
+            t.nbd
+        ),
+    );
+    assert_eq!(hold.line(), "open");
+    let out = t.replicate_raw(t.repl, &[("g/d", &src)], &[]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("one writer at a time"),
+        "{e}"
+    );
+    hold.send("done");
+    hold.finish();
+    // ...and the reverse: while a (slowed) cycle writes the head, an NBD client
+    // cannot open it.
+    let big = random_bytes(42, 12 * MIB);
+    std::fs::write(&src, &big).unwrap();
+    let proxy = Proxy::start(t.repl);
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
+    c.args([
+        "replicate",
+        "--bwlimit",
+        "2M",
+        "--target",
+        &format!("127.0.0.1:{}", proxy.port),
+    ])
+    .arg("--state-dir")
+    .arg(t.env.path("agent-state"))
+    .arg("--volume")
+    .arg(format!("g/d={}", src.display()));
+    let mut agent = c.spawn().unwrap();
+    while proxy.sent.load(Ordering::SeqCst) < MIB as u64 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = std::process::Command::new("nbdinfo")
+        .args(["--size", &format!("nbd://127.0.0.1:{}/g/d", t.nbd)])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an NBD client opened a head a cycle is writing"
+    );
+    // NBD_REP_ERR_POLICY (libnbd shows the code, not the server's text).
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("policy"), "{e}");
+    assert!(agent.wait().unwrap().success());
+    assert!(t.export("g/d@latest") == big);
+    run(
+        "nbdinfo",
+        &["--size", &format!("nbd://127.0.0.1:{}/g/d", t.nbd)],
+    );
+}
+
+/// A chunk the receiver said it holds stays alive until the cycle that
+/// references it commits, even if GC runs in between.
+#[test]
+fn gc_between_have_and_commit_keeps_the_pinned_chunks() {
+    use drclone::repl::wire;
+    let t = Target::new(&[]);
+    let cs = 64 * 1024;
+    let blocks: Vec<Vec<u8>> = (0..16).map(|i| random_bytes(500 + i, cs)).collect();
+    let ids: Vec<[u8; 32]> = blocks.iter().map(|b| *blake3::hash(b).as_bytes()).collect();
+    let mut s = TcpStream::connect(("127.0.0.1", t.repl)).unwrap();
+    wire::write_handshake(&mut s).unwrap();
+    wire::read_handshake(&mut s).unwrap();
+    let hello = wire::Hello {
+        token: None,
+        group: "g".into(),
+        volumes: vec![("d".into(), 16 * cs as u64)],
+        source: "test".into(),
+    };
+    wire::write_frame(&mut s, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
+    assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::WELCOME);
+    // The chunks arrive (stored, unreferenced), in a first session that ends.
+    let chunks: Vec<wire::WireChunk> = ids
+        .iter()
+        .zip(&blocks)
+        .map(|(i, b)| wire::pack(*i, b))
+        .collect();
+    wire::write_frame(&mut s, wire::CHUNKS, &wire::encode_chunks(&chunks)).unwrap();
+    assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::STORED);
+    drop(s);
+    // A second session: the receiver says it holds them...
+    let mut s = TcpStream::connect(("127.0.0.1", t.repl)).unwrap();
+    wire::write_handshake(&mut s).unwrap();
+    wire::read_handshake(&mut s).unwrap();
+    wire::write_frame(&mut s, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
+    assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::WELCOME);
+    wire::write_frame(&mut s, wire::HAVE, &wire::encode_ids(&ids)).unwrap();
+    let (tl, body) = wire::read_frame(&mut s).unwrap();
+    assert_eq!(tl, wire::LACK);
+    assert!(
+        wire::decode_bits(&body, ids.len())
+            .unwrap()
+            .iter()
+            .all(|l| !l),
+        "all held"
+    );
+    // ...then GC runs, twice, before the cycle commits.
+    let g1 = t.env.json(&["gc"]);
+    t.env.ok(&["gc"]);
+    let entries: Vec<wire::Entry> = ids
+        .iter()
+        .enumerate()
+        .map(|(b, id)| wire::Entry::Data {
+            block: b as u64,
+            id: *id,
+        })
+        .collect();
+    wire::write_frame(&mut s, wire::MAP, &wire::encode_map("d", &entries)).unwrap();
+    let commit = wire::Commit {
+        label: None,
+        app: false,
+        source_point: None,
+    };
+    wire::write_frame(&mut s, wire::COMMIT, &serde_json::to_vec(&commit).unwrap()).unwrap();
+    let (tc, body) = wire::read_frame(&mut s).unwrap();
+    assert_eq!(tc, wire::COMMITTED, "{}", String::from_utf8_lossy(&body));
+    drop(s);
+    assert!(
+        t.export("g/d@latest") == blocks.concat(),
+        "GC took a pinned chunk ({g1})"
+    );
+    t.env.ok(&["verify"]);
+}
