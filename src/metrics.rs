@@ -171,7 +171,9 @@ pub fn render(store: &Store, sessions: usize) -> Result<String> {
         })
         .set(1);
         if let Some(d) = &g.last_drill {
-            drill_ok.get_or_create(&lb).set(i64::from(d.ok == Some(true)));
+            drill_ok
+                .get_or_create(&lb)
+                .set(i64::from(d.ok == Some(true)));
             drill_ts.get_or_create(&lb).set(d.time as i64);
         }
     }
