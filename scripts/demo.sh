@@ -70,4 +70,9 @@ say "space and integrity"
 "$DRCLONE" verify
 echo
 echo "demo OK; store at $DRCLONE_STORE"
+
+say "the DR story on a real VM (scripts/demo-dr.sh)"
+DRCLONE="$DRCLONE" DRCLONE_DEMO_DIR="$WORK" bash scripts/demo-dr.sh
+echo
 echo "drclone is installed as /usr/local/bin/drclone; try: DRCLONE_STORE=$DRCLONE_STORE drclone point list app1"
+echo "the demo's files are in $WORK (remove it when done)"

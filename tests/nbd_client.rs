@@ -7,9 +7,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use common::*;
 use drclone::nbd::client::{Client, Extent};
@@ -296,49 +295,6 @@ fn malformed_uris_and_dead_peers_are_typed_errors() {
 
 /// Forwards unix-socket connections on `listen` to `upstream`, counting bytes
 /// each way.
-struct Proxy {
-    server_to_client: Arc<AtomicU64>,
-    client_to_server: Arc<AtomicU64>,
-}
-
-fn pump(mut from: UnixStream, mut to: UnixStream, count: Arc<AtomicU64>) {
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                count.fetch_add(n as u64, Ordering::SeqCst);
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
-}
-
-fn proxy(listen: &Path, upstream: &Path) -> Proxy {
-    let l = UnixListener::bind(listen).unwrap();
-    let up = upstream.to_path_buf();
-    let s2c = Arc::new(AtomicU64::new(0));
-    let c2s = Arc::new(AtomicU64::new(0));
-    let (a, b) = (s2c.clone(), c2s.clone());
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(client) = conn else { break };
-            let server = UnixStream::connect(&up).unwrap();
-            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let (a, b) = (a.clone(), b.clone());
-            std::thread::spawn(move || pump(server, client, a));
-            std::thread::spawn(move || pump(c2, s2, b));
-        }
-    });
-    Proxy {
-        server_to_client: s2c,
-        client_to_server: c2s,
-    }
-}
-
 #[test]
 fn reading_only_dirty_extents_moves_about_the_dirty_bytes() {
     let env = Env::new();
@@ -357,7 +313,7 @@ fn reading_only_dirty_extents_moves_about_the_dirty_bytes() {
         .collect();
     let q = QemuNbd::start(&env, size, &before, &after);
     let psock = env.path("proxy.sock");
-    let p = proxy(&psock, &q.sock);
+    let p = unix_proxy(&psock, &q.sock);
     let uri = format!("nbd+unix:///disk?socket={}", psock.display());
     let mut c = Client::connect(&uri, &[&dirty_bitmap_context("b0")]).unwrap();
     let dirty = c.dirty_extents("b0").unwrap();
@@ -366,8 +322,8 @@ fn reading_only_dirty_extents_moves_about_the_dirty_bytes() {
     read_extents_match(&mut c, &dirty, size, &[&before[..], &after[..]]);
     c.disconnect().unwrap();
     // The proxy counts before forwarding, so every byte the client read is counted.
-    let s2c = p.server_to_client.load(Ordering::SeqCst);
-    let c2s = p.client_to_server.load(Ordering::SeqCst);
+    let s2c = p.down.load(Ordering::SeqCst);
+    let c2s = p.up.load(Ordering::SeqCst);
     eprintln!(
         "dirty-bitmap read of a 64 MiB disk with 1 MiB dirty: {s2c} bytes server->client, \
          {c2s} bytes client->server"

@@ -107,8 +107,8 @@ pub(crate) enum Cmd {
         /// The target's replication address (its `serve --replication-listen`).
         #[arg(long, value_name = "HOST:PORT")]
         target: String,
-        /// GROUP/DISK=SOURCE (a file or block device); repeat for every disk of
-        /// the group.
+        /// GROUP/DISK=SOURCE (a file, a block device, or an NBD URI); repeat for
+        /// every disk of the group.
         #[arg(long = "volume", value_name = "GROUP/DISK=SOURCE", required = true)]
         volumes: Vec<String>,
         /// Repeat every DURATION (e.g. 5m), retrying with backoff when the target
@@ -135,6 +135,10 @@ pub(crate) enum Cmd {
         /// Label of the points.
         #[arg(long)]
         label: Option<String>,
+        /// NBD sources: read only the blocks qemu's dirty bitmap NAME marks
+        /// (qemu-nbd -B NAME, qemu-storage-daemon, libvirt pull backups).
+        #[arg(long, value_name = "NAME")]
+        dirty_bitmap: Option<String>,
     },
     /// Per group: role, latest points, RPO, last drill.
     Status,
@@ -197,6 +201,15 @@ pub(crate) enum Cmd {
 pub(crate) enum GroupCmd {
     /// Create a group.
     Create { group: String },
+    /// Change a group's settings.
+    Set {
+        group: String,
+        /// The daemon takes a crash-consistent point of the group this often
+        /// (e.g. 5s; `off` to stop): continuous protection for disks that qemu
+        /// mirrors into drclone.
+        #[arg(long, value_name = "DURATION")]
+        checkpoint_interval: String,
+    },
     /// List groups.
     List,
 }

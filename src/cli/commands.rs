@@ -367,6 +367,20 @@ fn dispatch(
                 format!("created group {group}")
             });
         }
+        Cmd::Group(GroupCmd::Set {
+            group,
+            checkpoint_interval,
+        }) => {
+            let secs = match checkpoint_interval.as_str() {
+                "off" => None,
+                d => Some(drclone::engine::types::parse_duration(d)?),
+            };
+            let g = store.set_checkpoint_interval(&group, secs)?;
+            print(out, json, serde_json::to_value(&g)?, || match secs {
+                Some(s) => format!("group {group}: a checkpoint every {s} s"),
+                None => format!("group {group}: no checkpoints"),
+            });
+        }
         Cmd::Group(GroupCmd::List) => {
             let gs = store.groups()?;
             print(out, json, serde_json::to_value(&gs)?, || {

@@ -50,6 +50,7 @@ pub(crate) fn run(cli: &Cli) -> Result<i32> {
         pre_snapshot,
         post_snapshot,
         label,
+        dirty_bitmap,
     } = &cli.cmd
     else {
         unreachable!()
@@ -76,6 +77,7 @@ pub(crate) fn run(cli: &Cli) -> Result<i32> {
         pre_snapshot: pre_snapshot.clone(),
         post_snapshot: post_snapshot.clone(),
         progress: !cli.json && std::io::stderr().is_terminal(),
+        dirty_bitmap: dirty_bitmap.clone(),
     };
     if opts.bwlimit == Some(0) {
         bail!("--bwlimit must be more than 0");

@@ -130,8 +130,10 @@ fn maintenance(stop: Arc<AtomicBool>, store: Arc<Store>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let every = maintenance_interval();
         let mut next = std::time::Instant::now() + every;
+        let mut checkpoints = crate::dr::checkpoint::Checkpoints::default();
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
+            checkpoints.tick(&store, std::time::Instant::now());
             if std::time::Instant::now() < next {
                 continue;
             }

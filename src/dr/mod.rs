@@ -8,6 +8,7 @@
 //! without a daemon has no sessions to close and passes [`no_clients`].
 
 pub mod audit;
+pub mod checkpoint;
 pub mod drill;
 pub mod failover;
 pub mod retention;

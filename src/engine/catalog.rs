@@ -33,6 +33,7 @@ impl Store {
             role: Role::Protected,
             epoch: 0,
             retired: Vec::new(),
+            checkpoint_interval: None,
         };
         let mut b = WriteBatch::default();
         b.put(keys::group(name), encode_rec(&rec));
@@ -52,6 +53,18 @@ impl Store {
             .iter()
             .map(|(k, v)| self.db.decode_rec(k, v))
             .collect()
+    }
+
+    /// Set how often the daemon checkpoints the group (seconds; None: never).
+    /// Errors: NotFound.
+    pub fn set_checkpoint_interval(&self, group: &str, secs: Option<u64>) -> Result<GroupRec> {
+        let _m = self.meta.lock().unwrap();
+        let mut g = self.group(group)?;
+        g.checkpoint_interval = secs;
+        let mut b = WriteBatch::default();
+        b.put(keys::group(group), encode_rec(&g));
+        self.db.write(b, true)?;
+        Ok(g)
     }
 
     /// Set the group's retention policy (`app`: the policy for app-consistent

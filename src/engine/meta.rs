@@ -41,6 +41,9 @@ pub struct GroupRec {
     /// a crash can leave them here until the next attempt).
     #[serde(default)]
     pub retired: Vec<u64>,
+    /// The daemon takes a crash-consistent point this often (seconds).
+    #[serde(default)]
+    pub checkpoint_interval: Option<u64>,
 }
 
 /// A named volume (`GROUP/DISK`) and the lineage that is its head.

@@ -13,6 +13,7 @@
 //! resending what arrived.  The manifest is replaced only after COMMITTED.
 
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,8 +34,47 @@ const MAP_ENTRIES: usize = 100_000;
 pub struct VolumeSpec {
     pub group: String,
     pub disk: String,
-    /// A file or block device.
+    /// A file or block device, or an NBD URI (`nbd://`, `nbd+unix://`).
     pub source: PathBuf,
+}
+
+impl VolumeSpec {
+    fn nbd_uri(&self) -> Option<String> {
+        let s = self.source.to_str()?;
+        (s.starts_with("nbd://") || s.starts_with("nbd+unix://")).then(|| s.to_string())
+    }
+}
+
+/// An open source.
+enum Source {
+    File(std::fs::File),
+    Nbd(crate::nbd::client::Client),
+}
+
+/// Which blocks a cycle reads, and what the others are.
+struct Plan {
+    /// Block ranges to read: (first, count).
+    ranges: Vec<(u64, u64)>,
+    /// Blocks outside `ranges` are unchanged since the manifest (a dirty-bitmap
+    /// cycle) rather than holes.
+    others_unchanged: bool,
+}
+
+/// Byte extents to whole blocks of `cs` bytes, merged, within `blocks`.
+fn extent_blocks(ext: &[crate::nbd::client::Extent], cs: u64, blocks: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in ext {
+        let first = e.offset / cs;
+        let end = e.end().div_ceil(cs).min(blocks);
+        if end <= first {
+            continue;
+        }
+        match out.last_mut() {
+            Some((f, n)) if *f + *n >= first => *n = (*n).max(end - *f),
+            _ => out.push((first, end - first)),
+        }
+    }
+    out
 }
 
 /// What a cycle needs.
@@ -53,6 +93,9 @@ pub struct Options {
     pub post_snapshot: Option<String>,
     /// Show a progress bar (a terminal, not --json).
     pub progress: bool,
+    /// For NBD sources: read only the blocks qemu's dirty bitmap NAME marks
+    /// (`qemu:dirty-bitmap:NAME`), once a manifest exists.
+    pub dirty_bitmap: Option<String>,
 }
 
 /// One cycle's report (`--json` prints it).
@@ -218,18 +261,42 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
     std::fs::create_dir_all(&opts.state_dir).at(&opts.state_dir)?;
     let mut sources = Vec::new();
     for v in &opts.volumes {
-        let mut f = std::fs::File::open(&v.source).at(&v.source)?;
-        let md = f.metadata().at(&v.source)?;
-        if md.is_dir() {
-            return Err(Error::invalid(format!(
-                "source {} is a directory, not a file or block device",
-                v.source.display()
-            )));
-        }
-        let size = f.seek(SeekFrom::End(0)).at(&v.source)?;
-        f.seek(SeekFrom::Start(0)).at(&v.source)?;
+        let (src, size) = match v.nbd_uri() {
+            Some(uri) => {
+                let bitmap = opts
+                    .dirty_bitmap
+                    .as_ref()
+                    .map(|b| format!("qemu:dirty-bitmap:{b}"));
+                let mut ctx = vec!["base:allocation"];
+                if let Some(b) = &bitmap {
+                    ctx.push(b);
+                }
+                let c = crate::nbd::client::Client::connect(&uri, &ctx)?;
+                let size = c.size();
+                (Source::Nbd(c), size)
+            }
+            None => {
+                if opts.dirty_bitmap.is_some() {
+                    return Err(Error::invalid(format!(
+                        "--dirty-bitmap needs NBD sources; {} is a file",
+                        v.source.display()
+                    )));
+                }
+                let mut f = std::fs::File::open(&v.source).at(&v.source)?;
+                let md = f.metadata().at(&v.source)?;
+                if md.is_dir() {
+                    return Err(Error::invalid(format!(
+                        "source {} is a directory, not a file or block device",
+                        v.source.display()
+                    )));
+                }
+                let size = f.seek(SeekFrom::End(0)).at(&v.source)?;
+                f.seek(SeekFrom::Start(0)).at(&v.source)?;
+                (Source::File(f), size)
+            }
+        };
         // Volumes are whole 512-byte sectors.
-        sources.push((v, f, size.div_ceil(512).max(1) * 512));
+        sources.push((v, src, size.div_ceil(512).max(1) * 512));
     }
     let s = TcpStream::connect(&opts.target)
         .map_err(|e| Error::io(format!("replication target {}", opts.target), e))?;
@@ -295,9 +362,37 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
         disks: Default::default(),
     };
     let mut hash_files = Vec::new();
-    for (v, f, size) in sources.iter_mut() {
+    for (v, src, size) in sources.iter_mut() {
         let old = load_hashes(&opts.state_dir, &group, &v.disk, &welcome);
-        let (hashes, l, c) = send_volume(&mut link, &v.disk, f, *size, cs, old.as_deref(), &bar)?;
+        let blocks = size.div_ceil(cs);
+        let plan = match src {
+            Source::File(_) => Plan {
+                ranges: vec![(0, blocks)],
+                others_unchanged: false,
+            },
+            Source::Nbd(c) => match (&opts.dirty_bitmap, &old) {
+                // Only what qemu marked dirty since the last cycle.
+                (Some(b), Some(_)) => Plan {
+                    ranges: extent_blocks(&c.dirty_extents(b)?, cs, blocks),
+                    others_unchanged: true,
+                },
+                // A seed (or a lost manifest): every allocated block.
+                _ => Plan {
+                    ranges: extent_blocks(&c.allocated_extents()?, cs, blocks),
+                    others_unchanged: false,
+                },
+            },
+        };
+        let (hashes, l, c) = send_volume(
+            &mut link,
+            &v.disk,
+            src,
+            *size,
+            cs,
+            old.as_deref(),
+            &plan,
+            &bar,
+        )?;
         logical += l;
         chunks_sent += c;
         let name = format!("{group}.{}.hashes", v.disk);
@@ -345,33 +440,65 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
 
 /// Send one volume's changes; returns (its block hashes, changed bytes, chunks
 /// sent).
+#[allow(clippy::too_many_arguments)]
 fn send_volume(
     link: &mut Link,
     disk: &str,
-    f: &mut std::fs::File,
+    src: &mut Source,
     size: u64,
     cs: u64,
     old: Option<&[ChunkId]>,
+    plan: &Plan,
     bar: &indicatif::ProgressBar,
 ) -> Result<(Vec<ChunkId>, u64, u64)> {
     let blocks = size.div_ceil(cs);
     let mut hashes = vec![[0u8; 32]; blocks as usize];
-    let mut r = BufReader::with_capacity(4 << 20, &mut *f);
+    let (mut file, mut nbd) = match src {
+        Source::File(f) => (Some(BufReader::with_capacity(4 << 20, &mut *f)), None),
+        Source::Nbd(c) => (None, Some(c)),
+    };
     let mut entries: Vec<Entry> = Vec::new();
     let mut batch: Vec<(u64, ChunkId, Vec<u8>)> = Vec::new();
     let mut zero_run: Option<(u64, u64)> = None;
     let (mut logical, mut sent) = (0u64, 0u64);
     let unchanged = |b: u64, h: &ChunkId| old.and_then(|o| o.get(b as usize)) == Some(h);
+    let mut ranges = plan.ranges.iter().copied().peekable();
+    // NBD reads go in runs of up to 4 MiB.
+    let mut run: (u64, Vec<u8>) = (0, Vec::new());
     for b in 0..blocks {
+        while ranges.peek().is_some_and(|(f, n)| f + n <= b) {
+            ranges.next();
+        }
+        let in_plan = ranges.peek().is_some_and(|(f, _)| *f <= b);
         let mut data = vec![0u8; cs as usize];
-        // The last block of a source not a multiple of the chunk size is padded.
-        let mut got = 0;
-        while got < data.len() {
-            let n = r.read(&mut data[got..]).map_err(|e| Error::io(disk, e))?;
-            if n == 0 {
-                break;
+        if !in_plan {
+            if plan.others_unchanged {
+                if let Some(h) = old.and_then(|o| o.get(b as usize)) {
+                    hashes[b as usize] = *h;
+                }
+                continue;
             }
-            got += n;
+            // A hole of the source: reads as zeros.
+        } else if let Some(r) = file.as_mut() {
+            // The last block of a source not a multiple of the chunk size is padded.
+            let mut got = 0;
+            while got < data.len() {
+                let n = r.read(&mut data[got..]).map_err(|e| Error::io(disk, e))?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+        } else if let Some(c) = nbd.as_mut() {
+            let off = b * cs;
+            if !(run.0 <= off && off < run.0 + run.1.len() as u64) {
+                let (f, n) = ranges.peek().copied().unwrap();
+                let end = ((f + n) * cs).min(size).min(off + (4 << 20));
+                run = (off, c.read(off, (end - off) as usize)?);
+            }
+            let at = (off - run.0) as usize;
+            let take = (run.1.len() - at).min(cs as usize);
+            data[..take].copy_from_slice(&run.1[at..at + take]);
         }
         bar.inc(cs.min(size - b * cs));
         if data.iter().all(|&x| x == 0) {

@@ -513,3 +513,103 @@ pub fn try_cmd(env: &Env, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Bytes a [`CountingProxy`] carried, each way.
+#[derive(Clone, Default)]
+pub struct CountingProxy {
+    /// Client to server.
+    pub up: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Server to client.
+    pub down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingProxy {
+    /// Client-to-server bytes so far, and reset.
+    pub fn take_up(&self) -> u64 {
+        self.up.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Server-to-client bytes so far, and reset.
+    pub fn take_down(&self) -> u64 {
+        self.down.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+    pub fn up_now(&self) -> u64 {
+        self.up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Copy `from` into `to` until either ends, counting bytes.
+fn pump<R: std::io::Read, W: std::io::Write>(
+    mut from: R,
+    mut to: W,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                count.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A byte-counting proxy from a new TCP port to `127.0.0.1:target`; returns
+/// its port.  It counts what crosses the wire, not what drclone reports.
+pub fn tcp_proxy(target: u16) -> (u16, CountingProxy) {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let p = CountingProxy::default();
+    let q = p.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { break };
+            let Ok(t) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            let (c2, t2) = (c.try_clone().unwrap(), t.try_clone().unwrap());
+            let (up, down) = (q.up.clone(), q.down.clone());
+            std::thread::spawn(move || {
+                pump(&c, &t, up);
+                let _ = t.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                pump(&t2, &c2, down);
+                let _ = c2.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    (port, p)
+}
+
+/// A byte-counting proxy from a new unix socket `listen` to `upstream`.
+pub fn unix_proxy(listen: &Path, upstream: &Path) -> CountingProxy {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let l = UnixListener::bind(listen).unwrap();
+    let up_path = upstream.to_path_buf();
+    let p = CountingProxy::default();
+    let q = p.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { break };
+            let Ok(s) = UnixStream::connect(&up_path) else {
+                continue;
+            };
+            let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            let (up, down) = (q.up.clone(), q.down.clone());
+            std::thread::spawn(move || {
+                pump(&c, &s, up);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                pump(&s2, &c2, down);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    p
+}
