@@ -333,6 +333,7 @@ fn tokens_garbage_and_lying_chunks_are_refused() {
             group: "h".into(),
             volumes: vec![("d".into(), MIB as u64)],
             source: "test".into(),
+            epoch: None,
         };
         wire::write_frame(&mut s, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
         let (t1, _) = wire::read_frame(&mut s).unwrap();
@@ -379,6 +380,12 @@ fn failed_over_groups_and_busy_volumes_refuse_cycles() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("failed-over") && e.contains("refused"), "{e}");
     t.env.ok(&["failover", "g", "--undo"]);
+    // The agent's last cycle saw an older fencing epoch: refused until the
+    // operator re-protects on purpose.
+    let out = t.replicate_raw(t.repl, &[("g/d", &src)], &[]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--reprotect"), "{e}");
+    t.replicate(t.repl, &[("g/d", &src)], &["--reprotect"]);
     t.replicate(t.repl, &[("g/d", &src)], &[]);
     // An NBD client holding the head: one writer at a time.
     let mut hold = PyChild::spawn(
@@ -455,6 +462,7 @@ fn gc_between_have_and_commit_keeps_the_pinned_chunks() {
         group: "g".into(),
         volumes: vec![("d".into(), 16 * cs as u64)],
         source: "test".into(),
+        epoch: None,
     };
     wire::write_frame(&mut s, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
     assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::WELCOME);
@@ -700,5 +708,47 @@ say(n)
     assert!(
         moving >= 2 && n > 10,
         "the writer barely moved: {n} writes, {moving} points with data"
+    );
+}
+
+/// A planned failover waits for the replication cycle in flight to commit, so
+/// its final point (and the failover head) holds that cycle's data.
+#[test]
+fn planned_failover_waits_for_the_cycle_in_flight() {
+    let t = Target::new(&[]);
+    let src = file(&t.env, "d.raw", &random_bytes(61, 8 * MIB));
+    t.replicate(t.repl, &[("g/d", &src)], &[]);
+    let newer = random_bytes(62, 8 * MIB);
+    std::fs::write(&src, &newer).unwrap();
+    let proxy = Proxy::start(t.repl);
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
+    c.args([
+        "--json",
+        "replicate",
+        "--bwlimit",
+        "2M",
+        "--target",
+        &format!("127.0.0.1:{}", proxy.port),
+    ])
+    .arg("--state-dir")
+    .arg(t.env.path("agent-state"))
+    .arg("--volume")
+    .arg(format!("g/d={}", src.display()))
+    .stdout(std::process::Stdio::piped());
+    let agent = c.spawn().unwrap();
+    while proxy.sent() < MIB as u64 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let f = t.env.json(&["failover", "g", "--planned"]);
+    let out = agent.wait_with_output().unwrap();
+    assert!(out.status.success(), "the cycle in flight was cut off");
+    let cycle: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        f["point"].as_u64().unwrap() > cycle["point"].as_u64().unwrap(),
+        "the planned point {f} comes after the cycle's {cycle}"
+    );
+    assert!(
+        t.export("g/d") == newer,
+        "the failover head holds the last cycle"
     );
 }

@@ -139,6 +139,10 @@ pub(crate) enum Cmd {
         /// (qemu-nbd -B NAME, qemu-storage-daemon, libvirt pull backups).
         #[arg(long, value_name = "NAME")]
         dirty_bitmap: Option<String>,
+        /// Replicate into a group whose role changed since this agent's last
+        /// cycle (a failover was undone); without it such a cycle is refused.
+        #[arg(long)]
+        reprotect: bool,
     },
     /// Per group: role, latest points, RPO, last drill.
     Status,

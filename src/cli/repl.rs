@@ -51,6 +51,7 @@ pub(crate) fn run(cli: &Cli) -> Result<i32> {
         post_snapshot,
         label,
         dirty_bitmap,
+        reprotect,
     } = &cli.cmd
     else {
         unreachable!()
@@ -78,6 +79,7 @@ pub(crate) fn run(cli: &Cli) -> Result<i32> {
         post_snapshot: post_snapshot.clone(),
         progress: !cli.json && std::io::stderr().is_terminal(),
         dirty_bitmap: dirty_bitmap.clone(),
+        reprotect: *reprotect,
     };
     if opts.bwlimit == Some(0) {
         bail!("--bwlimit must be more than 0");

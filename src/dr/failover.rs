@@ -88,6 +88,7 @@ pub fn run(
                         g.role
                     )));
                 }
+                wait_for_cycles(store, group, planned_wait())?;
                 let p = store.create_point(group, false, Some("planned failover".into()))?;
                 store.failover_heads(group, &p.id.to_string())?
             }
@@ -152,4 +153,47 @@ fn release(
         )));
     }
     Ok(n)
+}
+
+/// How long a planned failover waits for a replication cycle in flight:
+/// `DRCLONE_PLANNED_WAIT_SECS`, default 300 s.
+fn planned_wait() -> std::time::Duration {
+    std::time::Duration::from_secs(
+        std::env::var("DRCLONE_PLANNED_WAIT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    )
+}
+
+/// Wait until no replication session writes a head of `group` (its cycle has
+/// committed or ended), so a planned failover's final point includes it.  A
+/// cycle that starts after this is refused at its commit by the new role.
+/// Errors: [`Error::Busy`] after `limit`.
+fn wait_for_cycles(store: &Store, group: &str, limit: std::time::Duration) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut busy = Vec::new();
+        for v in store.volumes(Some(group))? {
+            let view = store.view(&v.group, &v.disk, None)?;
+            busy.extend(
+                store
+                    .lease_users(&view)
+                    .into_iter()
+                    .filter(|u| u.starts_with(crate::repl::receiver::LEASE_PREFIX)),
+            );
+        }
+        if busy.is_empty() {
+            return Ok(());
+        }
+        if t0.elapsed() >= limit {
+            return Err(Error::Busy(format!(
+                "group {group}: a replication cycle is still in flight after {} s ({}); \
+                 try again, or fail over unplanned",
+                limit.as_secs(),
+                busy.join(", ")
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -96,6 +96,9 @@ pub struct Options {
     /// For NBD sources: read only the blocks qemu's dirty bitmap NAME marks
     /// (`qemu:dirty-bitmap:NAME`), once a manifest exists.
     pub dirty_bitmap: Option<String>,
+    /// Replicate even though the group's role changed since the last cycle
+    /// (after a failover was undone): forget the manifest's fencing epoch.
+    pub reprotect: bool,
 }
 
 /// One cycle's report (`--json` prints it).
@@ -181,8 +184,18 @@ struct Manifest {
     store: String,
     point: u64,
     chunk_size: u64,
+    /// The group's fencing epoch when this manifest's cycle committed.
+    #[serde(default)]
+    epoch: Option<u64>,
     /// Disk -> its hash file (32 bytes per block; zeros for a zero block).
     disks: std::collections::BTreeMap<String, String>,
+}
+
+/// The fencing epoch the last cycle into `group` on this target saw.
+fn last_epoch(dir: &Path, group: &str) -> Option<u64> {
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(manifest_path(dir, group)).ok()?).ok()?;
+    m.epoch
 }
 
 fn manifest_path(dir: &Path, group: &str) -> PathBuf {
@@ -328,6 +341,11 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
             .map(|(v, _, size)| (v.disk.clone(), *size))
             .collect(),
         source: format!("agent:{}", host()),
+        epoch: if opts.reprotect {
+            None
+        } else {
+            last_epoch(&opts.state_dir, &group)
+        },
     };
     link.send(wire::HELLO, &serde_json::to_vec(&hello).expect("json"))?;
     let welcome: wire::Welcome = wire::json("WELCOME", &link.expect(wire::WELCOME)?)?;
@@ -359,6 +377,7 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
         store: welcome.store.clone(),
         point: 0,
         chunk_size: cs,
+        epoch: Some(welcome.epoch),
         disks: Default::default(),
     };
     let mut hash_files = Vec::new();

@@ -213,6 +213,14 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
             g.role
         )));
     }
+    if let Some(e) = hello.epoch.filter(|e| *e < g.epoch) {
+        return Err(Error::Refused(format!(
+            "group {group} changed role since this agent's last cycle (fencing epoch {e}, now \
+             {}): its heads may not be what this agent replicated; check `drclone status`, \
+             then rerun replicate with --reprotect",
+            g.epoch
+        )));
+    }
     if hello.volumes.is_empty() {
         return Err(Error::invalid("HELLO names no volume"));
     }

@@ -61,6 +61,10 @@ pub struct Hello {
     pub volumes: Vec<(String, u64)>,
     /// Who sends: `agent:HOST` or a store's UUID.
     pub source: String,
+    /// The group's fencing epoch at this agent's last committed cycle (None on
+    /// a first cycle, or to re-protect): a stale one is refused.
+    #[serde(default)]
+    pub epoch: Option<u64>,
 }
 
 /// The receiver's answer to HELLO.
