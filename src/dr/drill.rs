@@ -53,8 +53,13 @@ pub struct DrillRec {
     /// Milliseconds from the start until the clones were exported.
     pub time_to_ready_ms: u64,
     pub keep: bool,
-    /// When the clones go by themselves (seconds since the Unix epoch).
+    /// When the clones go by themselves (seconds since the Unix epoch): while
+    /// running, [`DEFAULT_TTL`] after the start (or the TTL if longer); once
+    /// finished and kept, the TTL after the finish.
     pub expires: u64,
+    /// The TTL asked for, seconds.
+    #[serde(default)]
+    pub ttl: u64,
     pub state: DrillState,
     /// The command run (`--exec`), if any.
     pub command: Option<String>,
@@ -103,26 +108,28 @@ pub fn start(store: &Store, who: Actor, group: &str, opts: &DrillOptions) -> Res
         let p = store.point(group, spec)?;
         let id = store.next_id("drill")?;
         let cg = clone_group(&g.name, id);
-        store.create_group(&cg)?;
-        let mut exports = Vec::new();
-        for pv in &p.volumes {
-            if let Err(e) = store.clone_volume(group, &pv.disk, &p.id.to_string(), &cg, &pv.disk) {
-                remove_clone_group(store, &cg, &crate::dr::no_clients);
-                return Err(e);
-            }
-            exports.push(format!("{cg}/{}", pv.disk));
-        }
+        crate::util::check_name("group", &cg).map_err(|_| {
+            Error::invalid(format!(
+                "group name {group} is too long for a drill's clone group ({cg})"
+            ))
+        })?;
         let now = now_secs();
-        let rec = DrillRec {
+        let ttl = opts.ttl.unwrap_or(DEFAULT_TTL);
+        let mut rec = DrillRec {
             id,
             group: group.into(),
             point: p.id,
-            clone_group: cg,
-            exports,
+            clone_group: cg.clone(),
+            exports: p
+                .volumes
+                .iter()
+                .map(|pv| format!("{cg}/{}", pv.disk))
+                .collect(),
             started: now,
-            time_to_ready_ms: t0.elapsed().as_millis() as u64,
+            time_to_ready_ms: 0,
             keep: opts.keep,
-            expires: now + opts.ttl.unwrap_or(DEFAULT_TTL),
+            expires: now.saturating_add(ttl.max(DEFAULT_TTL)),
+            ttl,
             state: DrillState::Running,
             command: opts.command.clone(),
             ok: None,
@@ -133,6 +140,22 @@ pub fn start(store: &Store, who: Actor, group: &str, opts: &DrillOptions) -> Res
             clones_removed: None,
             uid: who.uid,
         };
+        // The record first: a drill cut off while its clones are being made is
+        // still found, and expired, by the daemon (found by tests/breakit_dr.rs:
+        // a crash after the clone group left an orphan nobody removed).
+        store.put_record(keys::DRILL, id, &rec)?;
+        let made: Result<()> = (|| {
+            store.create_group(&cg)?;
+            for pv in &p.volumes {
+                store.clone_volume(group, &pv.disk, &p.id.to_string(), &cg, &pv.disk)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = remove_clones(store, id, &crate::dr::no_clients);
+            return Err(e);
+        }
+        rec.time_to_ready_ms = t0.elapsed().as_millis() as u64;
         store.put_record(keys::DRILL, id, &rec)?;
         log::info!(
             "drill {id} of {group} at point {}: {} clone(s) in {} ms",
@@ -190,6 +213,9 @@ pub fn finish(
     d.exit_code = outcome.exit_code;
     d.duration_ms = Some(outcome.duration_ms);
     d.finished = Some(now_secs());
+    // A kept drill lives its TTL from now, not from its start (a command longer
+    // than the TTL must not lose its clones under it).
+    d.expires = now_secs().saturating_add(d.ttl);
     d.output_tail = tail(&outcome.output_tail);
     store.put_record(keys::DRILL, id, &d)?;
     audit::append(
@@ -254,21 +280,6 @@ pub fn remove_clones(store: &Store, id: u64, disconnect: Disconnect<'_>) -> Resu
     store.put_record(keys::DRILL, id, &d)?;
     log::info!("drill {id}: clones removed");
     Ok(d)
-}
-
-/// Best-effort cleanup of a half-made clone group.
-fn remove_clone_group(store: &Store, cg: &str, disconnect: Disconnect<'_>) {
-    if let Ok(vols) = store.volumes(Some(cg)) {
-        for v in vols {
-            let _ = disconnect(&format!("{}/{}", v.group, v.disk));
-            if let Err(e) = store.remove_volume(&v.group, &v.disk) {
-                log::warn!("drill cleanup: {e}");
-            }
-        }
-    }
-    if let Err(e) = store.remove_group(cg) {
-        log::warn!("drill cleanup: {e}");
-    }
 }
 
 /// Drill `id`.  Errors: NotFound.

@@ -88,9 +88,15 @@ pub fn run(
                         g.role
                     )));
                 }
-                wait_for_cycles(store, group, planned_wait())?;
-                let p = store.create_point(group, false, Some("planned failover".into()))?;
-                store.failover_heads(group, &p.id.to_string())?
+                // New replication sessions are refused from here; the one in
+                // flight finishes first.
+                store.set_draining(group, true);
+                let r = wait_for_cycles(store, group, planned_wait()).and_then(|_| {
+                    let p = store.create_point(group, false, Some("planned failover".into()))?;
+                    store.failover_heads(group, &p.id.to_string())
+                });
+                store.set_draining(group, false);
+                r?
             }
             Request::Undo => store.undo_failover_heads(group)?,
             Request::Commit => store.commit_failover_heads(group)?,
@@ -167,8 +173,9 @@ fn planned_wait() -> std::time::Duration {
 }
 
 /// Wait until no replication session writes a head of `group` (its cycle has
-/// committed or ended), so a planned failover's final point includes it.  A
-/// cycle that starts after this is refused at its commit by the new role.
+/// committed or ended), so a planned failover's final point includes it.  The
+/// group is draining meanwhile: a session that would start is refused, so none
+/// can commit between this wait and the final point.
 /// Errors: [`Error::Busy`] after `limit`.
 fn wait_for_cycles(store: &Store, group: &str, limit: std::time::Duration) -> Result<()> {
     let t0 = std::time::Instant::now();

@@ -34,6 +34,7 @@ impl Store {
             epoch: 0,
             retired: Vec::new(),
             checkpoint_interval: None,
+            replication: None,
         };
         let mut b = WriteBatch::default();
         b.put(keys::group(name), encode_rec(&rec));
@@ -53,6 +54,50 @@ impl Store {
             .iter()
             .map(|(k, v)| self.db.decode_rec(k, v))
             .collect()
+    }
+
+    /// Mark `group` as drained for a planned failover (`on`), or no longer:
+    /// new replication sessions into it are refused meanwhile (a session
+    /// already open finishes, and the failover waits for it).
+    pub fn set_draining(&self, group: &str, on: bool) {
+        let _m = self.meta.lock().unwrap();
+        let mut d = self.draining.lock().unwrap();
+        if on {
+            d.insert(group.to_string());
+        } else {
+            d.remove(group);
+        }
+    }
+
+    /// The state of a head, for replication agents deciding whether their
+    /// manifest still describes it: (lineage, epoch, clean).  Clean means no
+    /// write since the lineage last moved to a new epoch (nothing unflushed,
+    /// nothing in the write-back overlay).  Errors: NotFound.
+    pub fn head_state(&self, group: &str, disk: &str) -> Result<(u64, u64, bool)> {
+        let v = self.volume(group, disk)?;
+        let lin = self
+            .lineage(v.lineage)
+            .ok_or_else(|| Error::NotFound(format!("lineage {} of {group}/{disk}", v.lineage)))?;
+        let set: std::collections::HashSet<u64> = [lin.id].into();
+        let clean = !self.unflushed.lock().unwrap().contains(&lin.id)
+            && self.overlay.keys_of(&set).is_empty();
+        Ok((lin.id, lin.epoch, clean))
+    }
+
+    /// Whether a planned failover drains `group`.
+    pub fn is_draining(&self, group: &str) -> bool {
+        self.draining.lock().unwrap().contains(group)
+    }
+
+    /// Record the group's last replication cycle (the receiver's status).
+    /// Errors: NotFound.
+    pub fn set_replication_status(&self, group: &str, status: serde_json::Value) -> Result<()> {
+        let _m = self.meta.lock().unwrap();
+        let mut g = self.group(group)?;
+        g.replication = Some(status);
+        let mut b = WriteBatch::default();
+        b.put(keys::group(group), encode_rec(&g));
+        self.db.write(b, true)
     }
 
     /// Set how often the daemon checkpoints the group (seconds; None: never).
@@ -87,7 +132,8 @@ impl Store {
         self.db.write(b, true)
     }
 
-    pub(crate) fn check_size(&self, size: u64) -> Result<()> {
+    /// A volume size must be a positive multiple of 512 bytes, at most 2^60.
+    pub fn check_size(&self, size: u64) -> Result<()> {
         if size == 0 || size % 512 != 0 {
             return Err(Error::invalid(format!(
                 "volume size {size} must be a positive multiple of 512 bytes"

@@ -44,6 +44,10 @@ pub struct GroupRec {
     /// The daemon takes a crash-consistent point this often (seconds).
     #[serde(default)]
     pub checkpoint_interval: Option<u64>,
+    /// The last replication cycle into the group, as the receiver recorded it
+    /// (its shape is `crate::repl::receiver::CycleStatus`).
+    #[serde(default)]
+    pub replication: Option<serde_json::Value>,
 }
 
 /// A named volume (`GROUP/DISK`) and the lineage that is its head.

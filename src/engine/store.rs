@@ -172,6 +172,8 @@ pub struct Store {
     pub(crate) db: Arc<Db>,
     pub chunks: ChunkStore,
     pub(crate) gate: Gate,
+    /// Groups a planned failover is draining: replication into them is refused.
+    pub(crate) draining: Mutex<std::collections::HashSet<String>>,
     pub(crate) leases: Arc<Leases>,
     pub(crate) meta: Mutex<()>,
     pub(crate) gc_lock: Mutex<()>,
@@ -568,6 +570,7 @@ impl Store {
             db,
             chunks,
             gate: Gate::default(),
+            draining: Mutex::default(),
             leases: Arc::default(),
             meta: Mutex::new(()),
             gc_lock: Mutex::new(()),

@@ -187,6 +187,9 @@ struct Manifest {
     /// The group's fencing epoch when this manifest's cycle committed.
     #[serde(default)]
     epoch: Option<u64>,
+    /// Disk -> (head lineage, head epoch) right after that commit.
+    #[serde(default)]
+    heads: std::collections::BTreeMap<String, (u64, u64)>,
     /// Disk -> its hash file (32 bytes per block; zeros for a zero block).
     disks: std::collections::BTreeMap<String, String>,
 }
@@ -207,10 +210,21 @@ fn manifest_path(dir: &Path, group: &str) -> PathBuf {
 fn load_hashes(dir: &Path, group: &str, disk: &str, w: &wire::Welcome) -> Option<Vec<ChunkId>> {
     let m: Manifest =
         serde_json::from_slice(&std::fs::read(manifest_path(dir, group)).ok()?).ok()?;
-    if Some(m.point) != w.latest_point || m.store != w.store || m.chunk_size != w.chunk_size {
+    // The head must be the one the manifest's commit left, untouched since
+    // (found by tests/breakit_dr.rs: a volume removed and recreated, or written
+    // over NBD, got only the source's changes).
+    let same_head = w
+        .heads
+        .iter()
+        .find(|h| h.0 == disk)
+        .is_some_and(|h| h.3 && m.heads.get(disk) == Some(&(h.1, h.2)));
+    if Some(m.point) != w.latest_point
+        || m.store != w.store
+        || m.chunk_size != w.chunk_size
+        || !same_head
+    {
         log::info!(
-            "manifest of {group} is stale (target point {:?}); comparing every block",
-            w.latest_point
+            "manifest of {group}/{disk} does not describe the target's head; comparing every block"
         );
         return None;
     }
@@ -378,6 +392,7 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
         point: 0,
         chunk_size: cs,
         epoch: Some(welcome.epoch),
+        heads: Default::default(),
         disks: Default::default(),
     };
     let mut hash_files = Vec::new();
@@ -442,6 +457,11 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
         write_atomic(&opts.state_dir.join(name), &hashes.concat())?;
     }
     new_manifest.point = done.point;
+    new_manifest.heads = done
+        .heads
+        .iter()
+        .map(|(d, l, e)| (d.clone(), (*l, *e)))
+        .collect();
     write_atomic(
         &manifest_path(&opts.state_dir, &group),
         &serde_json::to_vec_pretty(&new_manifest).expect("json"),

@@ -29,6 +29,42 @@ use crate::Store;
 /// The user name of a replication session's leases starts with this.
 pub const LEASE_PREFIX: &str = "replication from ";
 
+/// For a writer about to lease a head (an NBD client, a FUSE file opened for
+/// writing): refuse while a replication session writes it.
+pub fn refuse_if_replicating(name: &str, users: &[String]) -> Result<()> {
+    match users.iter().find(|u| u.starts_with(LEASE_PREFIX)) {
+        Some(u) => Err(Error::Busy(format!(
+            "{name} is being written by {u}; a volume takes one writer at a time"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The last cycle into a group, kept in its record for `status` and metrics.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct CycleStatus {
+    /// When it ended, seconds since the Unix epoch.
+    pub time: u64,
+    /// The point it committed (None if it failed).
+    pub point: Option<u64>,
+    /// Bytes received from the agent in the cycle.
+    pub bytes: u64,
+    /// Milliseconds from HELLO (or the previous commit) to the end.
+    pub duration_ms: u64,
+    /// Who sent it.
+    pub source: String,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+fn record_cycle(store: &Store, group: &str, st: &CycleStatus) {
+    if let Err(e) =
+        store.set_replication_status(group, serde_json::to_value(st).expect("serializes"))
+    {
+        log::warn!("replication status of {group}: {e}");
+    }
+}
+
 /// Receiver settings.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
@@ -57,6 +93,8 @@ struct Session<'a> {
     staged: HashMap<String, Vec<(u64, MapVal)>>,
     _leases: Vec<Lease>,
     received: u64,
+    /// When the current cycle began.
+    started: std::time::Instant,
 }
 
 impl Drop for Session<'_> {
@@ -108,12 +146,46 @@ fn session<S: Read + Write>(store: &Store, s: &mut S, peer: &str, cfg: &Config) 
         ));
     }
     let mut sess = open_session(store, peer, hello)?;
+    let r = cycles(store, s, peer, &mut sess);
+    if let Err(e) = &r {
+        record_cycle(
+            store,
+            &sess.hello.group,
+            &CycleStatus {
+                time: crate::util::now_secs(),
+                point: None,
+                bytes: sess.received,
+                duration_ms: sess.started.elapsed().as_millis() as u64,
+                source: sess.hello.source.clone(),
+                error: Some(e.to_string()),
+            },
+        );
+    }
+    r
+}
+
+/// Cycles of one session, after HELLO.
+fn cycles<S: Read + Write>(
+    store: &Store,
+    s: &mut S,
+    peer: &str,
+    sess: &mut Session<'_>,
+) -> Result<()> {
     let g = store.group(&sess.hello.group)?;
     let welcome = wire::Welcome {
         chunk_size: store.chunk_size(),
         store: store.uuid().to_string(),
         latest_point: store.points(&g.name)?.last().map(|p| p.id),
         epoch: g.epoch,
+        heads: sess
+            .hello
+            .volumes
+            .iter()
+            .map(|(d, _)| {
+                let (l, e, c) = store.head_state(&g.name, d)?;
+                Ok((d.clone(), l, e, c))
+            })
+            .collect::<Result<_>>()?,
     };
     send_json(s, wire::WELCOME, &welcome, peer)?;
     loop {
@@ -146,7 +218,13 @@ fn session<S: Read + Write>(store: &Store, s: &mut S, peer: &str, cfg: &Config) 
                 for c in wire::decode_chunks(&body, cs)? {
                     batch.push((c.id, wire::unpack(&c)?));
                 }
-                let ids = store.chunks.put_received(&batch)?;
+                // Under the shared gate, like every writer: GC's pack phase assumes
+                // no record sits appended but unindexed while it holds the gate
+                // (found by tests/breakit_dr.rs: GC deleted the pack under them).
+                let ids = {
+                    let _g = store.gate.shared();
+                    store.chunks.put_received(&batch)?
+                };
                 sess.pinned.extend_from_slice(&ids);
                 sess.usable.extend(ids.iter().copied());
                 wire::write_frame(s, wire::STORED, &(ids.len() as u32).to_be_bytes())
@@ -154,7 +232,7 @@ fn session<S: Read + Write>(store: &Store, s: &mut S, peer: &str, cfg: &Config) 
             }
             wire::MAP => {
                 let (disk, entries) = wire::decode_map(&body)?;
-                stage(&mut sess, &disk, &entries)?;
+                stage(sess, &disk, &entries)?;
             }
             wire::COMMIT => {
                 let c: wire::Commit = wire::json("COMMIT", &body)?;
@@ -170,13 +248,40 @@ fn session<S: Read + Write>(store: &Store, s: &mut S, peer: &str, cfg: &Config) 
                     }),
                 )?;
                 crate::metrics::replication_bytes(&sess.hello.group, sess.received);
+                record_cycle(
+                    store,
+                    &sess.hello.group,
+                    &CycleStatus {
+                        time: crate::util::now_secs(),
+                        point: Some(p.id),
+                        bytes: sess.received,
+                        duration_ms: sess.started.elapsed().as_millis() as u64,
+                        source: sess.hello.source.clone(),
+                        error: None,
+                    },
+                );
                 sess.received = 0;
+                sess.started = std::time::Instant::now();
                 log::info!(
                     "replication from {peer}: point {} of {} committed",
                     p.id,
                     sess.hello.group
                 );
-                send_json(s, wire::COMMITTED, &wire::Committed { point: p.id }, peer)?;
+                let heads = sess
+                    .hello
+                    .volumes
+                    .iter()
+                    .map(|(d, _)| {
+                        let (l, e, _) = store.head_state(&sess.hello.group, d)?;
+                        Ok((d.clone(), l, e))
+                    })
+                    .collect::<Result<_>>()?;
+                send_json(
+                    s,
+                    wire::COMMITTED,
+                    &wire::Committed { point: p.id, heads },
+                    peer,
+                )?;
                 // The next cycle pins afresh.
                 store.chunks.unpin(&sess.pinned);
                 sess.pinned.clear();
@@ -224,32 +329,53 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
     if hello.volumes.is_empty() {
         return Err(Error::invalid("HELLO names no volume"));
     }
+    for (disk, size) in &hello.volumes {
+        crate::util::check_name("disk", disk)?;
+        store.check_size(*size)?;
+    }
+    if store.is_draining(&group) {
+        return Err(Error::Refused(format!(
+            "group {group} is being failed over (planned): replication into it is refused"
+        )));
+    }
+    // Leases first, on the volumes that exist, so a refused session changes
+    // nothing (found by tests/breakit_dr.rs: it grew a volume another writer
+    // held); then create or grow, and lease what was created.
+    let take = |disk: &str| {
+        let view = store.view(&group, disk, None)?;
+        store.lease_if(&view, &format!("{LEASE_PREFIX}{peer}"), |users| {
+            if users.is_empty() {
+                return Ok(());
+            }
+            Err(Error::Busy(format!(
+                "volume {group}/{disk} is in use by {} ({}); a volume takes one writer at a \
+                 time",
+                users.len(),
+                users.join(", ")
+            )))
+        })
+    };
     let mut leases = Vec::new();
+    let mut missing = Vec::new();
     for (disk, size) in &hello.volumes {
         match store.volume(&group, disk) {
-            Ok(v) if v.size < *size => {
-                store.resize_volume(&group, disk, *size)?;
+            Ok(v) => {
+                leases.push(take(disk)?);
+                if v.size < *size {
+                    missing.push((disk, *size, true));
+                }
             }
-            Ok(_) => {}
-            Err(Error::NotFound(_)) => {
-                store.create_volume(&group, disk, *size)?;
-            }
+            Err(Error::NotFound(_)) => missing.push((disk, *size, false)),
             Err(e) => return Err(e),
         }
-        let view = store.view(&group, disk, None)?;
-        leases.push(
-            store.lease_if(&view, &format!("{LEASE_PREFIX}{peer}"), |users| {
-                if users.is_empty() {
-                    return Ok(());
-                }
-                Err(Error::Busy(format!(
-                    "volume {group}/{disk} is in use by {} ({}); a volume takes one writer at a \
-                 time",
-                    users.len(),
-                    users.join(", ")
-                )))
-            })?,
-        );
+    }
+    for (disk, size, exists) in missing {
+        if exists {
+            store.resize_volume(&group, disk, size)?;
+        } else {
+            store.create_volume(&group, disk, size)?;
+            leases.push(take(disk)?);
+        }
     }
     // Pages an earlier NBD writer left in the write-back overlay go to the map
     // first, so the zero ranges below see them.
@@ -262,6 +388,7 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
         staged: HashMap::new(),
         _leases: leases,
         received: 0,
+        started: std::time::Instant::now(),
     })
 }
 

@@ -79,6 +79,11 @@ pub struct Welcome {
     pub latest_point: Option<u64>,
     /// The group's fencing epoch.
     pub epoch: u64,
+    /// Per volume of HELLO: (disk, head lineage, head epoch, clean).  A
+    /// manifest describes a head only if its lineage and epoch are the ones the
+    /// agent's last COMMITTED named and nothing wrote to it since (clean).
+    #[serde(default)]
+    pub heads: Vec<(String, u64, u64, bool)>,
 }
 
 /// Ends a cycle.
@@ -95,6 +100,9 @@ pub struct Commit {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Committed {
     pub point: u64,
+    /// Per volume: (disk, head lineage, head epoch) after the commit.
+    #[serde(default)]
+    pub heads: Vec<(String, u64, u64)>,
 }
 
 /// One MAP entry.
