@@ -157,8 +157,24 @@ fn seed_incremental_and_text_stay_within_their_byte_budgets() {
     let size = 100 * MIB;
     let mut data = random_bytes(11, size);
     let src = file(&t.env, "d0.raw", &data);
+    let st = t.env.json(&["status"]);
+    assert_eq!(
+        st.as_array().unwrap().len(),
+        0,
+        "no group before the first cycle"
+    );
     let r = t.replicate(proxy.port, &[("g/d0", &src)], &[]);
     let seed = proxy.take();
+    let st = t.env.json(&["status"]);
+    assert_eq!(st[0]["replication"]["state"], "idle", "{st}");
+    assert_eq!(st[0]["replication"]["last_cycle"]["point"], 1, "{st}");
+    assert!(
+        st[0]["replication"]["last_cycle"]["bytes"]
+            .as_u64()
+            .unwrap()
+            >= size as u64
+    );
+    assert!(st[0]["rpo_seconds"].as_u64().is_some());
     println!("seed of {size} bytes: {seed} bytes on the wire ({r})");
     assert!(seed as f64 <= 1.05 * size as f64, "seed sent {seed} bytes");
     assert_eq!(r["point"], 1);
@@ -379,6 +395,10 @@ fn failed_over_groups_and_busy_volumes_refuse_cycles() {
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("failed-over") && e.contains("refused"), "{e}");
+    assert_eq!(
+        t.env.json(&["status"])[0]["replication"]["state"],
+        "refused"
+    );
     t.env.ok(&["failover", "g", "--undo"]);
     // The agent's last cycle saw an older fencing epoch: refused until the
     // operator re-protects on purpose.

@@ -36,11 +36,36 @@ pub struct GroupStatus {
 /// The replication side of a group's status.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplicationStatus {
-    /// `none` (no agent has replicated yet), `refused` (the group's role
-    /// refuses replication: failed over or committed).
+    /// `none` (no agent has replicated yet), `replicating` (a cycle is in
+    /// flight), `idle` (the last cycle committed), `error` (the last cycle
+    /// failed), `refused` (the group's role refuses replication: failed over
+    /// or committed).
     pub state: String,
-    /// The last cycle: null until replication has run.
+    /// The last cycle as the receiver recorded it: `{time, point, bytes,
+    /// duration_ms, source, error}`; null until replication has run.
     pub last_cycle: Option<serde_json::Value>,
+}
+
+fn replication_state(store: &Store, g: &crate::engine::meta::GroupRec) -> Result<String> {
+    if g.role != Role::Protected {
+        return Ok("refused".into());
+    }
+    for v in store.volumes(Some(&g.name))? {
+        let view = store.view(&v.group, &v.disk, None)?;
+        if store
+            .lease_users(&view)
+            .iter()
+            .any(|u| u.starts_with(crate::repl::receiver::LEASE_PREFIX))
+        {
+            return Ok("replicating".into());
+        }
+    }
+    Ok(match &g.replication {
+        None => "none",
+        Some(c) if c.get("error").is_some_and(|e| !e.is_null()) => "error",
+        Some(_) => "idle",
+    }
+    .into())
 }
 
 /// A drill, as status shows it.
@@ -80,12 +105,8 @@ pub fn status(store: &Store, now: u64) -> Result<Vec<GroupStatus>> {
             points: pts.len(),
             retention: g.retention.as_ref().map(|r| r.to_string()),
             replication: ReplicationStatus {
-                state: if g.role == Role::Protected {
-                    "none".into()
-                } else {
-                    "refused".into()
-                },
-                last_cycle: None,
+                state: replication_state(store, &g)?,
+                last_cycle: g.replication.clone(),
             },
             last_drill: mine.last().map(|d| DrillSummary {
                 drill: d.id,
