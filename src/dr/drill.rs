@@ -320,7 +320,8 @@ pub fn remove(store: &Store, who: Actor, id: u64, disconnect: Disconnect<'_>) ->
 /// Remove the clones of every drill whose time is up at `now` (seconds since
 /// the Unix epoch): kept drills past their TTL, and drills whose `drclone test`
 /// never finished them.  Returns the drills expired.  A drill whose clones are
-/// still in use stays for the next round.
+/// still in use (a client that would not leave, an open FUSE file) stays for
+/// the next round, unaudited until it goes.
 pub fn expire(store: &Store, now: u64, disconnect: Disconnect<'_>) -> Result<Vec<u64>> {
     let mut done = Vec::new();
     for d in list(store)? {
@@ -328,6 +329,11 @@ pub fn expire(store: &Store, now: u64, disconnect: Disconnect<'_>) -> Result<Vec
             continue;
         }
         let r = remove_clones(store, d.id, disconnect);
+        if let Err(Error::Busy(m)) = &r {
+            // Tried again next round; audited once it goes, not every round.
+            log::info!("drill {}: expired, but {m}", d.id);
+            continue;
+        }
         let ok = r.is_ok();
         audit::record(
             store,
