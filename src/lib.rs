@@ -17,11 +17,11 @@
 //! | [`engine`]   | the chunk store, block map, points, clones, write-back, GC     |
 //! | [`nbd`]      | the NBD protocol: wire format (engine-free) and server         |
 //! | [`fuse`]     | the FUSE mount of heads and points                             |
+//! | [`repl`]     | replication: the wire protocol, the receiver, the agent       |
+//! | [`dr`]       | DR workflows: drills, failover, retention, status, audit       |
 //! | [`daemon`]   | `serve`: listeners, control socket, sessions, signals          |
+//! | [`metrics`]  | Prometheus metrics of `serve --metrics`                        |
 //! | `src/cli/`   | the command line (in the binary): parse, call the library, print |
-//!
-//! Replication (`repl/`) and the DR workflows (`dr/`: drills, failover, failback,
-//! plans) will sit beside these, above the engine and beside the protocols.
 //!
 //! Concurrency (who may run beside whom):
 //!
