@@ -107,6 +107,16 @@ impl Target {
         vols: &[(&str, &std::path::Path)],
         extra: &[&str],
     ) -> std::process::Output {
+        self.agent(via, vols, extra).output().unwrap()
+    }
+
+    /// `drclone --json replicate` through `via`, with this target's state dir.
+    fn agent(
+        &self,
+        via: u16,
+        vols: &[(&str, &std::path::Path)],
+        extra: &[&str],
+    ) -> std::process::Command {
         let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
         c.env_remove("DRCLONE_STORE")
             .args([
@@ -120,7 +130,8 @@ impl Target {
         for (name, src) in vols {
             c.arg("--volume").arg(format!("{name}={}", src.display()));
         }
-        c.args(extra).output().unwrap()
+        c.args(extra);
+        c
     }
 
     /// Export a head or point to a file and return its bytes.
@@ -225,20 +236,11 @@ fn interrupted_cycles_resume_and_leave_no_partial_point() {
     let s0 = file(&t.env, "d0.raw", &d0);
     let s1 = file(&t.env, "d1.raw", &d1);
     // The agent, slowed to 16 MiB/s, killed after about half the seed.
-    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
-    c.args([
-        "replicate",
-        "--bwlimit",
-        "16M",
-        "--target",
-        &format!("127.0.0.1:{}", proxy.port),
-    ])
-    .arg("--state-dir")
-    .arg(t.env.path("agent-state"))
-    .arg("--volume")
-    .arg(format!("g/d0={}", s0.display()))
-    .arg("--volume")
-    .arg(format!("g/d1={}", s1.display()));
+    let mut c = t.agent(
+        proxy.port,
+        &[("g/d0", &s0), ("g/d1", &s1)],
+        &["--bwlimit", "16M"],
+    );
     let mut agent = c.spawn().unwrap();
     while proxy.sent() < (size / 2) as u64 {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -270,21 +272,12 @@ fn interrupted_cycles_resume_and_leave_no_partial_point() {
     let mut d0b = d0.clone();
     d0b[..8 * MIB].copy_from_slice(&random_bytes(23, 8 * MIB));
     std::fs::write(&s0, &d0b).unwrap();
-    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
-    c.args([
-        "replicate",
-        "--bwlimit",
-        "2M",
-        "--target",
-        &format!("127.0.0.1:{}", proxy.port),
-    ])
-    .arg("--state-dir")
-    .arg(t.env.path("agent-state"))
-    .arg("--volume")
-    .arg(format!("g/d0={}", s0.display()))
-    .arg("--volume")
-    .arg(format!("g/d1={}", s1.display()))
-    .stderr(std::process::Stdio::piped());
+    let mut c = t.agent(
+        proxy.port,
+        &[("g/d0", &s0), ("g/d1", &s1)],
+        &["--bwlimit", "2M"],
+    );
+    c.stderr(std::process::Stdio::piped());
     let agent = c.spawn().unwrap();
     while proxy.sent() < 2 * MIB as u64 {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -430,19 +423,10 @@ fn failed_over_groups_and_busy_volumes_refuse_cycles() {
     let big = random_bytes(42, 12 * MIB);
     std::fs::write(&src, &big).unwrap();
     let proxy = Proxy::start(t.repl);
-    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
-    c.args([
-        "replicate",
-        "--bwlimit",
-        "2M",
-        "--target",
-        &format!("127.0.0.1:{}", proxy.port),
-    ])
-    .arg("--state-dir")
-    .arg(t.env.path("agent-state"))
-    .arg("--volume")
-    .arg(format!("g/d={}", src.display()));
-    let mut agent = c.spawn().unwrap();
+    let mut agent = t
+        .agent(proxy.port, &[("g/d", &src)], &["--bwlimit", "2M"])
+        .spawn()
+        .unwrap();
     while proxy.sent() < MIB as u64 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -741,20 +725,8 @@ fn planned_failover_waits_for_the_cycle_in_flight() {
     let newer = random_bytes(62, 8 * MIB);
     std::fs::write(&src, &newer).unwrap();
     let proxy = Proxy::start(t.repl);
-    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
-    c.args([
-        "--json",
-        "replicate",
-        "--bwlimit",
-        "2M",
-        "--target",
-        &format!("127.0.0.1:{}", proxy.port),
-    ])
-    .arg("--state-dir")
-    .arg(t.env.path("agent-state"))
-    .arg("--volume")
-    .arg(format!("g/d={}", src.display()))
-    .stdout(std::process::Stdio::piped());
+    let mut c = t.agent(proxy.port, &[("g/d", &src)], &["--bwlimit", "2M"]);
+    c.stdout(std::process::Stdio::piped());
     let agent = c.spawn().unwrap();
     while proxy.sent() < MIB as u64 {
         std::thread::sleep(std::time::Duration::from_millis(20));
