@@ -410,6 +410,7 @@ fn a_recreated_volume_gets_the_whole_source_not_just_the_changes() {
         progress: false,
         dirty_bitmap: None,
         reprotect: false,
+        tls: None,
     };
     let p1 = agent::cycle(&opts).unwrap();
     assert_eq!(

@@ -744,3 +744,270 @@ fn planned_failover_waits_for_the_cycle_in_flight() {
         "the failover head holds the last cycle"
     );
 }
+
+/// A CA named `name` and a server certificate it signs for 127.0.0.1 and
+/// localhost: (CA cert, server cert, server key) PEM paths.
+fn tls_pki(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let s = |f: &str| p(f).to_str().unwrap().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj"];
+    let subj = format!("/CN={name} CA");
+    ca.push(&subj);
+    ca.extend_from_slice(&ec);
+    let (ca_key, ca_crt) = (s("ca.key"), s("ca.crt"));
+    ca.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
+    run("openssl", &ca);
+    let (key, csr, crt) = (s("server.key"), s("server.csr"), s("server.crt"));
+    let mut req = vec!["req", "-new", "-subj", "/CN=localhost"];
+    req.extend_from_slice(&ec);
+    req.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+    run("openssl", &req);
+    let ext = p("ext.cnf");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            &crt,
+        ],
+    );
+    (p("ca.crt"), p("server.crt"), p("server.key"))
+}
+
+/// TLS: an agent with the CA lands a point (and the wire carries no plaintext);
+/// a plaintext agent is refused by the TLS receiver, which goes on serving;
+/// an agent trusting another CA refuses the receiver; a TLS agent against a
+/// plaintext receiver says so.
+#[test]
+fn tls_works_and_a_plaintext_agent_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_pki(certs.path(), "target");
+    let (other, _, _) = tls_pki(certs.path(), "impostor");
+    let t = Target::new(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    // Text, so plaintext on the wire would be recognisable.
+    let data = text_bytes(3, 4 * MIB);
+    let src = file(&t.env, "d.raw", &data);
+    let ca = ca.to_str().unwrap();
+
+    let out = t.replicate_raw(t.repl, &[("g/d", &src)], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a plaintext agent was accepted");
+    assert!(
+        err.contains("speaks TLS") && err.contains("--tls-ca"),
+        "{err}"
+    );
+    let out = t.replicate_raw(
+        t.repl,
+        &[("g/d", &src)],
+        &["--tls-ca", other.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an untrusted certificate was accepted"
+    );
+    assert!(err.contains("TLS handshake"), "{err}");
+    assert!(
+        t.env.json(&["status"]).as_array().unwrap().is_empty(),
+        "a refused agent left a group"
+    );
+
+    // Through a recording proxy: the wire holds no line of the text.
+    let (port, rec) = recording_proxy(t.repl);
+    let r = t.replicate(port, &[("g/d", &src)], &["--tls-ca", ca]);
+    assert_eq!(r["point"], 1);
+    assert!(t.export("g/d@1") == data, "the TLS cycle's point differs");
+    let wire = rec.lock().unwrap().clone();
+    assert!(wire.len() > 1000, "the proxy saw {} bytes", wire.len());
+    let needle = &data[MIB..MIB + 64];
+    assert!(
+        !wire.windows(needle.len()).any(|w| w == needle),
+        "plaintext on the TLS wire"
+    );
+
+    // A plaintext receiver: the TLS agent says what failed.
+    let plain = Target::new(&[]);
+    let out = plain.replicate_raw(plain.repl, &[("g/d", &src)], &["--tls-ca", ca]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("TLS handshake"), "{err}");
+    // serve refuses a certificate without its key, and a bad key file.
+    let e = t
+        .env
+        .fails(&["serve", "--tls-cert", cert.to_str().unwrap()]);
+    assert!(e.contains("--tls-key"), "{e}");
+}
+
+/// A proxy from a new port to `target` that records the client's bytes.
+fn recording_proxy(target: u16) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let rec = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r2 = rec.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let s = TcpStream::connect(("127.0.0.1", target)).unwrap();
+            let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+            });
+            let rec = r2.clone();
+            std::thread::spawn(move || {
+                let (mut c, mut s) = (c, s);
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (port, rec)
+}
+
+/// Write `len` random bytes at `off` of an NBD export, then FLUSH.
+fn nbd_random_write(uri: &str, off: usize, len: usize) {
+    py(&format!(
+        "import nbd, os\nh = nbd.NBD()\nh.connect_uri({uri:?})\nh.pwrite(os.urandom({len}), \
+         {off})\nh.flush()\nh.shutdown()\n"
+    ));
+}
+
+/// `push` between two stores: a full seed, then only the chunks the target
+/// lacks (counted on the wire), several points in order with their labels and
+/// origins, nothing when the target is current; it refuses when the target's
+/// head moved on, and a first push into a group that holds other data.
+#[test]
+fn push_sends_only_what_the_target_lacks_and_refuses_a_moved_head() {
+    let t = Target::new(&[]);
+    let proxy = Proxy::start(t.repl);
+    let src = Env::new();
+    src.ok(&["init"]);
+    let size = 16 * MIB;
+    src.ok(&["group", "create", "g"]);
+    for d in ["d0", "d1"] {
+        src.ok(&["volume", "create", &format!("g/{d}"), "--size", "16M"]);
+    }
+    let s = Server::start(&src);
+    nbd_random_write(&s.tcp("g/d0"), 0, size);
+    nbd_random_write(&s.tcp("g/d1"), 0, size / 2);
+    src.ok(&["point", "create", "g", "--label", "first"]);
+    let target = format!("127.0.0.1:{}", proxy.port);
+    let push = |what: &str| src.json(&["push", what, "--target", &target]);
+
+    let r = push("g");
+    let seed = proxy.take();
+    println!("push seed: {seed} bytes on the wire ({r})");
+    assert_eq!(r["points"].as_array().unwrap().len(), 1, "{r}");
+    assert!(r["base"].is_null(), "{r}");
+    let data = (size + size / 2) as f64;
+    assert!(seed as f64 <= 1.05 * data, "seed sent {seed} bytes");
+    assert!(
+        seed as f64 >= data,
+        "seed sent {seed} bytes: less than the data?"
+    );
+
+    // Two more points: 1 MiB changed on d0, then 1 MiB on d1 and a trim on d0.
+    nbd_random_write(&s.tcp("g/d0"), 3 * MIB, MIB);
+    src.ok(&["point", "create", "g", "--label", "second"]);
+    nbd_random_write(&s.tcp("g/d1"), 12 * MIB, MIB);
+    qemu_io(&s.tcp("g/d0"), &["discard 8M 2M"]);
+    src.ok(&["point", "create", "g", "--label", "third"]);
+    let r = push("g");
+    let inc = proxy.take();
+    println!("push of 2 points, 2 MiB changed: {inc} bytes on the wire ({r})");
+    assert_eq!(r["base"], 1, "{r}");
+    assert_eq!(r["points"].as_array().unwrap().len(), 2, "{r}");
+    assert!(inc as f64 <= 1.5 * (2 * MIB) as f64, "sent {inc} bytes");
+    assert!(inc as f64 >= (2 * MIB) as f64, "sent {inc} bytes");
+    // Every point landed identical, in order, with its label and origin.
+    let tp = t.env.json(&["point", "list", "g"]);
+    let sp = src.json(&["point", "list", "g"]);
+    let tp = tp.as_array().unwrap();
+    assert_eq!(tp.len(), 3, "{tp:?}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.store.join("store.json")).unwrap()).unwrap();
+    let uuid = cfg["uuid"].clone();
+    assert!(uuid.is_string(), "{cfg}");
+    for (i, p) in tp.iter().enumerate() {
+        let s_id = sp[i]["id"].as_u64().unwrap();
+        assert_eq!(p["label"], sp[i]["label"]);
+        assert_eq!(p["origin"]["point"], s_id, "{p}");
+        assert_eq!(p["origin"]["source"], uuid, "{p}");
+        for d in ["d0", "d1"] {
+            let here = src.path(&format!("s-{d}-{s_id}.raw"));
+            src.ok(&["export", &format!("g/{d}@{s_id}"), here.to_str().unwrap()]);
+            assert!(
+                t.export(&format!("g/{d}@{}", p["id"])) == std::fs::read(&here).unwrap(),
+                "point {s_id} of {d} differs on the target"
+            );
+        }
+    }
+    let r = push("g");
+    assert!(r["points"].as_array().unwrap().is_empty(), "{r}");
+
+    // The target's head moves on (an NBD write there): refused, nothing lands.
+    nbd_random_write(&format!("nbd://127.0.0.1:{}/g/d1", t.nbd), 0, 4096);
+    nbd_random_write(&s.tcp("g/d0"), 0, MIB);
+    src.ok(&["point", "create", "g"]);
+    let e = src.fails(&["push", "g", "--target", &target]);
+    assert!(e.contains("moved on since point 3"), "{e}");
+    assert_eq!(
+        t.env
+            .json(&["point", "list", "g"])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // A first push into a group the target holds from elsewhere: refused.
+    let other = file(&t.env, "h.raw", &random_bytes(4, MIB));
+    t.replicate(t.repl, &[("h/d0", &other)], &[]);
+    src.ok(&["group", "create", "h"]);
+    src.ok(&["volume", "create", "h/d0", "--size", "1M"]);
+    src.ok(&["point", "create", "h"]);
+    let e = src.fails(&["push", "h", "--target", &target]);
+    assert!(e.contains("none came from this store"), "{e}");
+    // A group without points, and an unknown one, are errors here.
+    src.ok(&["group", "create", "k"]);
+    src.ok(&["volume", "create", "k/d0", "--size", "1M"]);
+    let e = src.fails(&["push", "k", "--target", &target]);
+    assert!(e.contains("no recovery point"), "{e}");
+    let e = src.fails(&["push", "nosuch", "--target", &target]);
+    assert!(e.contains("nosuch"), "{e}");
+}

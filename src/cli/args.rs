@@ -143,6 +143,10 @@ pub(crate) enum Cmd {
         /// cycle (a failover was undone); without it such a cycle is refused.
         #[arg(long)]
         reprotect: bool,
+        /// Speak TLS, trusting the PEM CA certificate(s) in FILE (the target's
+        /// `serve --tls-cert`, or its CA).
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
     },
     /// Per group: role, latest points, RPO, last drill.
     Status,
@@ -198,6 +202,31 @@ pub(crate) enum Cmd {
         /// Agents must present the token in this file (`replicate --token-file`).
         #[arg(long, value_name = "FILE")]
         replication_token_file: Option<PathBuf>,
+        /// Replication speaks only TLS, with this PEM certificate chain (needs
+        /// --tls-key); agents then need --tls-ca.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Send another drclone store the recovery points of GROUP that it lacks,
+    /// incrementally from the newest point both hold (a first push is a full
+    /// seed).  Refused if the target's heads moved on since that point.
+    Push {
+        group: String,
+        /// The target's replication address (its `serve --replication-listen`).
+        #[arg(long, value_name = "HOST:PORT")]
+        target: String,
+        /// File holding the token the target wants.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Speak TLS, trusting the PEM CA certificate(s) in FILE.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
+        /// Limit the bytes per second on the wire (e.g. 20M).
+        #[arg(long, value_name = "RATE")]
+        bwlimit: Option<String>,
     },
 }
 

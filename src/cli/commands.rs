@@ -111,6 +111,8 @@ fn run(cli: Cli) -> Result<i32> {
             metrics,
             replication_listen,
             replication_token_file,
+            tls_cert,
+            tls_key,
         } => {
             if daemon::connect(&cli.store).is_some() {
                 bail!(
@@ -146,16 +148,10 @@ fn run(cli: Cli) -> Result<i32> {
                     None => Some(("127.0.0.1:10810".to_string(), false)),
                 },
                 replication_cfg: drclone::repl::receiver::Config {
-                    token: match replication_token_file {
-                        Some(f) => Some(
-                            std::fs::read_to_string(f)
-                                .with_context(|| {
-                                    format!("reading the replication token file {}", f.display())
-                                })?
-                                .trim()
-                                .to_string(),
-                        ),
-                        None => None,
+                    token: super::repl::read_token(replication_token_file.as_deref())?,
+                    tls: match (tls_cert, tls_key) {
+                        (Some(c), Some(k)) => Some(drclone::repl::link::ServerTls::load(c, k)?),
+                        _ => None,
                     },
                 },
             };
@@ -341,6 +337,7 @@ fn dispatch(
         | Cmd::Point(PointCmd::Rm { .. })) => super::dr::dispatch(store, cmd, json, out, who)?,
         Cmd::Test { .. } => unreachable!("drclone test runs in the client (cli::dr::run_test)"),
         Cmd::Replicate { .. } => unreachable!("drclone replicate opens no store (cli::repl::run)"),
+        cmd @ Cmd::Push { .. } => super::repl::push(store, cmd, json, out, cwd)?,
         Cmd::Mount { dir } => {
             let dir = user_path(&dir, cwd);
             drclone::fuse::mount_hosted(store.clone(), &dir)?;
@@ -486,7 +483,8 @@ fn dispatch(
                 .iter()
                 .map(|p| {
                     json!({"id": p.id, "time": p.time, "kind": p.kind, "label": p.label,
-                                "volumes": p.volumes.iter().map(|v| &v.disk).collect::<Vec<_>>()})
+                                "volumes": p.volumes.iter().map(|v| &v.disk).collect::<Vec<_>>(),
+                                "origin": p.origin})
                 })
                 .collect();
             print(out, json, json!(arr), || {

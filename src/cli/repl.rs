@@ -5,9 +5,12 @@
 use anyhow::{bail, Context, Result};
 use drclone::engine::types::parse_duration;
 use drclone::repl::agent::{self, Options, VolumeSpec};
+use drclone::repl::link::ClientTls;
+use drclone::repl::push::{self, PushOptions};
 use drclone::util::parse_size;
+use drclone::Store;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -27,6 +30,81 @@ fn volume_spec(s: &str) -> Result<VolumeSpec> {
         disk: disk.into(),
         source: PathBuf::from(src),
     })
+}
+
+/// A token file's first line (whitespace trimmed).
+pub(crate) fn read_token(f: Option<&Path>) -> Result<Option<String>> {
+    let Some(f) = f else { return Ok(None) };
+    let t = std::fs::read_to_string(f)
+        .with_context(|| format!("reading the token file {}", f.display()))?
+        .trim()
+        .to_string();
+    if t.is_empty() {
+        bail!("the token file {} is empty", f.display());
+    }
+    Ok(Some(t))
+}
+
+/// `drclone push`, against the store (local, or the daemon's).
+pub(crate) fn push(
+    store: &Store,
+    cmd: Cmd,
+    json: bool,
+    out: &mut String,
+    cwd: Option<&Path>,
+) -> Result<()> {
+    let Cmd::Push {
+        group,
+        target,
+        token_file,
+        tls_ca,
+        bwlimit,
+    } = cmd
+    else {
+        unreachable!()
+    };
+    let path = |p: PathBuf| match cwd {
+        Some(c) if p.is_relative() => c.join(p),
+        _ => p,
+    };
+    let opts = PushOptions {
+        target,
+        group,
+        token: read_token(token_file.map(path).as_deref())?,
+        tls: tls_ca
+            .map(path)
+            .as_deref()
+            .map(ClientTls::load)
+            .transpose()?,
+        bwlimit: bwlimit.as_deref().map(parse_size).transpose()?,
+        progress: cwd.is_none() && !json && std::io::stderr().is_terminal(),
+    };
+    if opts.bwlimit == Some(0) {
+        bail!("--bwlimit must be more than 0");
+    }
+    let r = push::push(store, &opts)?;
+    super::commands::print(out, json, serde_json::to_value(&r)?, || {
+        if r.points.is_empty() {
+            format!("{}: the target already holds every point", r.group)
+        } else {
+            format!(
+                "pushed {} point(s) of {} ({}): {} changed, {} chunk(s) sent, {} bytes on \
+                 the wire, {} ms",
+                r.points.len(),
+                r.group,
+                r.points
+                    .iter()
+                    .map(|(s, t)| format!("{s}->{t}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                drclone::util::human(r.bytes_logical),
+                r.chunks_sent,
+                r.bytes_sent,
+                r.duration_ms
+            )
+        }
+    });
+    Ok(())
 }
 
 fn default_state_dir() -> PathBuf {
@@ -52,19 +130,12 @@ pub(crate) fn run(cli: &Cli) -> Result<i32> {
         label,
         dirty_bitmap,
         reprotect,
+        tls_ca,
     } = &cli.cmd
     else {
         unreachable!()
     };
-    let token = match token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("reading the token file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = read_token(token_file.as_deref())?;
     let opts = Options {
         target: target.clone(),
         volumes: volumes
@@ -80,6 +151,7 @@ pub(crate) fn run(cli: &Cli) -> Result<i32> {
         progress: !cli.json && std::io::stderr().is_terminal(),
         dirty_bitmap: dirty_bitmap.clone(),
         reprotect: *reprotect,
+        tls: tls_ca.as_deref().map(ClientTls::load).transpose()?,
     };
     if opts.bwlimit == Some(0) {
         bail!("--bwlimit must be more than 0");

@@ -10,11 +10,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::repl::link::Stream;
 use crate::repl::receiver::{self, Config};
 use crate::Store;
 
 /// An agent silent this long is dropped (its cycle leaves no point).
 pub const IDLE: Duration = Duration::from_secs(300);
+/// A connection must finish its TLS handshake and HELLO within this.
+pub const HANDSHAKE: Duration = Duration::from_secs(30);
 
 /// Listen on `addr` until `stop`.  Errors: binding `addr`.
 pub fn listen(
@@ -39,9 +42,25 @@ pub fn listen(
                     let (store, cfg) = (store.clone(), cfg.clone());
                     std::thread::spawn(move || {
                         let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(IDLE));
+                        let _ = s.set_read_timeout(Some(HANDSHAKE));
                         let _ = s.set_nodelay(true);
                         let peer = peer.to_string();
+                        // A clone shares the socket: its timeout moves to IDLE once
+                        // the TLS handshake is done.
+                        let raw = s.try_clone();
+                        let s: Box<dyn Stream> = match &cfg.tls {
+                            Some(tls) => match tls.accept(s) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    log::warn!("replication from {peer}: {e}");
+                                    return;
+                                }
+                            },
+                            None => Box::new(s),
+                        };
+                        if let Ok(r) = raw {
+                            let _ = r.set_read_timeout(Some(IDLE));
+                        }
                         match receiver::serve_connection(&store, s, &peer, &cfg) {
                             Ok(()) => log::info!("replication from {peer}: session ended"),
                             Err(e) => log::warn!("replication from {peer}: session failed: {e}"),

@@ -328,6 +328,21 @@ impl Store {
         live
     }
 
+    /// Whether `lineage` may read anything but zeros: it has a version of any
+    /// block, or a parent (a clone).  Stops at the first key.  Errors: RocksDB.
+    pub fn has_data(&self, lineage: u64) -> Result<bool> {
+        if self.lineage(lineage).and_then(|l| l.parent).is_some() {
+            return Ok(true);
+        }
+        let mut any = false;
+        self.db
+            .for_prefix(&keys::map_lineage_prefix(lineage), |_, _| {
+                any = true;
+                false
+            })?;
+        Ok(any)
+    }
+
     /// Blocks whose content in `(lineage, epoch)` may differ from `(lineage, base)`:
     /// every block with a version in `(base, epoch]` of this lineage.  Used by failback.
     pub fn changed_blocks(&self, lineage: u64, base: u64, epoch: u64) -> Result<Vec<u64>> {

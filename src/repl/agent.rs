@@ -12,9 +12,7 @@
 //! cycle cut off part-way (agent killed, target restarted) resumes without
 //! resending what arrived.  The manifest is replaced only after COMMITTED.
 
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-
-use std::net::TcpStream;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::keys::ChunkId;
 use crate::error::{Error, IoContext, Result};
+use crate::repl::link::{send_lacking, ClientTls, Link};
 use crate::repl::wire::{self, Entry};
 
 /// Blocks offered per HAVE round (at 64 KiB chunks: 8 MiB).
@@ -99,6 +98,8 @@ pub struct Options {
     /// Replicate even though the group's role changed since the last cycle
     /// (after a failover was undone): forget the manifest's fencing epoch.
     pub reprotect: bool,
+    /// Speak TLS, trusting these CA certificates (`--tls-ca`).
+    pub tls: Option<ClientTls>,
 }
 
 /// One cycle's report (`--json` prints it).
@@ -114,68 +115,6 @@ pub struct CycleReport {
     pub duration_ms: u64,
     /// The point is app-consistent (both hooks succeeded).
     pub app: bool,
-}
-
-/// The connection: counts and paces what is written.
-struct Conn {
-    s: TcpStream,
-    sent: u64,
-    limit: Option<u64>,
-    t0: Instant,
-}
-
-impl Write for Conn {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if let Some(l) = self.limit {
-            let due = self.sent as f64 / l as f64;
-            let el = self.t0.elapsed().as_secs_f64();
-            if due > el {
-                std::thread::sleep(Duration::from_secs_f64(due - el));
-            }
-        }
-        // Pace in pieces of at most 64 KiB so the limit holds within a frame.
-        let n = self.s.write(&b[..b.len().min(64 << 10)])?;
-        self.sent += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.s.flush()
-    }
-}
-
-struct Link {
-    r: BufReader<TcpStream>,
-    w: BufWriter<Conn>,
-}
-
-impl Link {
-    fn send(&mut self, t: u8, body: &[u8]) -> Result<()> {
-        wire::write_frame(&mut self.w, t, body)
-            .and_then(|_| self.w.flush())
-            .map_err(|e| Error::io("replication connection", e))
-    }
-
-    /// The next frame, which must be `want`; an ERROR frame becomes the error
-    /// it names.
-    fn expect(&mut self, want: u8) -> Result<Vec<u8>> {
-        let (t, body) = wire::read_frame(&mut self.r)?;
-        if t == wire::ERROR {
-            return Err(Error::Refused(format!(
-                "the target refused: {}",
-                String::from_utf8_lossy(&body)
-            )));
-        }
-        if t != want {
-            return Err(Error::invalid(format!(
-                "replication protocol: expected message type {want}, got {t}"
-            )));
-        }
-        Ok(body)
-    }
-
-    fn sent(&self) -> u64 {
-        self.w.get_ref().sent
-    }
 }
 
 /// The manifest of the last committed cycle of a group on one target.
@@ -325,28 +264,7 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
         // Volumes are whole 512-byte sectors.
         sources.push((v, src, size.div_ceil(512).max(1) * 512));
     }
-    let s = TcpStream::connect(&opts.target)
-        .map_err(|e| Error::io(format!("replication target {}", opts.target), e))?;
-    let _ = s.set_nodelay(true);
-    let mut link = Link {
-        r: BufReader::with_capacity(
-            64 << 10,
-            s.try_clone().map_err(|e| Error::io(&opts.target, e))?,
-        ),
-        w: BufWriter::with_capacity(
-            1 << 20,
-            Conn {
-                s,
-                sent: 0,
-                limit: opts.bwlimit,
-                t0: Instant::now(),
-            },
-        ),
-    };
-    wire::write_handshake(&mut link.w)
-        .and_then(|_| link.w.flush())
-        .map_err(|e| Error::io(&opts.target, e))?;
-    wire::read_handshake(&mut link.r)?;
+    let mut link = Link::open(&opts.target, opts.tls.as_ref(), opts.bwlimit)?;
     let hello = wire::Hello {
         token: opts.token.clone(),
         group: group.clone(),
@@ -586,46 +504,17 @@ fn offer(
     batch: &mut Vec<(u64, ChunkId, Vec<u8>)>,
     entries: &mut Vec<Entry>,
 ) -> Result<u64> {
-    if batch.is_empty() {
-        return Ok(0);
-    }
-    let mut ids: Vec<ChunkId> = batch.iter().map(|(_, id, _)| *id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    link.send(wire::HAVE, &wire::encode_ids(&ids))?;
-    let lack = wire::decode_bits(&link.expect(wire::LACK)?, ids.len())?;
-    let lacking: std::collections::HashSet<ChunkId> = ids
-        .iter()
-        .zip(&lack)
-        .filter(|(_, l)| **l)
-        .map(|(id, _)| *id)
-        .collect();
-    let mut sent = std::collections::HashSet::new();
-    let mut frame = Vec::new();
-    let mut frame_bytes = 0usize;
-    for (_, id, data) in batch.iter() {
-        if lacking.contains(id) && sent.insert(*id) {
-            let c = wire::pack(*id, data);
-            frame_bytes += c.payload.len() + 41;
-            frame.push(c);
-            if frame_bytes >= 16 << 20 {
-                link.send(wire::CHUNKS, &wire::encode_chunks(&frame))?;
-                link.expect(wire::STORED)?;
-                frame.clear();
-                frame_bytes = 0;
-            }
-        }
-    }
-    if !frame.is_empty() {
-        link.send(wire::CHUNKS, &wire::encode_chunks(&frame))?;
-        link.expect(wire::STORED)?;
-    }
+    let ids: Vec<ChunkId> = batch.iter().map(|(_, id, _)| *id).collect();
+    let data: std::collections::HashMap<&ChunkId, &[u8]> =
+        batch.iter().map(|(_, id, d)| (id, &d[..])).collect();
+    let sent = send_lacking(link, &ids, &mut |id| Ok(wire::pack(*id, data[id])))?;
+    drop(data);
     entries.extend(
         batch
             .drain(..)
             .map(|(block, id, _)| Entry::Data { block, id }),
     );
-    Ok(sent.len() as u64)
+    Ok(sent)
 }
 
 /// Cycles every `interval` until `stop` says so; a failed cycle is retried

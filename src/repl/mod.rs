@@ -5,5 +5,7 @@
 //! compressed.
 
 pub mod agent;
+pub mod link;
+pub mod push;
 pub mod receiver;
 pub mod wire;

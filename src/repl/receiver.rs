@@ -70,6 +70,8 @@ fn record_cycle(store: &Store, group: &str, st: &CycleStatus) {
 pub struct Config {
     /// The token agents must present (`--replication-token-file`); None: any.
     pub token: Option<String>,
+    /// Speak only TLS (`serve --tls-cert --tls-key`).
+    pub tls: Option<crate::repl::link::ServerTls>,
 }
 
 /// Compare tokens in time independent of where they differ.
@@ -186,6 +188,14 @@ fn cycles<S: Read + Write>(
                 Ok((d.clone(), l, e, c))
             })
             .collect::<Result<_>>()?,
+        origins: store
+            .points(&g.name)?
+            .iter()
+            .filter_map(|p| match &p.origin {
+                Some(o) if o.source == sess.hello.source => o.point.map(|sp| (sp, p.id)),
+                _ => None,
+            })
+            .collect(),
     };
     send_json(s, wire::WELCOME, &welcome, peer)?;
     loop {
@@ -228,6 +238,13 @@ fn cycles<S: Read + Write>(
                 sess.pinned.extend_from_slice(&ids);
                 sess.usable.extend(ids.iter().copied());
                 wire::write_frame(s, wire::STORED, &(ids.len() as u32).to_be_bytes())
+                    .map_err(|e| Error::io(peer, e))?;
+            }
+            wire::BASE => {
+                let b: wire::Base = wire::json("BASE", &body)?;
+                check_base(store, &sess.hello, b.point)?;
+                wire::write_frame(s, wire::BASE_OK, &[])
+                    .and_then(|_| s.flush())
                     .map_err(|e| Error::io(peer, e))?;
             }
             wire::MAP => {
@@ -390,6 +407,62 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
         received: 0,
         started: std::time::Instant::now(),
     })
+}
+
+/// BASE: the heads of HELLO must hold exactly target point `base` (or, with
+/// None, the group must hold no point and its heads no data).  Errors:
+/// [`Error::Refused`] naming the head that moved on, or the point missing.
+fn check_base(store: &Store, hello: &Hello, base: Option<u64>) -> Result<()> {
+    let group = &hello.group;
+    // Writes an NBD client left in the write-back overlay count.
+    store.destage(None)?;
+    let Some(id) = base else {
+        if let Some(p) = store.points(group)?.last() {
+            return Err(Error::Refused(format!(
+                "group {group} on the target has points (newest {}) and none came from this \
+                 store: a push would replace what it holds; push into a new group, or remove \
+                 {group} on the target first",
+                p.id
+            )));
+        }
+        for (disk, _) in &hello.volumes {
+            let v = store.volume(group, disk)?;
+            if store.has_data(v.lineage)? {
+                return Err(Error::Refused(format!(
+                    "volume {group}/{disk} on the target holds data that came from no point \
+                     of this store: a push would overwrite it; push into a new group, or \
+                     remove {group} on the target first"
+                )));
+            }
+        }
+        return Ok(());
+    };
+    let p = store.point(group, &id.to_string()).map_err(|_| {
+        Error::Refused(format!(
+            "point {id} of {group}, the base of this push, is gone from the target"
+        ))
+    })?;
+    for (disk, _) in &hello.volumes {
+        let v = store.volume(group, disk)?;
+        let moved = match p.volumes.iter().find(|pv| &pv.disk == disk) {
+            Some(pv) => {
+                pv.lineage != v.lineage
+                    || !store
+                        .changed_blocks(v.lineage, pv.epoch, HEAD_EPOCH)?
+                        .is_empty()
+            }
+            None => store.has_data(v.lineage)?,
+        };
+        if moved {
+            return Err(Error::Refused(format!(
+                "the head of {group}/{disk} on the target has moved on since point {id}, the \
+                 newest point the two stores have in common (it was written, or failed over, \
+                 since): a push would overwrite those writes.  Take a point there to keep \
+                 them, and resolve the divergence (failback) before pushing"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Stage MAP entries of `disk`.  Zero ranges become zero markers only where

@@ -17,6 +17,7 @@
 //! | 5 | CHUNKS | n × (id 32, raw len u32, codec u8, len u32, payload) | STORED (6): count u32 |
 //! | 7 | MAP | disk (u16 len + UTF-8), n × entry | none |
 //! | 9 | COMMIT | JSON [`Commit`] | COMMITTED (10) JSON [`Committed`], or ERROR |
+//! | 11 | BASE | JSON [`Base`] (store to store: `push`) | BASE_OK (12, empty), or ERROR |
 //! | 15 | ERROR | UTF-8 text | (the receiver closes after sending one) |
 //!
 //! A MAP entry is `kind u8` then: kind 0 (zeros) `first block u64, count u64`;
@@ -46,6 +47,8 @@ pub const STORED: u8 = 6;
 pub const MAP: u8 = 7;
 pub const COMMIT: u8 = 9;
 pub const COMMITTED: u8 = 10;
+pub const BASE: u8 = 11;
+pub const BASE_OK: u8 = 12;
 pub const ERROR: u8 = 15;
 
 pub const CODEC_RAW: u8 = 0;
@@ -84,6 +87,21 @@ pub struct Welcome {
     /// agent's last COMMITTED named and nothing wrote to it since (clean).
     #[serde(default)]
     pub heads: Vec<(String, u64, u64, bool)>,
+    /// The group's points that came from HELLO's `source`: (the source's point
+    /// id, this store's point id), oldest first.  `push` finds the newest point
+    /// the two stores have in common here.
+    #[serde(default)]
+    pub origins: Vec<(u64, u64)>,
+}
+
+/// Store to store (`push`): the point of this (receiving) store that the sender
+/// builds on.  The receiver checks that every head of HELLO still holds exactly
+/// that point's data (no write since), or, with `point: None` (a full seed),
+/// that the group has no point and no data; otherwise it refuses (ERROR), so a
+/// push never overwrites writes the sender does not know of.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Base {
+    pub point: Option<u64>,
 }
 
 /// Ends a cycle.

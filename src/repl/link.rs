@@ -1,0 +1,332 @@
+//! The replication connection: TCP, or TLS over TCP (rustls), seen by both
+//! ends as one byte stream; and the sending end's [`Link`], which frames,
+//! counts and paces what it writes (docs/DESIGN.md §18).
+//!
+//! TLS: the receiver presents `serve --tls-cert`/`--tls-key` (PEM) and then
+//! speaks only TLS: a plaintext agent's handshake is not a TLS record, so the
+//! session ends before anything is read.  The sender checks the receiver's
+//! certificate against `--tls-ca` (PEM; a self-signed certificate may be its
+//! own CA) for the host name (or IP address) of `--target HOST:PORT`.  TLS 1.2
+//! and 1.3, rustls's safe defaults, the `ring` provider.
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::engine::keys::ChunkId;
+use crate::error::{Error, Result};
+use crate::repl::wire;
+
+/// A connection's byte stream (plain TCP or TLS).
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("{what}: {e}"))
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| tls_err(&format!("TLS certificates in {}", path.display()), e))?;
+    if certs.is_empty() {
+        return Err(Error::invalid(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The receiver's TLS settings (`serve --tls-cert --tls-key`).
+#[derive(Clone)]
+pub struct ServerTls(Arc<rustls::ServerConfig>);
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerTls")
+    }
+}
+
+impl ServerTls {
+    /// Load a PEM certificate chain and its PEM private key.  Errors: a file
+    /// that cannot be read, holds no certificate or key, or a key that does not
+    /// match the certificate.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self> {
+        let chain = certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| tls_err(&format!("TLS private key in {}", key.display()), e))?;
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_err("TLS", e))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| tls_err(&format!("TLS certificate {}", cert.display()), e))?;
+        Ok(Self(Arc::new(cfg)))
+    }
+
+    /// Complete the TLS handshake on an accepted connection.  Errors: the peer
+    /// does not speak TLS (a plaintext agent), or the handshake fails.
+    pub fn accept(&self, mut s: TcpStream) -> Result<Box<dyn Stream>> {
+        let mut conn =
+            rustls::ServerConnection::new(self.0.clone()).map_err(|e| tls_err("TLS", e))?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut s).map_err(|e| {
+                Error::Refused(format!(
+                    "TLS handshake failed ({e}); this receiver speaks only TLS: give the \
+                     agent --tls-ca"
+                ))
+            })?;
+        }
+        Ok(Box::new(rustls::StreamOwned::new(conn, s)))
+    }
+}
+
+/// The sender's TLS settings (`--tls-ca`).
+#[derive(Clone)]
+pub struct ClientTls(Arc<rustls::ClientConfig>);
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
+}
+
+impl ClientTls {
+    /// Trust the PEM certificates in `ca` (a CA, or the receiver's own
+    /// self-signed certificate).  Errors: unreadable, empty or bad PEM.
+    pub fn load(ca: &Path) -> Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(ca)? {
+            roots
+                .add(c)
+                .map_err(|e| tls_err(&format!("TLS CA {}", ca.display()), e))?;
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_err("TLS", e))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self(Arc::new(cfg)))
+    }
+}
+
+/// Connect to `target` (`HOST:PORT`), over TLS when `tls` is given.  Errors:
+/// connecting; a TLS handshake that fails (wrong CA, a name the certificate
+/// does not carry, a plaintext receiver).
+pub fn connect(target: &str, tls: Option<&ClientTls>) -> Result<Box<dyn Stream>> {
+    let s = TcpStream::connect(target)
+        .map_err(|e| Error::io(format!("replication target {target}"), e))?;
+    let _ = s.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(Box::new(s));
+    };
+    let host = target
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(target)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| tls_err(&format!("TLS server name {host:?}"), e))?;
+    let mut conn =
+        rustls::ClientConnection::new(tls.0.clone(), name).map_err(|e| tls_err("TLS", e))?;
+    let mut s = s;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut s)
+            .map_err(|e| Error::Refused(format!("TLS handshake with {target} failed: {e}")))?;
+    }
+    Ok(Box::new(rustls::StreamOwned::new(conn, s)))
+}
+
+/// Counts and paces what is written.
+struct Paced {
+    s: Box<dyn Stream>,
+    sent: u64,
+    limit: Option<u64>,
+    t0: Instant,
+}
+
+impl Read for Paced {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.s.read(b)
+    }
+}
+
+impl Write for Paced {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if let Some(l) = self.limit {
+            let due = self.sent as f64 / l as f64;
+            let el = self.t0.elapsed().as_secs_f64();
+            if due > el {
+                std::thread::sleep(Duration::from_secs_f64(due - el));
+            }
+        }
+        // Pace in pieces of at most 64 KiB so the limit holds within a frame.
+        let n = self.s.write(&b[..b.len().min(64 << 10)])?;
+        self.sent += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
+/// The sending end of a replication connection (agent, push): whole frames
+/// out, counted and paced; frames in, an ERROR frame turned into the error it
+/// names.
+pub struct Link {
+    s: BufReader<Paced>,
+    frame: Vec<u8>,
+    peer: String,
+}
+
+impl Link {
+    /// Connect to `target`, exchange handshakes.  `bwlimit`: bytes per second
+    /// written, if limited.  Errors: as [`connect`]; a peer that is not a
+    /// drclone receiver of this protocol version (named as such).
+    pub fn open(target: &str, tls: Option<&ClientTls>, bwlimit: Option<u64>) -> Result<Self> {
+        let s = connect(target, tls)?;
+        let mut link = Link {
+            s: BufReader::with_capacity(
+                64 << 10,
+                Paced {
+                    s,
+                    sent: 0,
+                    limit: bwlimit,
+                    t0: Instant::now(),
+                },
+            ),
+            frame: Vec::new(),
+            peer: target.to_string(),
+        };
+        let mut hs = Vec::new();
+        wire::write_handshake(&mut hs).expect("in memory");
+        link.write(&hs)?;
+        let mut b = [0u8; 12];
+        let mut got = 0;
+        while got < b.len() {
+            match link.s.read(&mut b[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if got == 0 => {
+                    return Err(Error::io(format!("replication target {target}"), e))
+                }
+                Err(_) => break,
+            }
+        }
+        if got > 0 && tls.is_none() && (b[0] == 0x15 || b[0] == 0x16) {
+            return Err(Error::Refused(format!(
+                "the target {target} speaks TLS: give --tls-ca with its CA certificate"
+            )));
+        }
+        if got < b.len() {
+            return Err(Error::invalid(format!(
+                "replication protocol: {target} closed the connection during the handshake \
+                 ({got} of 12 bytes){}",
+                if tls.is_none() {
+                    "; if it is a TLS receiver, give --tls-ca"
+                } else {
+                    ""
+                }
+            )));
+        }
+        wire::check_handshake(&b)?;
+        Ok(link)
+    }
+
+    fn write(&mut self, b: &[u8]) -> Result<()> {
+        let w = self.s.get_mut();
+        w.write_all(b)
+            .and_then(|_| w.flush())
+            .map_err(|e| Error::io(format!("replication connection to {}", self.peer), e))
+    }
+
+    /// Send one frame of type `t`.  Errors: I/O on the connection.
+    pub fn send(&mut self, t: u8, body: &[u8]) -> Result<()> {
+        let mut frame = std::mem::take(&mut self.frame);
+        frame.clear();
+        wire::write_frame(&mut frame, t, body).expect("in memory");
+        let r = self.write(&frame);
+        self.frame = frame;
+        r
+    }
+
+    /// Send `v` as a JSON frame of type `t`.
+    pub fn send_json<T: serde::Serialize>(&mut self, t: u8, v: &T) -> Result<()> {
+        self.send(t, &serde_json::to_vec(v).expect("serializes"))
+    }
+
+    /// The next frame, which must be `want`; an ERROR frame becomes
+    /// [`Error::Refused`] with the receiver's text.  Errors: I/O, another type.
+    pub fn expect(&mut self, want: u8) -> Result<Vec<u8>> {
+        let (t, body) = wire::read_frame(&mut self.s)?;
+        if t == wire::ERROR {
+            return Err(Error::Refused(format!(
+                "the target refused: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        if t != want {
+            return Err(Error::invalid(format!(
+                "replication protocol: expected message type {want}, got {t}"
+            )));
+        }
+        Ok(body)
+    }
+
+    /// Protocol bytes written so far (before TLS, which adds about 22 bytes per
+    /// 16 KiB record).
+    pub fn sent(&self) -> u64 {
+        self.s.get_ref().sent
+    }
+}
+
+/// Offer `ids` (HAVE), then send the chunks the receiver lacks (LACK), built by
+/// `chunk` (which packs one id's data), in CHUNKS frames of about 16 MiB, each
+/// acknowledged (STORED) before the next.  Duplicate ids are offered once.
+/// Returns the number of chunks sent.  Errors: I/O, the receiver's refusal,
+/// `chunk`'s.
+pub fn send_lacking(
+    link: &mut Link,
+    ids: &[ChunkId],
+    chunk: &mut dyn FnMut(&ChunkId) -> Result<wire::WireChunk>,
+) -> Result<u64> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    link.send(wire::HAVE, &wire::encode_ids(&ids))?;
+    let lack = wire::decode_bits(&link.expect(wire::LACK)?, ids.len())?;
+    let mut frame = Vec::new();
+    let mut frame_bytes = 0usize;
+    let mut sent = 0u64;
+    for (id, _) in ids.iter().zip(&lack).filter(|(_, l)| **l) {
+        let c = chunk(id)?;
+        frame_bytes += c.payload.len() + 41;
+        frame.push(c);
+        sent += 1;
+        if frame_bytes >= 16 << 20 {
+            link.send(wire::CHUNKS, &wire::encode_chunks(&frame))?;
+            link.expect(wire::STORED)?;
+            frame.clear();
+            frame_bytes = 0;
+        }
+    }
+    if !frame.is_empty() {
+        link.send(wire::CHUNKS, &wire::encode_chunks(&frame))?;
+        link.expect(wire::STORED)?;
+    }
+    Ok(sent)
+}
