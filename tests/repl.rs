@@ -361,6 +361,53 @@ fn tokens_garbage_and_lying_chunks_are_refused() {
         let (t3, body) = wire::read_frame(&mut s).unwrap();
         assert_eq!(t3, wire::ERROR);
         assert!(String::from_utf8_lossy(&body).contains("out of bounds"));
+        // Bounds: a HELLO of 300 volumes; a cycle that maps one 1 MiB volume's
+        // zero range over and over (CPU), or offers ids without end (memory).
+        let session = |vols: usize| {
+            let mut s = TcpStream::connect(("127.0.0.1", t.repl)).unwrap();
+            wire::write_handshake(&mut s).unwrap();
+            wire::read_handshake(&mut s).unwrap();
+            let hello = wire::Hello {
+                token: Some("s3cret".into()),
+                group: "caps".into(),
+                volumes: (0..vols).map(|i| (format!("d{i}"), MIB as u64)).collect(),
+                source: "test".into(),
+                epoch: None,
+            };
+            wire::write_frame(&mut s, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
+            s
+        };
+        let mut s = session(300);
+        let (t4, body) = wire::read_frame(&mut s).unwrap();
+        assert_eq!(t4, wire::ERROR);
+        assert!(String::from_utf8_lossy(&body).contains("at most 256"));
+        let mut s = session(1);
+        assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::WELCOME);
+        let zeros = vec![
+            wire::Entry::Zeros {
+                first: 0,
+                count: 16
+            };
+            10_000
+        ];
+        wire::write_frame(&mut s, wire::MAP, &wire::encode_map("d0", &zeros)).unwrap();
+        let (t5, body) = wire::read_frame(&mut s).unwrap();
+        assert_eq!(t5, wire::ERROR);
+        let msg = String::from_utf8_lossy(&body);
+        assert!(msg.contains("past its bound"), "{msg}");
+        let mut s = session(1);
+        assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::WELCOME);
+        let ids: Vec<[u8; 32]> = (0..70_000u32)
+            .map(|i| *blake3::hash(&i.to_be_bytes()).as_bytes())
+            .collect();
+        wire::write_frame(&mut s, wire::HAVE, &wire::encode_ids(&ids)).unwrap();
+        let (t6, body) = wire::read_frame(&mut s).unwrap();
+        assert_eq!(t6, wire::ERROR);
+        let msg = String::from_utf8_lossy(&body);
+        assert!(
+            msg.contains("HAVE takes this cycle past its bound"),
+            "{msg}"
+        );
     }
     // Still serving: the right token works and the data lands.
     let r = t.replicate(

@@ -97,6 +97,44 @@ struct Session<'a> {
     received: u64,
     /// When the current cycle began.
     started: std::time::Instant,
+    /// What one cycle may still ask of this receiver, in ids pinned plus map
+    /// entries staged plus zero-range blocks scanned (see [`cycle_budget`]).
+    budget: u64,
+}
+
+/// Volumes one HELLO may name.
+pub const MAX_VOLUMES: usize = 256;
+
+/// A cycle's bound on ids pinned (HAVE) plus map entries staged plus blocks of
+/// zero ranges scanned: twice the blocks of its volumes (an honest agent offers
+/// and maps each changed block about once), plus 65,536.  It caps the memory
+/// and CPU one agent can take at what its volumes' sizes justify (staged
+/// entries live in memory until COMMIT: about 48 bytes per changed block).
+pub fn cycle_budget(blocks: u64) -> u64 {
+    blocks.saturating_mul(2).saturating_add(1 << 16)
+}
+
+impl Session<'_> {
+    /// Take `n` units of the cycle's budget.  Errors: Invalid, past the bound.
+    fn charge(&mut self, n: u64, what: &str) -> Result<()> {
+        match self.budget.checked_sub(n) {
+            Some(left) => {
+                self.budget = left;
+                Ok(())
+            }
+            None => Err(Error::invalid(format!(
+                "replication protocol: {what} takes this cycle past its bound (ids offered + \
+                 map entries + zero-range blocks at most {} for its volumes); an agent offers \
+                 and maps each block about once per cycle",
+                self.full_budget()
+            ))),
+        }
+    }
+
+    fn full_budget(&self) -> u64 {
+        let cs = self.store.chunk_size();
+        cycle_budget(self.hello.volumes.iter().map(|(_, s)| s.div_ceil(cs)).sum())
+    }
 }
 
 impl Drop for Session<'_> {
@@ -211,6 +249,7 @@ fn cycles<S: Read + Write>(
         match t {
             wire::HAVE => {
                 let ids = wire::decode_ids(&body)?;
+                sess.charge(ids.len() as u64, "HAVE")?;
                 let have = store.chunks.pin_and_check(&ids)?;
                 sess.pinned.extend_from_slice(&ids);
                 for (id, h) in ids.iter().zip(&have) {
@@ -299,7 +338,8 @@ fn cycles<S: Read + Write>(
                     &wire::Committed { point: p.id, heads },
                     peer,
                 )?;
-                // The next cycle pins afresh.
+                // The next cycle pins afresh, with a fresh budget.
+                sess.budget = sess.full_budget();
                 store.chunks.unpin(&sess.pinned);
                 sess.pinned.clear();
                 sess.usable.clear();
@@ -345,6 +385,12 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
     }
     if hello.volumes.is_empty() {
         return Err(Error::invalid("HELLO names no volume"));
+    }
+    if hello.volumes.len() > MAX_VOLUMES {
+        return Err(Error::invalid(format!(
+            "HELLO names {} volumes; a group takes at most {MAX_VOLUMES}",
+            hello.volumes.len()
+        )));
     }
     for (disk, size) in &hello.volumes {
         crate::util::check_name("disk", disk)?;
@@ -397,7 +443,10 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
     // Pages an earlier NBD writer left in the write-back overlay go to the map
     // first, so the zero ranges below see them.
     store.destage(None)?;
+    let cs = store.chunk_size();
+    let budget = cycle_budget(hello.volumes.iter().map(|(_, s)| s.div_ceil(cs)).sum());
     Ok(Session {
+        budget,
         store,
         hello,
         pinned: Vec::new(),
@@ -476,6 +525,14 @@ fn stage(sess: &mut Session<'_>, disk: &str, entries: &[Entry]) -> Result<()> {
     let cs = sess.store.chunk_size();
     let blocks = size.div_ceil(cs);
     let v = sess.store.volume(&sess.hello.group, disk)?;
+    let cost = entries
+        .iter()
+        .map(|e| match e {
+            Entry::Data { .. } => 1,
+            Entry::Zeros { count, .. } => (*count).max(1),
+        })
+        .fold(0u64, u64::saturating_add);
+    sess.charge(cost, "MAP")?;
     let out = sess.staged.entry(disk.to_string()).or_default();
     for e in entries {
         match *e {
