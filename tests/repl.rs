@@ -32,57 +32,24 @@ impl Proxy {
 }
 
 /// A target: a store served with a replication port (and `extra` flags).
-struct Target {
-    env: Env,
-    srv: Option<std::process::Child>,
-    repl: u16,
-    nbd: u16,
+struct Target(Site);
+
+impl std::ops::Deref for Target {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Target {
+    fn deref_mut(&mut self) -> &mut Site {
+        &mut self.0
+    }
 }
 
 impl Target {
     fn new(extra: &[&str]) -> Target {
-        let env = Env::new();
-        env.ok(&["init"]);
-        let mut t = Target {
-            env,
-            srv: None,
-            repl: free_port(),
-            nbd: free_port(),
-        };
-        t.start(extra);
-        t
-    }
-
-    fn start(&mut self, extra: &[&str]) {
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
-            .env("DRCLONE_STORE", &self.env.store)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{}", self.nbd),
-                "--replication-listen",
-                &format!("127.0.0.1:{}", self.repl),
-            ])
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        self.srv = Some(child);
-        for _ in 0..500 {
-            if TcpStream::connect(("127.0.0.1", self.repl)).is_ok()
-                && self.env.store.join("control.sock").exists()
-            {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        panic!("drclone serve did not start");
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.srv.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
+        Target(Site::with_args(extra))
     }
 
     /// `drclone replicate` through `via` (a port); returns the JSON report.
@@ -132,23 +99,6 @@ impl Target {
         }
         c.args(extra);
         c
-    }
-
-    /// Export a head or point to a file and return its bytes.
-    fn export(&self, what: &str) -> Vec<u8> {
-        let out = self.env.path("export.bin");
-        let _ = std::fs::remove_file(&out);
-        self.env.ok(&["export", what, out.to_str().unwrap()]);
-        std::fs::read(out).unwrap()
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.srv.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
     }
 }
 
@@ -946,14 +896,6 @@ fn recording_proxy(target: u16) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>
     (port, rec)
 }
 
-/// Write `len` random bytes at `off` of an NBD export, then FLUSH.
-fn nbd_random_write(uri: &str, off: usize, len: usize) {
-    py(&format!(
-        "import nbd, os\nh = nbd.NBD()\nh.connect_uri({uri:?})\nh.pwrite(os.urandom({len}), \
-         {off})\nh.flush()\nh.shutdown()\n"
-    ));
-}
-
 /// `push` between two stores: a full seed, then only the chunks the target
 /// lacks (counted on the wire), several points in order with their labels and
 /// origins, nothing when the target is current; it refuses when the target's
@@ -970,8 +912,8 @@ fn push_sends_only_what_the_target_lacks_and_refuses_a_moved_head() {
         src.ok(&["volume", "create", &format!("g/{d}"), "--size", "16M"]);
     }
     let s = Server::start(&src);
-    nbd_random_write(&s.tcp("g/d0"), 0, size);
-    nbd_random_write(&s.tcp("g/d1"), 0, size / 2);
+    nbd_write_random(&s.tcp("g/d0"), 0, size, 701);
+    nbd_write_random(&s.tcp("g/d1"), 0, size / 2, 702);
     src.ok(&["point", "create", "g", "--label", "first"]);
     let target = format!("127.0.0.1:{}", proxy.port);
     let push = |what: &str| src.json(&["push", what, "--target", &target]);
@@ -989,9 +931,9 @@ fn push_sends_only_what_the_target_lacks_and_refuses_a_moved_head() {
     );
 
     // Two more points: 1 MiB changed on d0, then 1 MiB on d1 and a trim on d0.
-    nbd_random_write(&s.tcp("g/d0"), 3 * MIB, MIB);
+    nbd_write_random(&s.tcp("g/d0"), 3 * MIB as u64, MIB, 703);
     src.ok(&["point", "create", "g", "--label", "second"]);
-    nbd_random_write(&s.tcp("g/d1"), 12 * MIB, MIB);
+    nbd_write_random(&s.tcp("g/d1"), 12 * MIB as u64, MIB, 704);
     qemu_io(&s.tcp("g/d0"), &["discard 8M 2M"]);
     src.ok(&["point", "create", "g", "--label", "third"]);
     let r = push("g");
@@ -1028,8 +970,8 @@ fn push_sends_only_what_the_target_lacks_and_refuses_a_moved_head() {
     assert!(r["points"].as_array().unwrap().is_empty(), "{r}");
 
     // The target's head moves on (an NBD write there): refused, nothing lands.
-    nbd_random_write(&format!("nbd://127.0.0.1:{}/g/d1", t.nbd), 0, 4096);
-    nbd_random_write(&s.tcp("g/d0"), 0, MIB);
+    nbd_write_random(&t.uri("g/d1"), 0, 4096, 705);
+    nbd_write_random(&s.tcp("g/d0"), 0, MIB, 706);
     src.ok(&["point", "create", "g"]);
     let e = src.fails(&["push", "g", "--target", &target]);
     assert!(e.contains("moved on since point 3"), "{e}");

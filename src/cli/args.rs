@@ -210,6 +210,30 @@ pub(crate) enum Cmd {
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
+    /// Fail GROUP back from this (DR) site to the original one: only the blocks
+    /// changed since the newest point both hold travel, landing as points there;
+    /// writes the original site made after that point are kept there in a
+    /// `diverged-...` point.  --planned also stops the writers here and makes
+    /// this site the replica again.
+    Failback {
+        group: String,
+        /// The original site's replication address (its `serve --replication-listen`).
+        #[arg(long, value_name = "HOST:PORT")]
+        target: String,
+        /// Delta passes until small, then fence the writers here, send the last
+        /// delta and switch roles.
+        #[arg(long)]
+        planned: bool,
+        /// File holding the token the target wants.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Speak TLS, trusting the PEM CA certificate(s) in FILE.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
+        /// Limit the bytes per second on the wire (e.g. 20M).
+        #[arg(long, value_name = "RATE")]
+        bwlimit: Option<String>,
+    },
     /// Send another drclone store the recovery points of GROUP that it lacks,
     /// incrementally from the newest point both hold (a first push is a full
     /// seed).  Refused if the target's heads moved on since that point.

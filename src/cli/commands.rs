@@ -338,6 +338,9 @@ fn dispatch(
         Cmd::Test { .. } => unreachable!("drclone test runs in the client (cli::dr::run_test)"),
         Cmd::Replicate { .. } => unreachable!("drclone replicate opens no store (cli::repl::run)"),
         cmd @ Cmd::Push { .. } => super::repl::push(store, cmd, json, out, cwd)?,
+        cmd @ Cmd::Failback { .. } => {
+            super::repl::failback(store, cmd, json, out, cwd, who, &daemon::disconnect)?
+        }
         Cmd::Mount { dir } => {
             let dir = user_path(&dir, cwd);
             drclone::fuse::mount_hosted(store.clone(), &dir)?;

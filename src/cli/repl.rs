@@ -3,6 +3,7 @@
 //! (`drclone::repl::agent`).
 
 use anyhow::{bail, Context, Result};
+use drclone::dr::{failback, Actor, Disconnect};
 use drclone::engine::types::parse_duration;
 use drclone::repl::agent::{self, Options, VolumeSpec};
 use drclone::repl::link::ClientTls;
@@ -45,6 +46,115 @@ pub(crate) fn read_token(f: Option<&Path>) -> Result<Option<String>> {
     Ok(Some(t))
 }
 
+/// The options `push` and `failback` share; paths relative to the client's
+/// `cwd` when forwarded.
+fn push_options(
+    group: String,
+    target: String,
+    token_file: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    bwlimit: Option<&str>,
+    cwd: Option<&Path>,
+    json: bool,
+) -> Result<PushOptions> {
+    let path = |p: PathBuf| match cwd {
+        Some(c) if p.is_relative() => c.join(p),
+        _ => p,
+    };
+    let opts = PushOptions {
+        target,
+        group,
+        token: read_token(token_file.map(path).as_deref())?,
+        tls: tls_ca
+            .map(path)
+            .as_deref()
+            .map(ClientTls::load)
+            .transpose()?,
+        bwlimit: bwlimit.map(parse_size).transpose()?,
+        progress: cwd.is_none() && !json && std::io::stderr().is_terminal(),
+        keep_diverged: false,
+    };
+    if opts.bwlimit == Some(0) {
+        bail!("--bwlimit must be more than 0");
+    }
+    Ok(opts)
+}
+
+/// `drclone failback`, against the store (local, or the daemon's).
+pub(crate) fn failback(
+    store: &Store,
+    cmd: Cmd,
+    json: bool,
+    out: &mut String,
+    cwd: Option<&Path>,
+    who: Actor,
+    disconnect: Disconnect<'_>,
+) -> Result<()> {
+    let Cmd::Failback {
+        group,
+        target,
+        planned,
+        token_file,
+        tls_ca,
+        bwlimit,
+    } = cmd
+    else {
+        unreachable!()
+    };
+    let opts = failback::Options {
+        push: push_options(
+            group,
+            target,
+            token_file,
+            tls_ca,
+            bwlimit.as_deref(),
+            cwd,
+            json,
+        )?,
+        planned,
+        small: 64 << 20,
+        max_passes: 5,
+    };
+    let r = failback::run(store, who, &opts, disconnect)?;
+    super::commands::print(out, json, serde_json::to_value(&r)?, || {
+        let mut s = String::new();
+        for p in &r.passes {
+            s += &format!(
+                "pass: point(s) {} landed, {} changed, {} bytes on the wire, {} ms\n",
+                p.points
+                    .iter()
+                    .map(|(a, b)| format!("{a}->{b}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                drclone::util::human(p.bytes_logical),
+                p.bytes_sent,
+                p.duration_ms
+            );
+        }
+        if let Some(d) = r.diverged {
+            s += &format!(
+                "the original site had written after the common point: those writes are kept \
+                 there in point {d} (label diverged-...), and its heads rolled back first\n"
+            );
+        }
+        s += &if r.planned {
+            format!(
+                "failed back {} (planned): {} NBD session(s) stopped here; this site is now a \
+                 replica ({}), the original site is the protected side",
+                r.group, r.disconnected, r.role
+            )
+        } else {
+            format!(
+                "failed back {}: the original site holds this site's data; this site still \
+                 serves the group ({})",
+                r.group, r.role
+            )
+        };
+        s
+    });
+    Ok(())
+}
+
 /// `drclone push`, against the store (local, or the daemon's).
 pub(crate) fn push(
     store: &Store,
@@ -63,25 +173,15 @@ pub(crate) fn push(
     else {
         unreachable!()
     };
-    let path = |p: PathBuf| match cwd {
-        Some(c) if p.is_relative() => c.join(p),
-        _ => p,
-    };
-    let opts = PushOptions {
-        target,
+    let opts = push_options(
         group,
-        token: read_token(token_file.map(path).as_deref())?,
-        tls: tls_ca
-            .map(path)
-            .as_deref()
-            .map(ClientTls::load)
-            .transpose()?,
-        bwlimit: bwlimit.as_deref().map(parse_size).transpose()?,
-        progress: cwd.is_none() && !json && std::io::stderr().is_terminal(),
-    };
-    if opts.bwlimit == Some(0) {
-        bail!("--bwlimit must be more than 0");
-    }
+        target,
+        token_file,
+        tls_ca,
+        bwlimit.as_deref(),
+        cwd,
+        json,
+    )?;
     let r = push::push(store, &opts)?;
     super::commands::print(out, json, serde_json::to_value(&r)?, || {
         if r.points.is_empty() {

@@ -119,8 +119,69 @@ impl Store {
     /// group, or when a volume of the group is missing from the point (added
     /// after it).
     pub fn failover_heads(&self, group: &str, point: &str) -> Result<HeadSwap> {
+        self.heads_from_point(group, point, false)
+    }
+
+    /// Roll a protected group's heads back to `point` (failback, when this
+    /// site wrote after the newest point the two sites share): every volume's
+    /// name moves to a new head cloned from the point, in one synced batch; the
+    /// old heads are retired (keep their data in a point first).  The role
+    /// stays; the fencing epoch rises.
+    ///
+    /// Errors: NotFound (group, point); [`Error::Refused`] unless the group is
+    /// protected, or when a volume is missing from the point.
+    pub fn rollback_heads(&self, group: &str, point: &str) -> Result<HeadSwap> {
+        self.heads_from_point(group, point, true)
+    }
+
+    /// Failback's end on the site that served the group while it was failed
+    /// over: its current heads (failover heads) stay the heads, the replica
+    /// heads are retired, and the group becomes protected again, a replica of
+    /// the site it failed back to.  Raises the fencing epoch.
+    ///
+    /// Errors: NotFound; [`Error::Refused`] if the group is already protected.
+    pub fn reprotect_heads(&self, group: &str) -> Result<HeadSwap> {
+        if self.group(group)?.role == Role::FailedOver {
+            self.commit_failover_heads(group)?;
+        }
         let _m = self.meta.lock().unwrap();
         let mut g = self.group(group)?;
+        if g.role != Role::Committed {
+            return Err(Error::Refused(format!(
+                "group {group} is {}: only a failed-over or committed group fails back",
+                g.role
+            )));
+        }
+        g.role = Role::Protected;
+        g.epoch += 1;
+        let mut b = WriteBatch::default();
+        b.put(keys::group(group), encode_rec(&g));
+        self.db.write(b, true)?;
+        log::info!(
+            "group {group}: protected again after failback (fencing epoch {})",
+            g.epoch
+        );
+        Ok(HeadSwap {
+            volumes: self.volumes(Some(group))?,
+            group: g,
+            point: None,
+            retired: Vec::new(),
+        })
+    }
+
+    /// Move every name of `group` to a new head cloned from `point`: a
+    /// failover (keeps the replica heads, role failed-over) or, with
+    /// `rollback`, a rollback of a protected group (retires the old heads,
+    /// role unchanged).
+    fn heads_from_point(&self, group: &str, point: &str, rollback: bool) -> Result<HeadSwap> {
+        let _m = self.meta.lock().unwrap();
+        let mut g = self.group(group)?;
+        if rollback && g.role != Role::Protected {
+            return Err(Error::Refused(format!(
+                "group {group} is {}: only a protected group's heads roll back to a point",
+                g.role
+            )));
+        }
         if g.role == Role::Committed {
             return Err(Error::Refused(format!(
                 "group {group} is committed (its failover heads are its heads now); \
@@ -157,7 +218,8 @@ impl Store {
             };
             b.put(keys::lineage(lin.id), encode_rec(&lin));
             match v.replica {
-                // Changing the point: the current failover head goes.
+                // Changing the point (or a rollback): the current head goes.
+                _ if rollback => retired.push(v.lineage),
                 Some(_) => retired.push(v.lineage),
                 None => {
                     v.replica = Some(Replica {
@@ -173,7 +235,9 @@ impl Store {
             lins.push(lin);
             out.push(v);
         }
-        g.role = Role::FailedOver;
+        if !rollback {
+            g.role = Role::FailedOver;
+        }
         g.epoch += 1;
         g.retired.extend(&retired);
         b.put(keys::group(group), encode_rec(&g));
@@ -183,7 +247,12 @@ impl Store {
             map.insert(l.id, l);
         }
         log::info!(
-            "group {group}: failed over to point {} (fencing epoch {})",
+            "group {group}: {} point {} (fencing epoch {})",
+            if rollback {
+                "heads rolled back to"
+            } else {
+                "failed over to"
+            },
             p.id,
             g.epoch
         );

@@ -324,11 +324,12 @@ impl Conn {
                     self.session.peer(),
                     self.session.id()
                 ),
-                |users| match users
-                    .iter()
-                    .find(|u| u.starts_with(crate::repl::receiver::LEASE_PREFIX))
-                {
-                    // A replication cycle writes this head: one writer at a time.
+                |users| match users.iter().find(|u| {
+                    u.starts_with(crate::repl::receiver::LEASE_PREFIX)
+                        || u.starts_with(crate::dr::failback::FENCE_PREFIX)
+                }) {
+                    // A replication cycle writes this head, or a planned failback
+                    // fenced it: one writer at a time.
                     Some(u) if view.writable => Err(crate::Error::Busy(format!(
                         "{name} is being written by {u}; a volume takes one writer at a time"
                     ))),

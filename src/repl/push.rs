@@ -42,6 +42,10 @@ pub struct PushOptions {
     pub bwlimit: Option<u64>,
     /// Show a progress bar (points sent).
     pub progress: bool,
+    /// Failback: if the target's heads moved on since the common point, have
+    /// it keep them in a `diverged-TIME` point and roll back, instead of
+    /// refusing.
+    pub keep_diverged: bool,
 }
 
 /// What a push did (`--json` prints it).
@@ -58,6 +62,9 @@ pub struct PushReport {
     pub bytes_logical: u64,
     pub chunks_sent: u64,
     pub duration_ms: u64,
+    /// The target's point that keeps writes its heads had after the common
+    /// point (failback of a diverged site), if it made one.
+    pub diverged: Option<u64>,
 }
 
 /// Push `opts.group`'s points that the target lacks.  Errors: the group or
@@ -105,11 +112,17 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
             store.chunk_size()
         )));
     }
-    // The newest point in common that this store still holds.
+    // The newest point in common that this store still holds: one it sent
+    // the target, or one the target sent it (failback, re-protection).
+    let target_store = welcome.store.clone();
     let common = welcome
         .origins
         .iter()
         .filter_map(|&(sp, tp)| points.iter().find(|p| p.id == sp).map(|p| (p, tp)))
+        .chain(points.iter().filter_map(|p| match &p.origin {
+            Some(o) if o.source == target_store => o.point.map(|tp| (p, tp)),
+            _ => None,
+        }))
         .max_by_key(|(p, _)| p.id);
     let mut report = PushReport {
         group: group.clone(),
@@ -119,6 +132,7 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
         bytes_logical: 0,
         chunks_sent: 0,
         duration_ms: 0,
+        diverged: None,
     };
     let todo: Vec<&PointRec> = points
         .iter()
@@ -134,9 +148,11 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
         wire::BASE,
         &wire::Base {
             point: common.map(|(_, tp)| tp),
+            keep_diverged: opts.keep_diverged,
         },
     )?;
-    link.expect(wire::BASE_OK)?;
+    let ok: wire::BaseOk = wire::json("BASE_OK", &link.expect(wire::BASE_OK)?)?;
+    report.diverged = ok.diverged;
     let bar = if opts.progress {
         crate::engine::imex::progress_bar(todo.len() as u64, &format!("pushing {group}"))
     } else {
@@ -188,13 +204,12 @@ fn send_volume(
     // Blocks to look at: those with a version since the previous point on the
     // same lineage; every block otherwise.
     let changed: Option<Vec<u64>> = match was {
-        Some(w) if w.lineage == pv.lineage && w.epoch <= pv.epoch => {
-            let mut c = store.changed_blocks(pv.lineage, w.epoch, pv.epoch)?;
-            c.retain(|b| *b < blocks);
+        Some(w) => changed_since(store, w, pv)?.map(|mut c| {
             // A volume that grew: its new blocks read as zeros on the target already.
-            Some(c)
-        }
-        _ => None,
+            c.retain(|b| *b < blocks);
+            c
+        }),
+        None => None,
     };
     // Without a previous point the target's head holds nothing: holes and zero
     // blocks need no entry.
@@ -253,6 +268,29 @@ fn send_volume(
         }
     }
     Ok((logical, sent))
+}
+
+/// Blocks that may differ between `was` and `now`, sorted: the versions
+/// between them on one lineage, or, when `now`'s lineage is a clone of `was`'s
+/// lineage at or after `was` (failover heads), the parent's versions up to the
+/// clone plus all of the clone's.  None when the two are not related so (the
+/// whole map then).  Errors: RocksDB.
+fn changed_since(store: &Store, was: &PointVolume, now: &PointVolume) -> Result<Option<Vec<u64>>> {
+    if was.lineage == now.lineage {
+        return Ok((was.epoch <= now.epoch)
+            .then(|| store.changed_blocks(now.lineage, was.epoch, now.epoch))
+            .transpose()?);
+    }
+    match store.lineage(now.lineage).and_then(|l| l.parent) {
+        Some((parent, at)) if parent == was.lineage && at >= was.epoch => {
+            let mut c = store.changed_blocks(parent, was.epoch, at)?;
+            c.extend(store.changed_blocks(now.lineage, 0, now.epoch)?);
+            c.sort_unstable();
+            c.dedup();
+            Ok(Some(c))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Sorted block numbers as runs (first, count).

@@ -281,10 +281,13 @@ fn cycles<S: Read + Write>(
             }
             wire::BASE => {
                 let b: wire::Base = wire::json("BASE", &body)?;
-                check_base(store, &sess.hello, b.point)?;
-                wire::write_frame(s, wire::BASE_OK, &[])
-                    .and_then(|_| s.flush())
-                    .map_err(|e| Error::io(peer, e))?;
+                let diverged = match check_base(store, &sess.hello, b.point) {
+                    Err(Error::Refused(why)) if b.keep_diverged && b.point.is_some() => {
+                        Some(keep_diverged(store, sess, peer, b.point.unwrap(), &why)?)
+                    }
+                    r => r.map(|()| None)?,
+                };
+                send_json(s, wire::BASE_OK, &wire::BaseOk { diverged }, peer)?;
             }
             wire::MAP => {
                 let (disk, entries) = wire::decode_map(&body)?;
@@ -512,6 +515,36 @@ fn check_base(store: &Store, hello: &Hello, base: Option<u64>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Failback into a site whose heads moved on since `base`: keep them in a
+/// point labelled `diverged-TIME`, roll the heads back to `base`, and move the
+/// session's leases to the new heads (the old ones are dropped once free).
+/// Returns the kept point's id.  Errors: the engine's.
+fn keep_diverged(
+    store: &Store,
+    sess: &mut Session<'_>,
+    peer: &str,
+    base: u64,
+    why: &str,
+) -> Result<u64> {
+    let group = sess.hello.group.clone();
+    let label = format!("diverged-{}", crate::util::now_secs());
+    let kept = store.create_point(&group, false, Some(label.clone()))?;
+    log::warn!(
+        "failback into {group}: {why}; those writes are kept in point {} ({label}); the heads \
+         roll back to point {base}",
+        kept.id
+    );
+    store.rollback_heads(&group, &base.to_string())?;
+    let mut leases = Vec::new();
+    for (disk, _) in &sess.hello.volumes {
+        let view = store.view(&group, disk, None)?;
+        leases.push(store.lease(&view, &format!("{LEASE_PREFIX}{peer}"))?);
+    }
+    sess._leases = leases;
+    store.drop_retired(&group)?;
+    Ok(kept.id)
 }
 
 /// Stage MAP entries of `disk`.  Zero ranges become zero markers only where

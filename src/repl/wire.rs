@@ -17,7 +17,7 @@
 //! | 5 | CHUNKS | n × (id 32, raw len u32, codec u8, len u32, payload) | STORED (6): count u32 |
 //! | 7 | MAP | disk (u16 len + UTF-8), n × entry | none |
 //! | 9 | COMMIT | JSON [`Commit`] | COMMITTED (10) JSON [`Committed`], or ERROR |
-//! | 11 | BASE | JSON [`Base`] (store to store: `push`) | BASE_OK (12, empty), or ERROR |
+//! | 11 | BASE | JSON [`Base`] (store to store: `push`) | BASE_OK (12) JSON [`BaseOk`], or ERROR |
 //! | 15 | ERROR | UTF-8 text | (the receiver closes after sending one) |
 //!
 //! A MAP entry is `kind u8` then: kind 0 (zeros) `first block u64, count u64`;
@@ -99,9 +99,24 @@ pub struct Welcome {
 /// that point's data (no write since), or, with `point: None` (a full seed),
 /// that the group has no point and no data; otherwise it refuses (ERROR), so a
 /// push never overwrites writes the sender does not know of.
+///
+/// With `keep_diverged` (failback), heads that moved on since `point` are not
+/// refused: the receiver keeps them in a new point labelled `diverged-TIME`,
+/// rolls the group's heads back to `point`, and names the kept point in
+/// [`BaseOk`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Base {
     pub point: Option<u64>,
+    #[serde(default)]
+    pub keep_diverged: bool,
+}
+
+/// The receiver's answer to BASE.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BaseOk {
+    /// The point that keeps writes the receiver's heads had after the base
+    /// (failback of a diverged site), if it made one.
+    pub diverged: Option<u64>,
 }
 
 /// Ends a cycle.

@@ -613,3 +613,100 @@ pub fn unix_proxy(listen: &Path, upstream: &Path) -> CountingProxy {
     });
     p
 }
+
+/// A drclone site: a store served over NBD (TCP) with a replication port.
+pub struct Site {
+    pub env: Env,
+    pub srv: Option<std::process::Child>,
+    pub repl: u16,
+    pub nbd: u16,
+}
+
+impl Site {
+    /// A new store, served.
+    pub fn new() -> Site {
+        Site::with_args(&[])
+    }
+
+    /// A new store, served with `extra` flags for `serve`.
+    pub fn with_args(extra: &[&str]) -> Site {
+        let env = Env::new();
+        env.ok(&["init"]);
+        let mut s = Site {
+            env,
+            srv: None,
+            repl: free_port(),
+            nbd: free_port(),
+        };
+        s.start(extra);
+        s
+    }
+
+    /// Start `serve` (again, after [`Site::kill9`]) with `extra` flags.
+    pub fn start(&mut self, extra: &[&str]) {
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+            .env("DRCLONE_STORE", &self.env.store)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.nbd),
+                "--replication-listen",
+                &format!("127.0.0.1:{}", self.repl),
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.srv = Some(child);
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.repl)).is_ok()
+                && self.env.store.join("control.sock").exists()
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("drclone serve did not start");
+    }
+
+    /// kill -9 of `serve`.
+    pub fn kill9(&mut self) {
+        let mut c = self.srv.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// NBD URI of an export.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.nbd)
+    }
+
+    /// Export a head or point to a file and return its bytes.
+    pub fn export(&self, what: &str) -> Vec<u8> {
+        let out = self.env.path("export.bin");
+        let _ = std::fs::remove_file(&out);
+        self.env.ok(&["export", what, out.to_str().unwrap()]);
+        std::fs::read(out).unwrap()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.srv.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Write `len` random bytes (from `seed`) at `off` of an NBD export, then FLUSH.
+pub fn nbd_write_random(uri: &str, off: u64, len: usize, seed: u64) {
+    let p = std::env::temp_dir().join(format!("drclone-w-{}-{seed}-{off}", std::process::id()));
+    std::fs::write(&p, random_bytes(seed, len)).unwrap();
+    py(&format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri({uri:?})\nh.pwrite(open({:?}, 'rb').read(), \
+         {off})\nh.flush()\nh.shutdown()\n",
+        p.display().to_string()
+    ));
+    let _ = std::fs::remove_file(&p);
+}

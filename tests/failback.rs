@@ -1,0 +1,164 @@
+//! Failback (issue 12) between two sites on loopback, each a `drclone serve`
+//! with a replication port: the original site pushes a group to the DR site,
+//! the DR site fails over and writes, and `drclone failback` sends home only
+//! what changed (counted on the wire by a proxy), keeps writes the original
+//! site made after the common point, and after a planned failback the next
+//! push back to the DR site is incremental.
+
+mod common;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Write `n` regions of 1 MiB, spread over `size`, at `uri`; returns their
+/// offsets.
+fn scatter(uri: &str, n: u64, size: u64, seed: u64) -> Vec<u64> {
+    let step = size / n;
+    let offs: Vec<u64> = (0..n).map(|i| i * step + (i * 7 % 13) * 65536).collect();
+    for (i, off) in offs.iter().enumerate() {
+        nbd_write_random(uri, *off, MIB as usize, seed + i as u64);
+    }
+    offs
+}
+
+fn points(s: &Site, g: &str) -> Vec<serde_json::Value> {
+    s.env
+        .json(&["point", "list", g])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Original site O holds group g (a 1 GiB disk, 48 MiB written), pushes it to
+/// the DR site D; D fails over and writes 10 MiB (1%); failback sends at most
+/// 1.5x that on the wire and O's new point equals D's head.  Then a planned
+/// failback makes D a replica again, and O's next push to D is incremental.
+#[test]
+fn failback_sends_the_delta_and_reprotection_is_incremental() {
+    let o = Site::new();
+    let d = Site::new();
+    let size = 1024 * MIB;
+    o.env.ok(&["group", "create", "g"]);
+    o.env.ok(&["volume", "create", "g/d0", "--size", "1G"]);
+    for i in 0..3 {
+        nbd_write_random(&o.uri("g/d0"), i * 300 * MIB, 16 * MIB as usize, 100 + i);
+    }
+    o.env
+        .ok(&["point", "create", "g", "--label", "before the disaster"]);
+    let to_d = format!("127.0.0.1:{}", d.repl);
+    o.env.json(&["push", "g", "--target", &to_d]);
+    assert_eq!(points(&d, "g").len(), 1);
+
+    // Disaster: D fails over and the recovered VM writes 1% of the disk.
+    d.env.json(&["failover", "g"]);
+    scatter(&d.uri("g/d0"), 10, size, 500);
+    let proxy = {
+        let (port, count) = tcp_proxy(o.repl);
+        (port, count)
+    };
+    let via = format!("127.0.0.1:{}", proxy.0);
+    let r = d.env.json(&["failback", "g", "--target", &via]);
+    let wire = proxy.1.take_up();
+    println!("failback of 10 MiB changed: {wire} bytes on the wire ({r})");
+    assert!(r["diverged"].is_null(), "{r}");
+    assert!(
+        wire as f64 <= 1.5 * (10 * MIB) as f64,
+        "failback sent {wire} bytes for 10 MiB changed"
+    );
+    assert!(wire >= 10 * MIB, "failback sent only {wire} bytes");
+    let latest = points(&o, "g").last().unwrap()["id"].as_u64().unwrap();
+    assert!(
+        o.export(&format!("g/d0@{latest}")) == d.export("g/d0"),
+        "the original site's point differs from the DR site's head"
+    );
+    assert_eq!(d.env.json(&["status"])[0]["role"], "failed-over");
+
+    // Planned: D's writers are stopped and D becomes the replica; O's heads
+    // hold D's data.
+    scatter(&d.uri("g/d0"), 2, size, 900);
+    let r = d
+        .env
+        .json(&["failback", "g", "--target", &via, "--planned"]);
+    proxy.1.take_up();
+    assert_eq!(r["role"], "protected", "{r}");
+    assert!(
+        o.export("g/d0") == d.export("g/d0"),
+        "heads differ after planned failback"
+    );
+    let e = d.env.fails(&["failback", "g", "--target", &via]);
+    assert!(
+        e.contains("failback runs on the site the group failed over to"),
+        "{e}"
+    );
+
+    // Re-protection: O writes 2 MiB and pushes to D through a proxy: incremental.
+    scatter(&o.uri("g/d0"), 2, size, 1300);
+    o.env.ok(&["point", "create", "g"]);
+    let (port, count) = tcp_proxy(d.repl);
+    let r = o
+        .env
+        .json(&["push", "g", "--target", &format!("127.0.0.1:{port}")]);
+    let back = count.take_up();
+    println!("re-protection push of 2 MiB changed: {back} bytes ({r})");
+    assert!(!r["base"].is_null(), "no common point: {r}");
+    assert!(
+        back as f64 <= 1.5 * (2 * MIB) as f64,
+        "re-protection sent {back} bytes"
+    );
+    assert!(
+        d.export("g/d0@latest") == o.export("g/d0@latest"),
+        "re-protected point differs"
+    );
+}
+
+/// Unplanned failover after the original site wrote past the last point it
+/// sent: failback keeps those writes in a `diverged-...` point there, says
+/// so, and the original site then holds the DR site's data.
+#[test]
+fn failback_keeps_what_the_original_site_wrote_after_the_common_point() {
+    let o = Site::new();
+    let d = Site::new();
+    o.env.ok(&["group", "create", "g"]);
+    o.env.ok(&["volume", "create", "g/d0", "--size", "64M"]);
+    nbd_write_random(&o.uri("g/d0"), 0, 8 * MIB as usize, 1);
+    o.env.ok(&["point", "create", "g"]);
+    o.env
+        .json(&["push", "g", "--target", &format!("127.0.0.1:{}", d.repl)]);
+    // Writes that never reach the DR site.
+    nbd_write_random(&o.uri("g/d0"), 32 * MIB, 2 * MIB as usize, 2);
+    let lost_here = o.export("g/d0");
+    d.env.json(&["failover", "g"]);
+    nbd_write_random(&d.uri("g/d0"), 4 * MIB, MIB as usize, 3);
+    let r = d.env.json(&[
+        "failback",
+        "g",
+        "--target",
+        &format!("127.0.0.1:{}", o.repl),
+    ]);
+    let kept = r["diverged"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no diverged point: {r}"));
+    let p = points(&o, "g");
+    let kp = p.iter().find(|x| x["id"] == kept).unwrap();
+    assert!(
+        kp["label"].as_str().unwrap().starts_with("diverged-"),
+        "{kp}"
+    );
+    assert!(
+        o.export(&format!("g/d0@{kept}")) == lost_here,
+        "the diverged point does not hold the original site's writes"
+    );
+    assert!(o.export("g/d0@latest") == d.export("g/d0"));
+    assert!(
+        o.export("g/d0") == d.export("g/d0"),
+        "the original head was not rolled back"
+    );
+    let text = d.env.ok(&[
+        "failback",
+        "g",
+        "--target",
+        &format!("127.0.0.1:{}", o.repl),
+    ]);
+    assert!(!text.contains("diverged"), "{text}");
+}
