@@ -162,3 +162,130 @@ fn failback_keeps_what_the_original_site_wrote_after_the_common_point() {
     ]);
     assert!(!text.contains("diverged"), "{text}");
 }
+
+/// `restore` to a plain file: 1% differs, about 1% travels (counted on the
+/// wire), the file ends byte-identical to the point; a missing file is
+/// created; a target open for writing or mounted (fuse2fs) is refused unless
+/// --force.
+#[test]
+fn restore_fetches_only_what_differs_and_refuses_a_target_in_use() {
+    need("fuse2fs");
+    let d = Site::new();
+    d.env.ok(&["group", "create", "g"]);
+    d.env.ok(&["volume", "create", "g/d0", "--size", "100M"]);
+    nbd_write_random(&d.uri("g/d0"), 0, 60 * MIB as usize, 11);
+    d.env.ok(&["point", "create", "g"]);
+    let point = d.export("g/d0@latest");
+    // The original host's disk: the point, with 1 MiB (1%) changed since.
+    let disk = d.env.path("host-disk.raw");
+    let mut local = point.clone();
+    local[20 * MIB as usize..21 * MIB as usize].copy_from_slice(&random_bytes(12, MIB as usize));
+    std::fs::write(&disk, &local).unwrap();
+    let (port, count) = tcp_proxy(d.repl);
+    let from = format!("127.0.0.1:{port}");
+    let restore = |extra: &[&str]| {
+        let mut a = vec!["--json", "restore", "g/d0", "--from", &from, "--to"];
+        a.push(disk.to_str().unwrap());
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run_restore = |extra: &[&str]| {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+            .env_remove("DRCLONE_STORE")
+            .args(restore(extra))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = run_restore(&[]);
+    assert!(ok, "{err}");
+    let down = count.take_down();
+    println!("restore of 1 MiB differing in 100 MiB: {down} bytes received ({out})");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["blocks_changed"], 16, "{r}");
+    assert!(
+        down as f64 <= 1.5 * MIB as f64,
+        "restore received {down} bytes"
+    );
+    assert!(down >= MIB, "restore received only {down} bytes");
+    assert!(
+        std::fs::read(&disk).unwrap() == point,
+        "restored file differs"
+    );
+
+    // A file open for writing by another process: refused, then --force.
+    std::fs::write(&disk, &local).unwrap();
+    let mut holder = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec 3>>'{}'; echo held; sleep 60", disk.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let (ok, _, err) = run_restore(&[]);
+    assert!(!ok, "a target open for writing was written");
+    assert!(err.contains("is open for writing by process"), "{err}");
+    assert!(
+        std::fs::read(&disk).unwrap() == local,
+        "a refused restore wrote"
+    );
+    let (ok, _, err) = run_restore(&["--force"]);
+    assert!(ok, "{err}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(std::fs::read(&disk).unwrap() == point);
+
+    // A mounted file system image (fuse2fs): refused.
+    let img = d.env.path("fs.img");
+    run("truncate", &["-s", "100M", img.to_str().unwrap()]);
+    run("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+    let mnt = d.env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run("fuse2fs", &[img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+        .args(["restore", "g/d0", "--from", &from, "--to"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a mounted image was written");
+    assert!(
+        err.contains("is mounted on") || err.contains("is open for writing by process"),
+        "{err}"
+    );
+
+    // A missing file is created whole; an unknown disk is an error by name.
+    let fresh = d.env.path("fresh.raw");
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+        .args(["restore", "g/d0@latest", "--from", &from, "--to"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(&fresh).unwrap() == point);
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+        .args(["restore", "g/nosuch", "--from", &from, "--to"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"));
+}

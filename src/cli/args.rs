@@ -83,6 +83,10 @@ pub(crate) enum Cmd {
     /// Drills: list them, show one's report, remove one's clones and record.
     #[command(subcommand)]
     Drill(DrillCmd),
+    /// Recovery plans: bring applications up in order (a TOML file of steps:
+    /// groups, point, pre/post scripts, timeouts, waits).
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// Fail GROUP over: its export names move to writable heads cloned from a
     /// point (O(1)); --undo goes back, --commit keeps them.
     Failover {
@@ -234,6 +238,29 @@ pub(crate) enum Cmd {
         #[arg(long, value_name = "RATE")]
         bwlimit: Option<String>,
     },
+    /// Failback to a plain host: make a local file or block device equal to
+    /// GROUP/DISK[@POINT] of a drclone store, fetching only the chunks that
+    /// differ (rsync-style), then verify every block.  Refuses a target that is
+    /// mounted or open for writing unless --force.
+    Restore {
+        /// GROUP/DISK or GROUP/DISK@POINT (latest, latest-app or an id).
+        volume: String,
+        /// The store's replication address (its `serve --replication-listen`).
+        #[arg(long, value_name = "HOST:PORT")]
+        from: String,
+        /// The file (created if missing) or block device to write.
+        #[arg(long, value_name = "FILE_OR_DEVICE")]
+        to: PathBuf,
+        /// Write even if the target is mounted or open for writing elsewhere.
+        #[arg(long)]
+        force: bool,
+        /// File holding the token the store wants.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Speak TLS, trusting the PEM CA certificate(s) in FILE.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
+    },
     /// Send another drclone store the recovery points of GROUP that it lacks,
     /// incrementally from the newest point both hold (a first push is a full
     /// seed).  Refused if the target's heads moved on since that point.
@@ -356,5 +383,26 @@ pub(crate) enum DrillCmd {
         ready_ms: Option<u64>,
         #[arg(long, default_value = "")]
         output_tail: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PlanCmd {
+    /// Run a plan: each step's pre script, its groups failed over in parallel,
+    /// its post script with DRCLONE_EXPORTS, its wait; a failing step stops it.
+    /// With --test the groups are drilled instead, and every clone, export and
+    /// drill record the plan made is removed at the end, whatever happened.
+    Run {
+        /// The plan (TOML); scripts run in its directory.
+        file: PathBuf,
+        /// Drill instead of failing over, and clean up at the end.
+        #[arg(long)]
+        test: bool,
+    },
+    /// Validate a plan without running it: syntax, unknown keys, groups and
+    /// points in the store, scripts, durations; every problem with its line.
+    Check {
+        /// The plan (TOML).
+        file: PathBuf,
     },
 }

@@ -167,10 +167,18 @@ fn run(cli: Cli) -> Result<i32> {
         // The agent, on the protected host: the store is the target's.
         return super::repl::run(&cli);
     }
+    if let Cmd::Restore { .. } = &cli.cmd {
+        // On a plain host: the store is the remote one.
+        return super::repl::restore(&cli);
+    }
     if let Cmd::Test { .. } = &cli.cmd {
         // The drill's command runs here, in the operator's environment; the store
         // side goes through a daemon (started for the drill if none runs).
         return super::dr::run_test(&cli);
+    }
+    if let Cmd::Plan(_) = &cli.cmd {
+        // Like a drill: the scripts run here, the store side in a daemon.
+        return super::plan::run(&cli);
     }
     // A running daemon owns the store: send it the command.
     if let Some(conn) = daemon::connect(&cli.store) {
@@ -336,7 +344,9 @@ fn dispatch(
         | Cmd::Retention(_)
         | Cmd::Point(PointCmd::Rm { .. })) => super::dr::dispatch(store, cmd, json, out, who)?,
         Cmd::Test { .. } => unreachable!("drclone test runs in the client (cli::dr::run_test)"),
+        Cmd::Plan(_) => unreachable!("drclone plan runs in the client (cli::plan::run)"),
         Cmd::Replicate { .. } => unreachable!("drclone replicate opens no store (cli::repl::run)"),
+        Cmd::Restore { .. } => unreachable!("drclone restore opens no store (cli::repl::restore)"),
         cmd @ Cmd::Push { .. } => super::repl::push(store, cmd, json, out, cwd)?,
         cmd @ Cmd::Failback { .. } => {
             super::repl::failback(store, cmd, json, out, cwd, who, &daemon::disconnect)?

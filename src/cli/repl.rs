@@ -8,6 +8,7 @@ use drclone::engine::types::parse_duration;
 use drclone::repl::agent::{self, Options, VolumeSpec};
 use drclone::repl::link::ClientTls;
 use drclone::repl::push::{self, PushOptions};
+use drclone::repl::restore::{self, RestoreOptions};
 use drclone::util::parse_size;
 use drclone::Store;
 use std::io::IsTerminal;
@@ -44,6 +45,49 @@ pub(crate) fn read_token(f: Option<&Path>) -> Result<Option<String>> {
         bail!("the token file {} is empty", f.display());
     }
     Ok(Some(t))
+}
+
+/// `drclone restore`: no store here; the disk comes from `--from`.
+pub(crate) fn restore(cli: &Cli) -> Result<i32> {
+    let Cmd::Restore {
+        volume,
+        from,
+        to,
+        force,
+        token_file,
+        tls_ca,
+    } = &cli.cmd
+    else {
+        unreachable!()
+    };
+    let (group, disk, point) = drclone::util::parse_volume_ref(volume)?;
+    let opts = RestoreOptions {
+        from: from.clone(),
+        group,
+        disk,
+        point,
+        to: to.clone(),
+        token: read_token(token_file.as_deref())?,
+        tls: tls_ca.as_deref().map(ClientTls::load).transpose()?,
+        force: *force,
+        progress: !cli.json && std::io::stderr().is_terminal(),
+    };
+    let r = restore::restore(&opts)?;
+    let mut out = String::new();
+    super::commands::print(&mut out, cli.json, serde_json::to_value(&r)?, || {
+        format!(
+            "restored {volume} (point {}) to {}: {} block(s) differed, {} fetched, {} bytes \
+             received, verified, {} ms",
+            r.point,
+            to.display(),
+            r.blocks_changed,
+            drclone::util::human(r.bytes_fetched),
+            r.bytes_received,
+            r.duration_ms
+        )
+    });
+    print!("{out}");
+    Ok(0)
 }
 
 /// The options `push` and `failback` share; paths relative to the client's

@@ -63,24 +63,49 @@ impl ServerTls {
     /// match the certificate.
     pub fn load(cert: &Path, key: &Path) -> Result<Self> {
         let chain = certs(cert)?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| tls_err(&format!("TLS private key in {}", key.display()), e))?;
+        let key_path = key;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => Error::invalid(format!(
+                "{} holds no PEM private key (BEGIN PRIVATE KEY, or EC or RSA PRIVATE KEY)",
+                key_path.display()
+            )),
+            e => tls_err(&format!("TLS private key in {}", key_path.display()), e),
+        })?;
         let cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| tls_err("TLS", e))?
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .map_err(|e| tls_err(&format!("TLS certificate {}", cert.display()), e))?;
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => Error::invalid(format!(
+                    "the private key in {} does not match the certificate in {}",
+                    key_path.display(),
+                    cert.display()
+                )),
+                e => tls_err(&format!("TLS certificate {}", cert.display()), e),
+            })?;
         Ok(Self(Arc::new(cfg)))
     }
 
-    /// Complete the TLS handshake on an accepted connection.  Errors: the peer
-    /// does not speak TLS (a plaintext agent), or the handshake fails.
-    pub fn accept(&self, mut s: TcpStream) -> Result<Box<dyn Stream>> {
+    /// Complete the TLS handshake on an accepted connection by `deadline`
+    /// (each read waits at most until then; the socket's read timeout is left
+    /// set for the caller to change).  Errors: the peer does not speak TLS (a
+    /// plaintext agent), the handshake fails, or it is not done by `deadline`.
+    pub fn accept(&self, mut s: TcpStream, deadline: Instant) -> Result<Box<dyn Stream>> {
         let mut conn =
             rustls::ServerConnection::new(self.0.clone()).map_err(|e| tls_err("TLS", e))?;
         while conn.is_handshaking() {
-            conn.complete_io(&mut s).map_err(|e| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = if left.is_zero() {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "not done in time",
+                ))
+            } else {
+                s.set_read_timeout(Some(left))
+                    .and_then(|_| conn.complete_io(&mut s).map(|_| ()))
+            };
+            r.map_err(|e| {
                 Error::Refused(format!(
                     "TLS handshake failed ({e}); this receiver speaks only TLS: give the \
                      agent --tls-ca"
@@ -142,8 +167,17 @@ pub fn connect(target: &str, tls: Option<&ClientTls>) -> Result<Box<dyn Stream>>
         rustls::ClientConnection::new(tls.0.clone(), name).map_err(|e| tls_err("TLS", e))?;
     let mut s = s;
     while conn.is_handshaking() {
-        conn.complete_io(&mut s)
-            .map_err(|e| Error::Refused(format!("TLS handshake with {target} failed: {e}")))?;
+        conn.complete_io(&mut s).map_err(|e| {
+            // webpki's name for a certificate marked CA:TRUE presented by a
+            // server (openssl's `req -x509` default).
+            let hint = if e.to_string().contains("CaUsedAsEndEntity") {
+                " (the target presents a CA certificate: give serve --tls-cert a server \
+                 certificate signed by that CA)"
+            } else {
+                ""
+            };
+            Error::Refused(format!("TLS handshake with {target} failed: {e}{hint}"))
+        })?;
     }
     Ok(Box::new(rustls::StreamOwned::new(conn, s)))
 }
@@ -152,13 +186,16 @@ pub fn connect(target: &str, tls: Option<&ClientTls>) -> Result<Box<dyn Stream>>
 struct Paced {
     s: Box<dyn Stream>,
     sent: u64,
+    received: u64,
     limit: Option<u64>,
     t0: Instant,
 }
 
 impl Read for Paced {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        self.s.read(b)
+        let n = self.s.read(b)?;
+        self.received += n as u64;
+        Ok(n)
     }
 }
 
@@ -202,6 +239,7 @@ impl Link {
                 Paced {
                     s,
                     sent: 0,
+                    received: 0,
                     limit: bwlimit,
                     t0: Instant::now(),
                 },
@@ -288,6 +326,11 @@ impl Link {
     /// 16 KiB record).
     pub fn sent(&self) -> u64 {
         self.s.get_ref().sent
+    }
+
+    /// Protocol bytes read so far (after TLS).
+    pub fn received(&self) -> u64 {
+        self.s.get_ref().received
     }
 }
 

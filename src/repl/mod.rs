@@ -7,5 +7,7 @@
 pub mod agent;
 pub mod link;
 pub mod push;
+pub mod reader;
 pub mod receiver;
+pub mod restore;
 pub mod wire;

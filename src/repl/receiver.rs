@@ -84,6 +84,17 @@ fn same_token(a: &str, b: &str) -> bool {
     diff == 0
 }
 
+/// The session's token against `--replication-token-file`.  Errors: Refused.
+fn check_token(cfg: &Config, got: Option<&str>) -> Result<()> {
+    match (&cfg.token, got) {
+        (None, _) => Ok(()),
+        (Some(want), Some(got)) if same_token(got, want) => Ok(()),
+        _ => Err(Error::Refused(
+            "wrong or missing replication token (give the agent --token-file)".into(),
+        )),
+    }
+}
+
 /// What one session holds.
 struct Session<'a> {
     store: &'a Store,
@@ -164,22 +175,18 @@ pub fn serve_connection<S: Read + Write>(
 
 fn session<S: Read + Write>(store: &Store, s: &mut S, peer: &str, cfg: &Config) -> Result<()> {
     let (t, body) = wire::read_frame(s)?;
+    if t == wire::OPEN {
+        let open: wire::Open = wire::json("OPEN", &body)?;
+        check_token(cfg, open.token.as_deref())?;
+        return crate::repl::reader::serve(store, s, peer, &open);
+    }
     if t != wire::HELLO {
         return Err(Error::invalid(format!(
             "replication protocol: expected HELLO, got message type {t}"
         )));
     }
     let hello: Hello = wire::json("HELLO", &body)?;
-    if let Some(want) = &cfg.token {
-        match &hello.token {
-            Some(got) if same_token(got, want) => {}
-            _ => {
-                return Err(Error::Refused(
-                    "wrong or missing replication token (give the agent --token-file)".into(),
-                ))
-            }
-        }
-    }
+    check_token(cfg, hello.token.as_deref())?;
     if store.cfg.encrypted {
         return Err(Error::Unsupported(
             "replication into an encrypted store is not supported yet".into(),
@@ -262,11 +269,33 @@ fn cycles<S: Read + Write>(
                     .map_err(|e| Error::io(peer, e))?;
             }
             wire::CHUNKS => {
+                use rayon::prelude::*;
                 let cs = store.chunk_size() as u32;
-                let mut batch = Vec::new();
-                for c in wire::decode_chunks(&body, cs)? {
-                    batch.push((c.id, wire::unpack(&c)?));
-                }
+                // A store that compresses with zstd keeps a zstd chunk in the
+                // form it came in (put_received checks it decompressed to data
+                // of its id), instead of compressing it again.
+                let keep_zstd = store.cfg.compression == crate::engine::codec::Compression::Zstd;
+                let chunks = wire::decode_chunks(&body, cs)?;
+                drop(body);
+                let batch = chunks
+                    .into_par_iter()
+                    .map(|c| {
+                        let id = c.id;
+                        Ok(if keep_zstd && c.codec == wire::CODEC_ZSTD {
+                            crate::engine::chunks::Received {
+                                id,
+                                data: wire::unpack(&c)?,
+                                zstd: Some(c.payload),
+                            }
+                        } else {
+                            crate::engine::chunks::Received {
+                                id,
+                                data: wire::unpack_owned(c)?,
+                                zstd: None,
+                            }
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 // Under the shared gate, like every writer: GC's pack phase assumes
                 // no record sits appended but unindexed while it holds the gate
                 // (found by tests/breakit_dr.rs: GC deleted the pack under them).
@@ -366,6 +395,25 @@ fn send_json<S: Write, T: serde::Serialize>(s: &mut S, t: u8, v: &T, peer: &str)
 /// the heads' leases.
 fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Session<'a>> {
     let group = hello.group.clone();
+    // HELLO itself first, so a refused one creates nothing (found by
+    // tests/breakit_repl.rs: the group was created before these checks).
+    if hello.volumes.is_empty() {
+        return Err(Error::invalid("HELLO names no volume"));
+    }
+    if hello.volumes.len() > MAX_VOLUMES {
+        return Err(Error::invalid(format!(
+            "HELLO names {} volumes; a group takes at most {MAX_VOLUMES}",
+            hello.volumes.len()
+        )));
+    }
+    crate::util::check_name("group", &group)?;
+    for (i, (disk, size)) in hello.volumes.iter().enumerate() {
+        crate::util::check_name("disk", disk)?;
+        store.check_size(*size)?;
+        if hello.volumes[..i].iter().any(|(d, _)| d == disk) {
+            return Err(Error::invalid(format!("HELLO names disk {disk} twice")));
+        }
+    }
     let g = match store.group(&group) {
         Ok(g) => g,
         Err(Error::NotFound(_)) => store.create_group(&group)?,
@@ -385,19 +433,6 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
              then rerun replicate with --reprotect",
             g.epoch
         )));
-    }
-    if hello.volumes.is_empty() {
-        return Err(Error::invalid("HELLO names no volume"));
-    }
-    if hello.volumes.len() > MAX_VOLUMES {
-        return Err(Error::invalid(format!(
-            "HELLO names {} volumes; a group takes at most {MAX_VOLUMES}",
-            hello.volumes.len()
-        )));
-    }
-    for (disk, size) in &hello.volumes {
-        crate::util::check_name("disk", disk)?;
-        store.check_size(*size)?;
     }
     if store.is_draining(&group) {
         return Err(Error::Refused(format!(
@@ -468,6 +503,36 @@ fn check_base(store: &Store, hello: &Hello, base: Option<u64>) -> Result<()> {
     let group = &hello.group;
     // Writes an NBD client left in the write-back overlay count.
     store.destage(None)?;
+    // The point to land holds exactly HELLO's disks at HELLO's sizes, and a
+    // point holds every disk of the group at its head's size: a disk HELLO
+    // does not name, or a head larger than HELLO says, would land in it
+    // (found by tests/breakit_repl.rs: a disk created or grown on the target
+    // since the common point, or one the source removed, went into the
+    // pushed points).
+    for v in store.volumes(Some(group))? {
+        match hello.volumes.iter().find(|(d, _)| *d == v.disk) {
+            None => {
+                return Err(Error::Refused(format!(
+                    "volume {group}/{} on the target is not in the point being pushed (it was \
+                     created on the target, or removed from the source's group, since the \
+                     newest point the two stores have in common): a push would land it in a \
+                     point that does not hold it.  Remove it on the target (after taking a \
+                     point there, if it holds writes to keep), then push again",
+                    v.disk
+                )))
+            }
+            Some((_, size)) if v.size > *size => {
+                return Err(Error::Refused(format!(
+                    "volume {group}/{} on the target is {} bytes, larger than the {size} of the \
+                     point being pushed (it was resized on the target, or failed over or rolled \
+                     back to a smaller size on the source, since the newest point the two \
+                     stores have in common): a push cannot shrink it",
+                    v.disk, v.size
+                )))
+            }
+            Some(_) => {}
+        }
+    }
     let Some(id) = base else {
         if let Some(p) = store.points(group)?.last() {
             return Err(Error::Refused(format!(

@@ -703,9 +703,11 @@ impl Drop for Site {
 pub fn nbd_write_random(uri: &str, off: u64, len: usize, seed: u64) {
     let p = std::env::temp_dir().join(format!("drclone-w-{}-{seed}-{off}", std::process::id()));
     std::fs::write(&p, random_bytes(seed, len)).unwrap();
+    // In pieces of 16 MiB: NBD servers cap a request's length.
     py(&format!(
-        "import nbd\nh = nbd.NBD()\nh.connect_uri({uri:?})\nh.pwrite(open({:?}, 'rb').read(), \
-         {off})\nh.flush()\nh.shutdown()\n",
+        "import nbd\nh = nbd.NBD()\nh.connect_uri({uri:?})\nd = open({:?}, 'rb').read()\n\
+         for i in range(0, len(d), 16 << 20):\n    h.pwrite(d[i:i + (16 << 20)], {off} + i)\n\
+         h.flush()\nh.shutdown()\n",
         p.display().to_string()
     ));
     let _ = std::fs::remove_file(&p);
