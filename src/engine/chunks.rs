@@ -36,6 +36,21 @@ struct OpenPack {
     writer: Box<dyn PackWriter>,
 }
 
+/// A chunk received from elsewhere (replication), for
+/// [`ChunkStore::put_received`].
+pub struct Received {
+    /// The id the sender claims for it (checked against `data`).
+    pub id: ChunkId,
+    /// Its plaintext.
+    pub data: Vec<u8>,
+    /// The zstd frame it arrived as, which the caller decompressed into
+    /// `data`: kept as the stored payload (no second compression) when the
+    /// store is unencrypted.  Give it only for a store that compresses with
+    /// zstd (a store made with `--compression none` or `lz4` stores its own
+    /// encoding).
+    pub zstd: Option<Vec<u8>>,
+}
+
 /// What [`ChunkStore::sync_packs`] made durable of the pack that was open.
 #[must_use]
 pub struct Durable(Option<(u64, u64)>);
@@ -377,19 +392,37 @@ impl ChunkStore {
     /// with [`ChunkStore::index`] to the batch it commits.
     pub fn put(&self, data: &[u8]) -> Result<(ChunkId, Option<ChunkLoc>)> {
         let id = self.codec.id(data);
-        self.touch(&id);
-        if self.db.get(&keys::chunk(&id))?.is_some() {
-            return Ok((id, None));
+        Ok((id, self.put_known(&id, data, None)?))
+    }
+
+    /// [`ChunkStore::put`] of a chunk whose id `id` the caller computed with
+    /// this store's codec.  `zstd`: a zstd frame that decompresses to `data`,
+    /// stored as the payload in an unencrypted store instead of compressing
+    /// again.  Returns the location if the chunk is new.
+    fn put_known(
+        &self,
+        id: &ChunkId,
+        data: &[u8],
+        zstd: Option<&[u8]>,
+    ) -> Result<Option<ChunkLoc>> {
+        self.touch(id);
+        if self.db.get(&keys::chunk(id))?.is_some() {
+            return Ok(None);
         }
-        let (flags, payload) = self.codec.encode(&id, data);
-        let hdr = pack::record_header(&id, flags, data.len() as u32, &payload);
+        let (flags, payload) = match zstd {
+            Some(z) if !self.codec.encrypted() && z.len() < data.len() => {
+                (codec::FLAG_ZSTD, std::borrow::Cow::Borrowed(z))
+            }
+            _ => self.codec.encode(id, data),
+        };
+        let hdr = pack::record_header(id, flags, data.len() as u32, &payload);
         let loc = self.append_record(
             flags,
             data.len() as u32,
             payload.len() as u32,
             &[&hdr, &payload],
         )?;
-        Ok((id, Some(loc)))
+        Ok(Some(loc))
     }
 
     /// Add a new chunk's index entries (`C` and `R`) to a batch.
@@ -805,35 +838,36 @@ impl ChunkStore {
     }
 
     /// Store chunks received from elsewhere (replication): each is stored (or
-    /// found), its pack bytes made durable, then its index entries committed,
-    /// so a later cycle finds it even if this one never commits.  Returns the
-    /// ids, pinned (the caller unpins after its commit).  `verify` is each
-    /// chunk's claimed id: a chunk whose data hashes to another id is refused
-    /// (Error::Invalid) and nothing of the batch is indexed.
-    pub fn put_received(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<Vec<ChunkId>> {
-        let mut batch = WriteBatch::default();
-        let mut ids = Vec::with_capacity(chunks.len());
-        for (claimed, data) in chunks {
-            let id = self.codec.id(data);
-            if id != *claimed {
-                return Err(crate::error::Error::invalid(format!(
-                    "received chunk {} does not match its data (it hashes to {})",
-                    crate::util::hex(claimed),
-                    crate::util::hex(&id)
-                )));
-            }
-            ids.push(id);
+    /// found), its pack bytes made durable (one fsync for the whole batch),
+    /// then its index entries committed, so a later cycle finds it even if
+    /// this one never commits.  Returns the ids, pinned (the caller unpins
+    /// after its commit).  Every chunk's data is hashed (in parallel) against
+    /// its claimed id: one that hashes to another id is refused
+    /// (Error::Invalid) and nothing of the batch is stored or indexed.
+    pub fn put_received(&self, chunks: &[Received]) -> Result<Vec<ChunkId>> {
+        use rayon::prelude::*;
+        if let Some((claimed, id)) = chunks
+            .par_iter()
+            .map(|c| (c.id, self.codec.id(&c.data)))
+            .find_any(|(claimed, id)| claimed != id)
+        {
+            return Err(crate::error::Error::invalid(format!(
+                "received chunk {} does not match its data (it hashes to {})",
+                crate::util::hex(&claimed),
+                crate::util::hex(&id)
+            )));
         }
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         self.pin(&ids);
         let r = (|| {
+            let mut batch = WriteBatch::default();
             let mut seen = HashSet::new();
-            for (id, (_, data)) in ids.iter().zip(chunks) {
-                if !seen.insert(*id) {
+            for c in chunks {
+                if !seen.insert(c.id) {
                     continue;
                 }
-                let (_, loc) = self.put(data)?;
-                if let Some(loc) = loc {
-                    Self::index(&mut batch, id, &loc);
+                if let Some(loc) = self.put_known(&c.id, &c.data, c.zstd.as_deref())? {
+                    Self::index(&mut batch, &c.id, &loc);
                 }
             }
             // I2: the pack bytes durable before an index entry points at them.

@@ -12,7 +12,7 @@
 //! cycle cut off part-way (agent killed, target restarted) resumes without
 //! resending what arrived.  The manifest is replaced only after COMMITTED.
 
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,11 +20,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::keys::ChunkId;
 use crate::error::{Error, IoContext, Result};
-use crate::repl::link::{send_lacking, ClientTls, Link};
+use crate::repl::link::{ClientTls, Link};
 use crate::repl::wire::{self, Entry};
 
-/// Blocks offered per HAVE round (at 64 KiB chunks: 8 MiB).
-const BATCH_BLOCKS: usize = 128;
+/// Bytes of changed blocks offered per HAVE round (at least one block).
+const BATCH_BYTES: u64 = 8 << 20;
+/// Batches read and hashed ahead of the one being sent.
+const READ_AHEAD: usize = 2;
+/// Batches offered (HAVE) ahead of the one whose chunks are being sent.
+const AHEAD: usize = 2;
+/// A CHUNKS frame ends once its body reaches this many bytes.
+const FRAME_BYTES: usize = 16 << 20;
 /// MAP entries per frame.
 const MAP_ENTRIES: usize = 100_000;
 
@@ -337,13 +343,15 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
         };
         let (hashes, l, c) = send_volume(
             &mut link,
-            &v.disk,
-            src,
-            *size,
-            cs,
-            old.as_deref(),
-            &plan,
-            &bar,
+            VolumeRead {
+                disk: &v.disk,
+                src,
+                size: *size,
+                cs,
+                old: old.as_deref(),
+                plan: &plan,
+                bar: &bar,
+            },
         )?;
         logical += l;
         chunks_sent += c;
@@ -397,123 +405,360 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
 
 /// Send one volume's changes; returns (its block hashes, changed bytes, chunks
 /// sent).
-#[allow(clippy::too_many_arguments)]
-fn send_volume(
-    link: &mut Link,
-    disk: &str,
-    src: &mut Source,
+///
+/// Two threads: a reader reads the source in runs of up to [`BATCH_BYTES`],
+/// hashes the blocks in parallel and keeps the changed ones in batches (at
+/// most [`READ_AHEAD`] waiting); this thread offers each batch (HAVE) and
+/// sends what the target lacks (CHUNKS, compressed in parallel), see
+/// [`send_batches`].  Reading and hashing overlap the network and the
+/// target's work.
+fn send_volume(link: &mut Link, vol: VolumeRead<'_>) -> Result<(Vec<ChunkId>, u64, u64)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+    let disk = vol.disk;
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("repl-reader".into())
+            .spawn_scoped(scope, move || read_volume(vol, tx))
+            .map_err(|e| Error::io("spawning the replication reader", e))?;
+        // On an error here `rx` goes, so the reader stops at its next batch.
+        let sent = send_batches(link, disk, rx);
+        let read = reader.join().expect("the replication reader panicked");
+        // The reader's error first: the sender only saw its channel close.
+        let (hashes, logical) = read?;
+        Ok((hashes, logical, sent?))
+    })
+}
+
+/// What a cycle reads of one volume.
+struct VolumeRead<'a> {
+    disk: &'a str,
+    src: &'a mut Source,
+    /// Bytes.
     size: u64,
+    /// The target's chunk size, bytes.
     cs: u64,
-    old: Option<&[ChunkId]>,
-    plan: &Plan,
-    bar: &indicatif::ProgressBar,
-) -> Result<(Vec<ChunkId>, u64, u64)> {
+    /// The manifest's block hashes, if trusted.
+    old: Option<&'a [ChunkId]>,
+    plan: &'a Plan,
+    bar: &'a indicatif::ProgressBar,
+}
+
+/// Changed blocks of a volume, read and hashed, in block order.
+struct Batch {
+    /// (block, chunk id) per changed block with data; its bytes are at the
+    /// same index (× chunk size) of `data`.
+    blocks: Vec<(u64, ChunkId)>,
+    data: Vec<u8>,
+    /// Changed blocks that read as zeros.
+    zeros: Vec<Entry>,
+}
+
+/// Runs of changed zero blocks, merged.
+struct ZeroRuns {
+    run: Option<(u64, u64)>,
+}
+
+impl ZeroRuns {
+    fn add(&mut self, b: u64, out: &mut Vec<Entry>) {
+        self.run = match self.run {
+            Some((first, n)) if first + n == b => Some((first, n + 1)),
+            Some((first, count)) => {
+                out.push(Entry::Zeros { first, count });
+                Some((b, 1))
+            }
+            None => Some((b, 1)),
+        };
+    }
+}
+
+/// The reader thread of [`send_volume`]: every block of the plan read, hashed
+/// (all-zero blocks get the zero id) and compared with `old`; changed blocks
+/// go to `tx` in batches of about [`BATCH_BYTES`].  Returns (every block's
+/// hash, changed bytes).  Errors: reading the source.  A closed channel (the
+/// sender failed) ends it quietly.
+fn read_volume(
+    vol: VolumeRead<'_>,
+    tx: std::sync::mpsc::SyncSender<Batch>,
+) -> Result<(Vec<ChunkId>, u64)> {
+    use rayon::prelude::*;
+    let VolumeRead {
+        disk,
+        src,
+        size,
+        cs,
+        old,
+        plan,
+        bar,
+    } = vol;
+    use std::os::unix::fs::FileExt;
+    const ZERO: ChunkId = [0u8; 32];
     let blocks = size.div_ceil(cs);
-    let mut hashes = vec![[0u8; 32]; blocks as usize];
-    let (mut file, mut nbd) = match src {
-        Source::File(f) => (Some(BufReader::with_capacity(4 << 20, &mut *f)), None),
-        Source::Nbd(c) => (None, Some(c)),
-    };
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut batch: Vec<(u64, ChunkId, Vec<u8>)> = Vec::new();
-    let mut zero_run: Option<(u64, u64)> = None;
-    let (mut logical, mut sent) = (0u64, 0u64);
+    let per = (BATCH_BYTES / cs).max(1) as usize;
+    let csz = cs as usize;
+    let mut hashes = vec![ZERO; blocks as usize];
+    let mut logical = 0u64;
     let unchanged = |b: u64, h: &ChunkId| old.and_then(|o| o.get(b as usize)) == Some(h);
-    let mut ranges = plan.ranges.iter().copied().peekable();
-    // NBD reads go in runs of up to 4 MiB.
-    let mut run: (u64, Vec<u8>) = (0, Vec::new());
-    for b in 0..blocks {
-        while ranges.peek().is_some_and(|(f, n)| f + n <= b) {
-            ranges.next();
-        }
-        let in_plan = ranges.peek().is_some_and(|(f, _)| *f <= b);
-        let mut data = vec![0u8; cs as usize];
-        if !in_plan {
+    let new_batch = || Batch {
+        blocks: Vec::with_capacity(per),
+        data: Vec::with_capacity(per * csz),
+        zeros: Vec::new(),
+    };
+    let mut cur = new_batch();
+    let mut zeros = ZeroRuns { run: None };
+    // A batch the sender no longer wants (it failed): stop reading.
+    macro_rules! ship {
+        () => {
+            if tx.send(std::mem::replace(&mut cur, new_batch())).is_err() {
+                return Ok((hashes, logical));
+            }
+        };
+    }
+    let mut next = 0u64;
+    let mut ranges = plan.ranges.iter().copied().chain([(blocks, 0)]);
+    while next < blocks {
+        let (first, n) = ranges.next().unwrap_or((blocks, 0));
+        let first = first.clamp(next, blocks);
+        let end = (first + n).min(blocks);
+        // Blocks before the range are not read: unchanged (a dirty-bitmap
+        // cycle) or holes (zeros).
+        for b in next..first {
             if plan.others_unchanged {
                 if let Some(h) = old.and_then(|o| o.get(b as usize)) {
                     hashes[b as usize] = *h;
                 }
                 continue;
             }
-            // A hole of the source: reads as zeros.
-        } else if let Some(r) = file.as_mut() {
-            // The last block of a source not a multiple of the chunk size is padded.
-            let mut got = 0;
-            while got < data.len() {
-                let n = r.read(&mut data[got..]).map_err(|e| Error::io(disk, e))?;
-                if n == 0 {
-                    break;
-                }
-                got += n;
-            }
-        } else if let Some(c) = nbd.as_mut() {
-            let off = b * cs;
-            if !(run.0 <= off && off < run.0 + run.1.len() as u64) {
-                let (f, n) = ranges.peek().copied().unwrap();
-                let end = ((f + n) * cs).min(size).min(off + (4 << 20));
-                run = (off, c.read(off, (end - off) as usize)?);
-            }
-            let at = (off - run.0) as usize;
-            let take = (run.1.len() - at).min(cs as usize);
-            data[..take].copy_from_slice(&run.1[at..at + take]);
-        }
-        bar.inc(cs.min(size - b * cs));
-        if data.iter().all(|&x| x == 0) {
-            if !unchanged(b, &[0u8; 32]) {
+            bar.inc(cs.min(size - b * cs));
+            if !unchanged(b, &ZERO) {
                 logical += cs;
-                zero_run = match zero_run {
-                    Some((first, n)) if first + n == b => Some((first, n + 1)),
-                    Some((first, n)) => {
-                        entries.push(Entry::Zeros { first, count: n });
-                        Some((b, 1))
-                    }
-                    None => Some((b, 1)),
-                };
+                zeros.add(b, &mut cur.zeros);
             }
-            continue;
         }
-        let id = *blake3::hash(&data).as_bytes();
-        hashes[b as usize] = id;
-        if unchanged(b, &id) {
-            continue;
+        let mut pos = first;
+        while pos < end {
+            let take = ((per - cur.blocks.len()) as u64).min(end - pos);
+            let at = cur.data.len();
+            cur.data.resize(at + take as usize * csz, 0);
+            let buf = &mut cur.data[at..];
+            // The last block of a source not a multiple of the chunk size is
+            // padded with zeros.
+            let want = (take * cs).min(size - pos * cs) as usize;
+            match src {
+                Source::File(f) => {
+                    let mut got = 0;
+                    while got < want {
+                        match f.read_at(&mut buf[got..want], pos * cs + got as u64) {
+                            Ok(0) => break,
+                            Ok(k) => got += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(Error::io(disk, e)),
+                        }
+                    }
+                }
+                Source::Nbd(c) => {
+                    let want = (want as u64).min(c.size().saturating_sub(pos * cs)) as usize;
+                    c.read_into(pos * cs, &mut buf[..want])?;
+                }
+            }
+            let ids: Vec<Option<ChunkId>> = buf
+                .par_chunks(csz)
+                .map(|d| (!d.iter().all(|&x| x == 0)).then(|| *blake3::hash(d).as_bytes()))
+                .collect();
+            // Keep the changed blocks' bytes, in order, at the batch's end.
+            let mut keep = at;
+            for (i, id) in ids.into_iter().enumerate() {
+                let b = pos + i as u64;
+                bar.inc(cs.min(size - b * cs));
+                let Some(id) = id else {
+                    if !unchanged(b, &ZERO) {
+                        logical += cs;
+                        zeros.add(b, &mut cur.zeros);
+                    }
+                    continue;
+                };
+                hashes[b as usize] = id;
+                if unchanged(b, &id) {
+                    continue;
+                }
+                logical += cs;
+                let from = at + i * csz;
+                if from != keep {
+                    cur.data.copy_within(from..from + csz, keep);
+                }
+                keep += csz;
+                cur.blocks.push((b, id));
+            }
+            cur.data.truncate(keep);
+            if cur.blocks.len() >= per {
+                ship!();
+            }
+            pos += take;
         }
-        logical += cs;
-        batch.push((b, id, data));
-        if batch.len() >= BATCH_BLOCKS {
-            sent += offer(link, &mut batch, &mut entries)?;
+        next = end.max(next);
+        if n == 0 && first >= blocks {
+            break;
         }
+    }
+    if let Some((first, count)) = zeros.run.take() {
+        cur.zeros.push(Entry::Zeros { first, count });
+    }
+    if !cur.blocks.is_empty() || !cur.zeros.is_empty() {
+        ship!();
+    }
+    Ok((hashes, logical))
+}
+
+/// A reply the sender still has to read, in the order the frames went.
+enum Reply {
+    /// LACK for a HAVE of that many ids.
+    Lack(usize),
+    /// STORED for a CHUNKS frame of that many chunks.
+    Stored(u32),
+}
+
+/// Read the replies due, in order, checking each STORED's count: up to and
+/// including the next LACK if `until_lack` (returning its bits), else all.
+fn read_replies(
+    link: &mut Link,
+    replies: &mut std::collections::VecDeque<Reply>,
+    until_lack: bool,
+) -> Result<Option<Vec<bool>>> {
+    while let Some(r) = replies.pop_front() {
+        match r {
+            Reply::Stored(n) => {
+                let b = link.expect(wire::STORED)?;
+                if b.len() != 4 || u32::from_be_bytes(b[..].try_into().unwrap()) != n {
+                    return Err(Error::invalid(format!(
+                        "replication protocol: the target stored other than the {n} chunks sent"
+                    )));
+                }
+            }
+            Reply::Lack(n) => {
+                let bits = wire::decode_bits(&link.expect(wire::LACK)?, n)?;
+                if until_lack {
+                    return Ok(Some(bits));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Send a frame while replies are outstanding.  A target that refused an
+/// earlier frame sent ERROR and closed, so this write may fail: the refusal,
+/// if it can still be read, is the error returned, not the broken pipe.
+fn send(
+    link: &mut Link,
+    replies: &mut std::collections::VecDeque<Reply>,
+    t: u8,
+    body: &[u8],
+) -> Result<()> {
+    let e = match link.send(t, body) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    match read_replies(link, replies, false) {
+        Err(r @ Error::Refused(_)) => Err(r),
+        _ => Err(e),
+    }
+}
+
+/// The sending side of [`send_volume`]: per batch, offer its distinct ids
+/// (HAVE), send the chunks the target lacks (CHUNKS frames of about 16 MiB)
+/// and queue its map entries (MAP).  Pipelined: HAVE runs [`AHEAD`] batches
+/// ahead, and a CHUNKS frame goes without waiting for the previous one's
+/// STORED, so the target stores one frame while the next is packed and on
+/// its way.  Replies come in the order the frames went and are read in that
+/// order.  An id that a batch still unsent has offered is not offered again
+/// (that batch sends it, or the target holds it), so no chunk goes twice.
+/// Returns chunks sent.
+fn send_batches(link: &mut Link, disk: &str, rx: std::sync::mpsc::Receiver<Batch>) -> Result<u64> {
+    use rayon::prelude::*;
+    let mut replies = std::collections::VecDeque::new();
+    let mut offered: std::collections::VecDeque<(Batch, Vec<ChunkId>)> = Default::default();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut body: Vec<u8> = Vec::new();
+    let mut sent = 0u64;
+    let mut more = true;
+    loop {
+        while more && offered.len() < AHEAD {
+            let Ok(batch) = rx.recv() else {
+                more = false;
+                break;
+            };
+            let mut ids: Vec<ChunkId> = batch.blocks.iter().map(|(_, id)| *id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.retain(|id| !offered.iter().any(|(_, o)| o.binary_search(id).is_ok()));
+            if !ids.is_empty() {
+                send(link, &mut replies, wire::HAVE, &wire::encode_ids(&ids))?;
+                replies.push_back(Reply::Lack(ids.len()));
+            }
+            offered.push_back((batch, ids));
+        }
+        let Some((batch, ids)) = offered.pop_front() else {
+            break;
+        };
+        entries.extend_from_slice(&batch.zeros);
+        if !ids.is_empty() {
+            let lack =
+                read_replies(link, &mut replies, true)?.expect("a LACK is due for every HAVE");
+            let mut want: std::collections::HashSet<ChunkId> = ids
+                .iter()
+                .zip(&lack)
+                .filter(|(_, l)| **l)
+                .map(|(id, _)| *id)
+                .collect();
+            let cs = batch.data.len() / batch.blocks.len();
+            let todo: Vec<(&ChunkId, &[u8])> = batch
+                .blocks
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, id))| want.remove(id))
+                .map(|(i, (_, id))| (id, &batch.data[i * cs..(i + 1) * cs]))
+                .collect();
+            let packed: Vec<Option<Vec<u8>>> =
+                todo.par_iter().map(|(_, d)| wire::compress(d)).collect();
+            let mut n = 0u32;
+            body.clear();
+            for ((id, d), z) in todo.iter().zip(&packed) {
+                wire::push_chunk(&mut body, id, d, z.as_deref());
+                n += 1;
+                if body.len() >= FRAME_BYTES {
+                    send(link, &mut replies, wire::CHUNKS, &body)?;
+                    replies.push_back(Reply::Stored(n));
+                    body.clear();
+                    n = 0;
+                }
+            }
+            if n > 0 {
+                send(link, &mut replies, wire::CHUNKS, &body)?;
+                replies.push_back(Reply::Stored(n));
+            }
+            sent += todo.len() as u64;
+        }
+        // Every id of the batch is held or sent by now (frames are handled
+        // in order), so its entries may go.
+        entries.extend(
+            batch
+                .blocks
+                .iter()
+                .map(|&(block, id)| Entry::Data { block, id }),
+        );
         if entries.len() >= MAP_ENTRIES {
-            link.send(wire::MAP, &wire::encode_map(disk, &entries))?;
+            send(
+                link,
+                &mut replies,
+                wire::MAP,
+                &wire::encode_map(disk, &entries),
+            )?;
             entries.clear();
         }
     }
-    sent += offer(link, &mut batch, &mut entries)?;
-    if let Some((first, count)) = zero_run {
-        entries.push(Entry::Zeros { first, count });
-    }
+    read_replies(link, &mut replies, false)?;
     for part in entries.chunks(MAP_ENTRIES) {
         link.send(wire::MAP, &wire::encode_map(disk, part))?;
     }
-    Ok((hashes, logical, sent))
-}
-
-/// HAVE/LACK for a batch of changed blocks, then the chunks the target lacks;
-/// the blocks' entries join `entries`.  Returns chunks sent.
-fn offer(
-    link: &mut Link,
-    batch: &mut Vec<(u64, ChunkId, Vec<u8>)>,
-    entries: &mut Vec<Entry>,
-) -> Result<u64> {
-    let ids: Vec<ChunkId> = batch.iter().map(|(_, id, _)| *id).collect();
-    let data: std::collections::HashMap<&ChunkId, &[u8]> =
-        batch.iter().map(|(_, id, d)| (id, &d[..])).collect();
-    let sent = send_lacking(link, &ids, &mut |id| Ok(wire::pack(*id, data[id])))?;
-    drop(data);
-    entries.extend(
-        batch
-            .drain(..)
-            .map(|(block, id, _)| Entry::Data { block, id }),
-    );
     Ok(sent)
 }
 
