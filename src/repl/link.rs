@@ -88,24 +88,22 @@ impl ServerTls {
     }
 
     /// Complete the TLS handshake on an accepted connection by `deadline`
-    /// (each read waits at most until then; the socket's read timeout is left
-    /// set for the caller to change).  Errors: the peer does not speak TLS (a
-    /// plaintext agent), the handshake fails, or it is not done by `deadline`.
+    /// (every read waits at most until then; the socket's read timeout is
+    /// left set for the caller to change).  Errors: the peer does not speak
+    /// TLS (a plaintext agent), the handshake fails, or it is not done by
+    /// `deadline`.
     pub fn accept(&self, mut s: TcpStream, deadline: Instant) -> Result<Box<dyn Stream>> {
         let mut conn =
             rustls::ServerConnection::new(self.0.clone()).map_err(|e| tls_err("TLS", e))?;
         while conn.is_handshaking() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let r = if left.is_zero() {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "not done in time",
-                ))
-            } else {
-                s.set_read_timeout(Some(left))
-                    .and_then(|_| conn.complete_io(&mut s).map(|_| ()))
-            };
-            r.map_err(|e| {
+            // complete_io reads on while bytes come: the deadline is checked on
+            // each read, not each call (a peer sending a byte a second kept a
+            // per-call bound from ever expiring: tests/breakit_repl.rs).
+            conn.complete_io(&mut Deadline {
+                s: &mut s,
+                at: deadline,
+            })
+            .map_err(|e| {
                 Error::Refused(format!(
                     "TLS handshake failed ({e}); this receiver speaks only TLS: give the \
                      agent --tls-ca"
@@ -113,6 +111,35 @@ impl ServerTls {
             })?;
         }
         Ok(Box::new(rustls::StreamOwned::new(conn, s)))
+    }
+}
+
+/// A socket whose every read must end by `at`.
+struct Deadline<'a> {
+    s: &'a mut TcpStream,
+    at: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "not done in time",
+            ));
+        }
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(b)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.s.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
     }
 }
 

@@ -5,7 +5,9 @@
 //!
 //! The target names, in WELCOME, the points it holds that came from this store
 //! (their [`crate::engine::meta::Origin`]: this store's UUID and point id).  The
-//! newest of those this store still holds is the base.  BASE asks the target to
+//! newest of those is the base (sent from scratch if this store no longer holds
+//! it).  Points go in sessions of one geometry (disks and sizes), whose HELLO
+//! names exactly those, so each lands as it is here.  BASE asks the target to
 //! check that its heads still hold exactly that point (nothing written or
 //! failed over since) and refuses otherwise: a push never overwrites writes the
 //! sender does not know of.  Then every later point goes as one cycle: the
@@ -67,10 +69,78 @@ pub struct PushReport {
     pub diverged: Option<u64>,
 }
 
+/// Disks and their sizes (bytes), in a point's order: what a HELLO names.
+type Geometry = Vec<(String, u64)>;
+
+fn geometry(p: &PointRec) -> Geometry {
+    p.volumes.iter().map(|v| (v.disk.clone(), v.size)).collect()
+}
+
+/// What the first HELLO names, before WELCOME says which points the target
+/// holds: the disks every point holds, each at its smallest size.  A HELLO
+/// creates missing disks and grows smaller heads, so this changes nothing on
+/// a target that holds any of the points, and on a new one nothing a point
+/// sent later does not hold.  (Naming every disk at its largest size, as the
+/// first version did, landed every point with every disk at its largest
+/// size: tests/breakit_repl.rs.)  If no disk is in every point: the oldest
+/// point's disks.
+fn probe_geometry(points: &[PointRec]) -> Geometry {
+    let mut g = geometry(&points[0]);
+    for p in &points[1..] {
+        g.retain_mut(|(d, s)| match p.volumes.iter().find(|v| v.disk == *d) {
+            Some(v) => {
+                *s = (*s).min(v.size);
+                true
+            }
+            None => false,
+        });
+    }
+    if g.is_empty() {
+        geometry(&points[0])
+    } else {
+        g
+    }
+}
+
+/// Connect, HELLO naming `volumes`, and read WELCOME.  A refusal because a
+/// head is still leased by a session of this push that just closed (the
+/// receiver lets go of it when it sees the close) is retried for up to 5 s.
+fn open_session(
+    store: &Store,
+    opts: &PushOptions,
+    volumes: &Geometry,
+) -> Result<(Link, wire::Welcome)> {
+    let hello = wire::Hello {
+        token: opts.token.clone(),
+        group: opts.group.clone(),
+        volumes: volumes.clone(),
+        source: store.uuid().to_string(),
+        epoch: None,
+    };
+    let mut attempt = 0;
+    loop {
+        let mut link = Link::open(&opts.target, opts.tls.as_ref(), opts.bwlimit)?;
+        link.send_json(wire::HELLO, &hello)?;
+        match link.expect(wire::WELCOME) {
+            Ok(body) => return Ok((link, wire::json("WELCOME", &body)?)),
+            Err(Error::Refused(m))
+                if attempt < 50
+                    && m.contains(crate::repl::receiver::LEASE_PREFIX)
+                    && m.contains("one writer at a time") =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Push `opts.group`'s points that the target lacks.  Errors: the group or
 /// its points missing here; an encrypted store (chunk ids are keyed, the wire's
 /// are BLAKE3 of the data); a target of another chunk size; the target's
-/// refusals (token, a head that moved on, a failed-over group) by name; I/O.
+/// refusals (token, a head that moved on, a failed-over group, a disk the
+/// target holds that a point to send does not, or holds larger) by name; I/O.
 pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
     let t0 = Instant::now();
     let group = &opts.group;
@@ -86,24 +156,9 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
              create {group})"
         )));
     }
-    let mut link = Link::open(&opts.target, opts.tls.as_ref(), opts.bwlimit)?;
-    // HELLO names every disk any point holds, at its largest size.
-    let mut volumes: Vec<(String, u64)> = Vec::new();
-    for pv in points.iter().flat_map(|p| &p.volumes) {
-        match volumes.iter_mut().find(|(d, _)| *d == pv.disk) {
-            Some((_, s)) => *s = (*s).max(pv.size),
-            None => volumes.push((pv.disk.clone(), pv.size)),
-        }
-    }
-    let hello = wire::Hello {
-        token: opts.token.clone(),
-        group: group.clone(),
-        volumes,
-        source: store.uuid().to_string(),
-        epoch: None,
-    };
-    link.send_json(wire::HELLO, &hello)?;
-    let welcome: wire::Welcome = wire::json("WELCOME", &link.expect(wire::WELCOME)?)?;
+    let probe = probe_geometry(&points);
+    let (link, welcome) = open_session(store, opts, &probe)?;
+    let mut link = Some(link);
     if welcome.chunk_size != store.chunk_size() {
         return Err(Error::Unsupported(format!(
             "the target's chunk size is {} bytes and this store's {}: push needs stores of \
@@ -124,9 +179,23 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
             _ => None,
         }))
         .max_by_key(|(p, _)| p.id);
+    // The newest point the target holds from this store may be gone here
+    // (retention, `point rm`): it is the base all the same, since the target's
+    // heads hold it; the first point then goes whole, as this store cannot
+    // tell what changed since.  (Taking the newest point still held here, as
+    // the first version did, made the target refuse every later push: its
+    // heads had moved on since that one.  tests/breakit_repl.rs.)
+    let newest_sent = welcome.origins.iter().copied().max_by_key(|&(sp, _)| sp);
+    // (this store's id of the base, the target's id, the base here if held).
+    let (base, mut base_tp, mut prev) = match (common, newest_sent) {
+        (Some((p, _)), Some((sp, tp))) if sp > p.id => (Some(sp), Some(tp), None),
+        (None, Some((sp, tp))) => (Some(sp), Some(tp), None),
+        (Some((p, tp)), _) => (Some(p.id), Some(tp), Some(p)),
+        (None, None) => (None, None, None),
+    };
     let mut report = PushReport {
         group: group.clone(),
-        base: common.map(|(p, _)| p.id),
+        base,
         points: Vec::new(),
         bytes_sent: 0,
         bytes_logical: 0,
@@ -136,68 +205,93 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
     };
     let todo: Vec<&PointRec> = points
         .iter()
-        .filter(|p| common.is_none_or(|(c, _)| p.id > c.id))
+        .filter(|p| base.is_none_or(|b| p.id > b))
         .collect();
     if todo.is_empty() {
         log::info!("push {group}: the target holds every point already");
-        report.bytes_sent = link.sent();
+        report.bytes_sent = link.as_ref().map_or(0, |l| l.sent());
         report.duration_ms = t0.elapsed().as_millis() as u64;
         return Ok(report);
     }
-    link.send_json(
-        wire::BASE,
-        &wire::Base {
-            point: common.map(|(_, tp)| tp),
-            keep_diverged: opts.keep_diverged,
-        },
-    )?;
-    let ok: wire::BaseOk = wire::json("BASE_OK", &link.expect(wire::BASE_OK)?)?;
-    report.diverged = ok.diverged;
     let bar = if opts.progress {
         crate::engine::imex::progress_bar(todo.len() as u64, &format!("pushing {group}"))
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut prev = common.map(|(p, _)| p);
-    for p in todo {
-        for pv in &p.volumes {
-            let was = prev.and_then(|q| q.volumes.iter().find(|v| v.disk == pv.disk));
-            let (logical, sent) = send_volume(store, &mut link, pv, was)?;
-            report.bytes_logical += logical;
-            report.chunks_sent += sent;
+    // Points of one geometry go in one session, whose HELLO names exactly
+    // their disks and sizes: the target's points then hold what this store's
+    // do (a disk that grew, or was added, between points lands so).  A disk
+    // that went, or shrank, is the target's BASE check to refuse.
+    let mut first = true;
+    for run in todo.chunk_by(|a, b| geometry(a) == geometry(b)) {
+        let g = geometry(run[0]);
+        if !(first && g == probe) {
+            if let Some(l) = link.take() {
+                report.bytes_sent += l.sent();
+            }
+            link = Some(open_session(store, opts, &g)?.0);
         }
-        link.send_json(
-            wire::COMMIT,
-            &wire::Commit {
-                label: p.label.clone(),
-                app: p.kind == PointKind::App,
-                source_point: Some(p.id),
+        let l = link.as_mut().expect("a session is open");
+        l.send_json(
+            wire::BASE,
+            &wire::Base {
+                point: base_tp,
+                keep_diverged: opts.keep_diverged && first,
             },
         )?;
-        let done: wire::Committed = wire::json("COMMITTED", &link.expect(wire::COMMITTED)?)?;
-        log::info!(
-            "push {group}: point {} landed as point {} on {}",
-            p.id,
-            done.point,
-            opts.target
-        );
-        report.points.push((p.id, done.point));
-        bar.inc(1);
-        prev = Some(p);
+        let ok: wire::BaseOk = wire::json("BASE_OK", &l.expect(wire::BASE_OK)?)?;
+        if first {
+            report.diverged = ok.diverged;
+        }
+        for &p in run {
+            for pv in &p.volumes {
+                let was =
+                    prev.and_then(|q: &PointRec| q.volumes.iter().find(|v| v.disk == pv.disk));
+                // Zero blocks matter where the target's head may hold data: a
+                // disk of the previous point, or any disk when this store no
+                // longer holds the base.
+                let zeros = was.is_some() || (prev.is_none() && base_tp.is_some());
+                let (logical, sent) = send_volume(store, l, pv, was, zeros)?;
+                report.bytes_logical += logical;
+                report.chunks_sent += sent;
+            }
+            l.send_json(
+                wire::COMMIT,
+                &wire::Commit {
+                    label: p.label.clone(),
+                    app: p.kind == PointKind::App,
+                    source_point: Some(p.id),
+                },
+            )?;
+            let done: wire::Committed = wire::json("COMMITTED", &l.expect(wire::COMMITTED)?)?;
+            log::info!(
+                "push {group}: point {} landed as point {} on {}",
+                p.id,
+                done.point,
+                opts.target
+            );
+            report.points.push((p.id, done.point));
+            bar.inc(1);
+            prev = Some(p);
+            base_tp = Some(done.point);
+        }
+        first = false;
     }
     bar.finish_and_clear();
-    report.bytes_sent = link.sent();
+    report.bytes_sent += link.as_ref().map_or(0, |l| l.sent());
     report.duration_ms = t0.elapsed().as_millis() as u64;
     Ok(report)
 }
 
 /// Send what `pv` changed since `was` (the same disk in the previous point the
-/// target holds, if any): returns (changed bytes, chunks sent).
+/// target holds, if any; all of it otherwise, zero blocks too when
+/// `zeros_matter`): returns (changed bytes, chunks sent).
 fn send_volume(
     store: &Store,
     link: &mut Link,
     pv: &PointVolume,
     was: Option<&PointVolume>,
+    zeros_matter: bool,
 ) -> Result<(u64, u64)> {
     let cs = store.chunk_size();
     let blocks = pv.size.div_ceil(cs);
@@ -211,9 +305,8 @@ fn send_volume(
         }),
         None => None,
     };
-    // Without a previous point the target's head holds nothing: holes and zero
-    // blocks need no entry.
-    let zeros_matter = was.is_some();
+    // `zeros_matter`: false when the target's head holds nothing (a disk new
+    // there): holes and zero blocks then need no entry.
     let mut logical = 0u64;
     let mut sent = 0u64;
     let mut round = |first_blocks: &[(u64, Block)], link: &mut Link| -> Result<()> {

@@ -1,0 +1,817 @@
+//! Hostile review of replication over TLS, store-to-store `push` and the
+//! receiver's bounds (issue 10; commits 624ca51, ff5c96c, 8d38eda).
+//!
+//! Every test reproduces a defect (it failed on the code it was written
+//! against) or pins behaviour an attack showed to hold; its doc comment says
+//! which, with the reproduction.  The target is the real `drclone serve` with a
+//! replication port; the source store is driven with the CLI (`import`,
+//! `point create`, `push`), as an operator would.  A test marked `#[ignore]`
+//! reproduces a defect not fixed yet (its reason says why).
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drclone::repl::wire;
+
+const MIB: usize = 1 << 20;
+
+/// The target: a [`Site`] (a store served with NBD and replication ports).
+type Target = Site;
+
+trait TargetExt {
+    fn addr(&self) -> String;
+    fn points(&self, group: &str) -> Vec<serde_json::Value>;
+    fn pid(&self) -> u32;
+}
+
+impl TargetExt for Site {
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.repl)
+    }
+
+    fn points(&self, group: &str) -> Vec<serde_json::Value> {
+        points(&self.env, group)
+    }
+
+    fn pid(&self) -> u32 {
+        self.srv.as_ref().unwrap().id()
+    }
+}
+
+/// The points of `group`, oldest first (none if the group does not exist).
+fn points(env: &Env, group: &str) -> Vec<serde_json::Value> {
+    let (ok, out, err) = try_cmd(env, &["--json", "point", "list", group]);
+    if !ok {
+        assert!(err.contains("not found"), "{err}");
+        return Vec::new();
+    }
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A source store (no daemon: the CLI opens it) with group `g`.
+fn source() -> Env {
+    let s = Env::new();
+    s.ok(&["init"]);
+    s.ok(&["group", "create", "g"]);
+    s
+}
+
+/// Import `data` (a whole disk image) into `vol` of `env`.
+fn put(env: &Env, vol: &str, data: &[u8]) {
+    let f = env.path("img.raw");
+    std::fs::write(&f, data).unwrap();
+    env.ok(&["import", vol, f.to_str().unwrap()]);
+}
+
+/// Export a head or point of `env` and return its bytes.
+fn export(env: &Env, what: &str) -> Vec<u8> {
+    let f = env.path("export.raw");
+    let _ = std::fs::remove_file(&f);
+    env.ok(&["export", what, f.to_str().unwrap()]);
+    std::fs::read(f).unwrap()
+}
+
+fn push(src: &Env, group: &str, target: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut a = vec!["--json", "push", group, "--target", target];
+    a.extend_from_slice(extra);
+    try_cmd(src, &a)
+}
+
+fn push_ok(src: &Env, group: &str, target: &str) -> serde_json::Value {
+    let (ok, out, err) = push(src, group, target, &[]);
+    assert!(ok, "push failed: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Every point of `group` on the target that came from `src` (and that `src`
+/// still holds) holds exactly the disks of its source point, each of the same
+/// size and bytes.  Returns how many it compared.
+fn assert_points_identical(src: &Env, t: &Target, group: &str) -> usize {
+    let sp = points(src, group);
+    let mut n = 0;
+    for tp in t.points(group) {
+        let Some(sid) = tp["origin"]["point"].as_u64() else {
+            continue;
+        };
+        // A source point removed since (retention) cannot be compared.
+        let Some(s) = sp.iter().find(|p| p["id"].as_u64() == Some(sid)) else {
+            continue;
+        };
+        assert_eq!(
+            tp["volumes"], s["volumes"],
+            "target point {} (source point {sid}) holds other disks",
+            tp["id"]
+        );
+        for d in s["volumes"].as_array().unwrap() {
+            let d = d.as_str().unwrap();
+            let a = export(src, &format!("{group}/{d}@{sid}"));
+            let b = export(&t.env, &format!("{group}/{d}@{}", tp["id"]));
+            assert_eq!(
+                a.len(),
+                b.len(),
+                "{group}/{d}: source point {sid} is {} bytes, target point {} is {}",
+                a.len(),
+                tp["id"],
+                b.len()
+            );
+            assert!(
+                a == b,
+                "{group}/{d}: target point {} differs from source point {sid}",
+                tp["id"]
+            );
+        }
+        n += 1;
+    }
+    n
+}
+
+// ---- push: geometry between points --------------------------------------------
+
+/// DEFECT (fixed): a volume that grew between two points landed on the target
+/// at its largest size in every point: HELLO named each disk at the largest
+/// size any point holds, so the target grew the head before the first point.
+///
+/// Reproduction: g/d of 4 MiB, point 1; `volume resize g/d --size 8M`, data
+/// in the new half, point 2; push: the target's point 1 was 8 MiB.
+#[test]
+fn push_lands_each_point_at_its_own_size() {
+    let t = Site::new();
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "4M"]);
+    put(&src, "g/d", &random_bytes(1, 4 * MIB));
+    src.ok(&["point", "create", "g"]);
+    src.ok(&["volume", "resize", "g/d", "--size", "8M"]);
+    let mut grown = random_bytes(1, 4 * MIB);
+    grown.extend(random_bytes(2, 4 * MIB));
+    put(&src, "g/d", &grown);
+    src.ok(&["point", "create", "g"]);
+    let r = push_ok(&src, "g", &t.addr());
+    assert_eq!(r["points"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(assert_points_identical(&src, &t, "g"), 2);
+    // And incrementally: another growth after a push.
+    src.ok(&["volume", "resize", "g/d", "--size", "12M"]);
+    grown.extend(random_bytes(3, 4 * MIB));
+    put(&src, "g/d", &grown);
+    src.ok(&["point", "create", "g"]);
+    push_ok(&src, "g", &t.addr());
+    assert_eq!(assert_points_identical(&src, &t, "g"), 3);
+}
+
+/// DEFECT (fixed): a disk added between two points was in every point the
+/// target landed, the earlier ones too (as an empty disk): HELLO created
+/// every disk any point holds before the first point.
+///
+/// Reproduction: g/d0, point 1; `volume create g/d1`, data, point 2; push:
+/// the target's point 1 held d0 and d1.
+#[test]
+fn push_lands_each_point_with_its_own_disks() {
+    let t = Site::new();
+    let src = source();
+    src.ok(&["volume", "create", "g/d0", "--size", "2M"]);
+    put(&src, "g/d0", &random_bytes(1, 2 * MIB));
+    src.ok(&["point", "create", "g"]);
+    src.ok(&["volume", "create", "g/d1", "--size", "2M"]);
+    put(&src, "g/d1", &random_bytes(2, 2 * MIB));
+    src.ok(&["point", "create", "g"]);
+    push_ok(&src, "g", &t.addr());
+    assert_eq!(assert_points_identical(&src, &t, "g"), 2);
+}
+
+/// DEFECT (fixed, by refusing): a disk removed from the source group between
+/// two points stayed in the target's later points (the receiver cannot remove
+/// a disk; nothing told it to).  Push now refuses, naming the disk, and lands
+/// nothing that differs.
+///
+/// Reproduction: g/d0 and g/d1, point 1, push; `volume rm g/d1`, point 2,
+/// push: the target's point 2 held d1.
+#[test]
+fn push_never_lands_a_point_holding_a_disk_the_source_removed() {
+    let t = Site::new();
+    let src = source();
+    for (i, d) in ["d0", "d1"].iter().enumerate() {
+        src.ok(&["volume", "create", &format!("g/{d}"), "--size", "1M"]);
+        put(&src, &format!("g/{d}"), &random_bytes(i as u64, MIB));
+    }
+    src.ok(&["point", "create", "g"]);
+    push_ok(&src, "g", &t.addr());
+    src.ok(&["volume", "rm", "g/d1"]);
+    put(&src, "g/d0", &random_bytes(7, MIB));
+    src.ok(&["point", "create", "g"]);
+    let (ok, _, err) = push(&src, "g", &t.addr(), &[]);
+    if !ok {
+        assert!(err.contains("d1"), "the refusal names the disk: {err}");
+        assert_eq!(t.points("g").len(), 1, "a refused push landed a point");
+    }
+    assert_points_identical(&src, &t, "g");
+}
+
+/// DEFECT (fixed, by refusing): after a failover commit on the source to a
+/// point where a disk was smaller, the next point has the smaller size; push
+/// landed it at the old, larger size, with the old data in the tail.
+///
+/// Reproduction: g/d 2 MiB, point 1; resize to 4 MiB, data, point 2; push;
+/// `failover g --point 1`, `failover g --commit`, point 3; push: the target's
+/// point 3 was 4 MiB, its last 2 MiB from point 2.
+#[test]
+fn push_never_lands_a_shrunk_disk_at_its_old_size() {
+    let t = Site::new();
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "2M"]);
+    put(&src, "g/d", &random_bytes(1, 2 * MIB));
+    src.ok(&["point", "create", "g"]);
+    src.ok(&["volume", "resize", "g/d", "--size", "4M"]);
+    put(&src, "g/d", &random_bytes(2, 4 * MIB));
+    src.ok(&["point", "create", "g"]);
+    push_ok(&src, "g", &t.addr());
+    src.ok(&["failover", "g", "--point", "1"]);
+    src.ok(&["failover", "g", "--commit"]);
+    src.ok(&["point", "create", "g"]);
+    let (ok, _, err) = push(&src, "g", &t.addr(), &[]);
+    if !ok {
+        assert!(err.contains("g/d"), "the refusal names the disk: {err}");
+        assert_eq!(t.points("g").len(), 2, "a refused push landed a point");
+    }
+    assert_points_identical(&src, &t, "g");
+}
+
+// ---- push: choosing the base ---------------------------------------------------
+
+/// DEFECT (fixed): retention (or `point rm`) on the source removing the newest
+/// point the target holds made every later push refuse, for ever: push took
+/// the newest common point the source still held as the base, and the
+/// target's head, one point further, had "moved on" since it.
+///
+/// Reproduction: points 1, 2, push; point 3, push; `point rm g 3` on the
+/// source; point 4, push: refused ("moved on since point 2").
+#[test]
+fn push_after_the_source_thinned_the_newest_common_point() {
+    let t = Site::new();
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "4M"]);
+    let mut data = random_bytes(1, 4 * MIB);
+    put(&src, "g/d", &data);
+    src.ok(&["point", "create", "g"]);
+    push_ok(&src, "g", &t.addr());
+    data[MIB..2 * MIB].copy_from_slice(&random_bytes(2, MIB));
+    data[3 * MIB..].fill(0);
+    put(&src, "g/d", &data);
+    src.ok(&["point", "create", "g"]);
+    push_ok(&src, "g", &t.addr());
+    src.ok(&["point", "rm", "g", "2"]);
+    data[..MIB].copy_from_slice(&random_bytes(3, MIB));
+    put(&src, "g/d", &data);
+    src.ok(&["point", "create", "g"]);
+    let r = push_ok(&src, "g", &t.addr());
+    assert_eq!(r["points"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(assert_points_identical(&src, &t, "g"), 2);
+    assert!(
+        export(&t.env, "g/d@latest") == data,
+        "the target's newest point is not the source's"
+    );
+    // Nothing left to send: the next push sends nothing.
+    let r = push_ok(&src, "g", &t.addr());
+    assert!(r["points"].as_array().unwrap().is_empty(), "{r}");
+}
+
+/// Holds: a second store pushing into a group that came from another store is
+/// refused, and so is a first push into a group the target created itself.
+#[test]
+fn two_sources_into_one_group_are_refused() {
+    let t = Site::new();
+    let (a, b) = (source(), source());
+    for (i, s) in [&a, &b].iter().enumerate() {
+        s.ok(&["volume", "create", "g/d", "--size", "1M"]);
+        put(s, "g/d", &random_bytes(i as u64, MIB));
+        s.ok(&["point", "create", "g"]);
+    }
+    push_ok(&a, "g", &t.addr());
+    let (ok, _, err) = push(&b, "g", &t.addr(), &[]);
+    assert!(!ok && err.contains("none came from this store"), "{err}");
+    // The point ids collide (both stores' point 1): the target's origin names
+    // the store, so b's point 1 is not taken for a's.
+    assert_eq!(t.points("g").len(), 1);
+    assert_points_identical(&a, &t, "g");
+}
+
+// ---- push: the target moved on -------------------------------------------------
+
+/// DEFECT (fixed): a target head grown (`volume resize`) after the common
+/// point was not a change to BASE: push went ahead and its point took the
+/// target's size, not the source's.
+#[test]
+fn push_refuses_a_target_head_resized_since_the_common_point() {
+    let t = Site::new();
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "1M"]);
+    put(&src, "g/d", &random_bytes(1, MIB));
+    src.ok(&["point", "create", "g"]);
+    push_ok(&src, "g", &t.addr());
+    t.env.ok(&["volume", "resize", "g/d", "--size", "2M"]);
+    put(&src, "g/d", &random_bytes(2, MIB));
+    src.ok(&["point", "create", "g"]);
+    let (ok, _, err) = push(&src, "g", &t.addr(), &[]);
+    assert!(!ok, "a push over a resized target head was accepted");
+    assert!(err.contains("g/d"), "{err}");
+    assert_eq!(t.points("g").len(), 1);
+}
+
+/// DEFECT (fixed): BASE checked only the disks HELLO named: a disk created in
+/// the target's group after the common point (`volume create` + `import`, or
+/// a `clone` into the group) was not a change, and the pushed points held it
+/// (disks and data the source point does not have).
+#[test]
+fn push_refuses_a_target_group_with_a_disk_the_source_lacks() {
+    let t = Site::new();
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "1M"]);
+    put(&src, "g/d", &random_bytes(1, MIB));
+    src.ok(&["point", "create", "g"]);
+    push_ok(&src, "g", &t.addr());
+    put(&src, "g/d", &random_bytes(2, MIB));
+    src.ok(&["point", "create", "g"]);
+
+    t.env.ok(&["volume", "create", "g/extra", "--size", "1M"]);
+    put(&t.env, "g/extra", &random_bytes(3, MIB));
+    let (ok, _, err) = push(&src, "g", &t.addr(), &[]);
+    assert!(!ok, "a push into a group with an extra disk was accepted");
+    assert!(err.contains("g/extra"), "{err}");
+    assert_eq!(t.points("g").len(), 1);
+    t.env.ok(&["volume", "rm", "g/extra"]);
+
+    t.env.ok(&["clone", "g/d@1", "g/copy"]);
+    let (ok, _, err) = push(&src, "g", &t.addr(), &[]);
+    assert!(!ok, "a push into a group with a clone in it was accepted");
+    assert!(err.contains("g/copy"), "{err}");
+    t.env.ok(&["volume", "rm", "g/copy"]);
+
+    push_ok(&src, "g", &t.addr());
+    assert_eq!(assert_points_identical(&src, &t, "g"), 2);
+}
+
+/// Holds: every other way the target's head can move on after the common
+/// point is refused (an import changing one byte; the volume removed
+/// and recreated; a failover committed and re-protected), and one that leaves
+/// the heads as they were (a failover undone) is not.
+#[test]
+fn push_refuses_every_target_change_since_the_common_point() {
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "1M"]);
+    put(&src, "g/d", &random_bytes(1, MIB));
+    src.ok(&["point", "create", "g"]);
+    let fresh = || {
+        let t = Site::new();
+        push_ok(&src, "g", &t.addr());
+        t
+    };
+    // A new source point after the target changed.
+    let n = std::cell::Cell::new(10);
+    let next = || {
+        n.set(n.get() + 1);
+        put(&src, "g/d", &random_bytes(n.get(), MIB));
+        src.ok(&["point", "create", "g"]);
+    };
+    let refused = |t: &Target, why: &str, want: &str| {
+        let had = t.points("g").len();
+        next();
+        let (ok, _, err) = push(&src, "g", &t.addr(), &[]);
+        assert!(!ok, "{why}: the push was accepted");
+        assert!(err.contains(want), "{why}: {err}");
+        assert_eq!(t.points("g").len(), had, "{why}");
+    };
+
+    let t = fresh();
+    let mut d = export(&t.env, "g/d");
+    d[4096] ^= 1;
+    put(&t.env, "g/d", &d);
+    refused(&t, "import on the target", "moved on");
+
+    let t = fresh();
+    t.env.ok(&["volume", "rm", "g/d"]);
+    t.env.ok(&["volume", "create", "g/d", "--size", "1M"]);
+    refused(&t, "volume recreated on the target", "moved on");
+
+    let t = fresh();
+    t.env.ok(&["failover", "g", "--point", "latest"]);
+    refused(&t, "failed over", "failed");
+    t.env.ok(&["failover", "g", "--commit"]);
+    refused(&t, "committed", "committed");
+
+    // A failover undone: the heads are the replica heads, untouched.
+    let t = fresh();
+    t.env.ok(&["failover", "g", "--point", "latest"]);
+    t.env.ok(&["failover", "g", "--undo"]);
+    next();
+    push_ok(&src, "g", &t.addr());
+    assert_points_identical(&src, &t, "g");
+}
+
+/// Holds: a push cut off part-way (kill -9 of the sender, then of the
+/// receiver) leaves only whole points, and the next push lands the rest,
+/// identical, from where the target is.
+#[test]
+fn a_push_cut_off_part_way_resumes_with_whole_points() {
+    let mut t = Site::new();
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "4M"]);
+    for i in 0..4 {
+        put(&src, "g/d", &random_bytes(10 + i, 4 * MIB));
+        src.ok(&["point", "create", "g"]);
+    }
+    let target = t.addr();
+    let start = || {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+            .env("DRCLONE_STORE", &src.store)
+            .args(["push", "g", "--target", &target, "--bwlimit", "3M"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let wait_points = |t: &Target, n: usize, c: &mut std::process::Child| {
+        for _ in 0..3000 {
+            if t.points("g").len() >= n {
+                return true;
+            }
+            if c.try_wait().unwrap().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no point landed");
+    };
+    // The sender dies after the first point.
+    let mut c = start();
+    assert!(wait_points(&t, 1, &mut c), "the push ended before a point");
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let landed = t.points("g").len();
+    assert!((1..4).contains(&landed), "{landed} points");
+    assert_points_identical(&src, &t, "g");
+    // The receiver dies after the next one.
+    let mut c = start();
+    assert!(
+        wait_points(&t, landed + 1, &mut c),
+        "the push ended before a point"
+    );
+    t.kill9();
+    let _ = c.wait();
+    t.start(&[]);
+    assert_points_identical(&src, &t, "g");
+    push_ok(&src, "g", &t.addr());
+    assert_eq!(assert_points_identical(&src, &t, "g"), 4);
+}
+
+// ---- TLS ----------------------------------------------------------------------
+
+/// A CA and a server certificate it signs with subjectAltName `san`:
+/// (CA cert, server cert, server key).
+fn pki(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let s = |f: &str| p(f).to_str().unwrap().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let subj = format!("/CN={name} CA");
+    let (ca_key, ca_crt) = (s("ca.key"), s("ca.crt"));
+    let mut a = vec!["req", "-x509", "-days", "2", "-subj", &subj];
+    a.extend_from_slice(&ec);
+    a.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
+    run("openssl", &a);
+    let (key, csr, crt) = (s("server.key"), s("server.csr"), s("server.crt"));
+    let mut a = vec!["req", "-new", "-subj", "/CN=127.0.0.1"];
+    a.extend_from_slice(&ec);
+    a.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+    run("openssl", &a);
+    let ext = p("ext.cnf");
+    std::fs::write(&ext, format!("subjectAltName={san}\n")).unwrap();
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            &crt,
+        ],
+    );
+    (p("ca.crt"), p("server.crt"), p("server.key"))
+}
+
+/// Holds: a certificate for another name (its CN is the address, but its
+/// subjectAltName is not) is refused by `push`, and nothing lands; with the
+/// right name, push over TLS lands identical points.
+#[test]
+fn tls_refuses_a_certificate_for_another_name_and_push_works_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path(), "wrong", "DNS:other.example");
+    let t = Site::with_args(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "1M"]);
+    put(&src, "g/d", &random_bytes(1, MIB));
+    src.ok(&["point", "create", "g"]);
+    let (ok, _, err) = push(&src, "g", &t.addr(), &["--tls-ca", ca.to_str().unwrap()]);
+    assert!(!ok, "a certificate for another name was accepted");
+    assert!(err.contains("TLS handshake"), "{err}");
+    assert!(t.env.json(&["status"]).as_array().unwrap().is_empty());
+    drop(t);
+
+    let (ca, cert, key) = pki(dir.path(), "right", "IP:127.0.0.1");
+    let t = Site::with_args(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let (ok, _, err) = push(&src, "g", &t.addr(), &[]);
+    assert!(!ok && err.contains("--tls-ca"), "plaintext push: {err}");
+    let (ok, _, err) = push(&src, "g", &t.addr(), &["--tls-ca", ca.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(assert_points_identical(&src, &t, "g"), 1);
+}
+
+/// Holds: bad certificate and key files stop `serve` with a message naming the
+/// file and what is wrong (no panic, no listener that fails every handshake).
+#[test]
+fn bad_tls_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path(), "a", "IP:127.0.0.1");
+    let (_, _, other_key) = pki(dir.path(), "b", "IP:127.0.0.1");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a pem file\n").unwrap();
+    let env = Env::new();
+    env.ok(&["init"]);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: Vec<(String, String, &str)> = vec![
+        (s(&cert), s(&other_key), "match"),
+        (s(&cert), s(&cert), "key"),
+        (s(&garbage), s(&key), "certificate"),
+        (s(&cert), s(&dir.path().join("nosuch.key")), "nosuch.key"),
+        (s(&ca), s(&garbage), "garbage.pem"),
+    ];
+    for (c, k, want) in cases {
+        let port = free_port().to_string();
+        let out = env
+            .cmd()
+            .args(["serve", "--listen", "127.0.0.1:0", "--replication-listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--tls-cert", &c, "--tls-key", &k])
+            .timeout(Duration::from_secs(20))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "serve started with {c} {k}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.to_lowercase().contains(want),
+            "{c} {k}: the error does not say {want:?}: {err}"
+        );
+    }
+}
+
+/// DEFECT (fixed): every connection to the replication port took a thread
+/// until it finished its handshakes, with no bound on how many: 500 peers that
+/// send half a TLS record and wait held 500 threads (and std's spawn panics
+/// when the OS refuses one, ending the listener).  Now at most
+/// `MAX_PENDING` connections wait in their handshakes; more are closed at once,
+/// and the receiver goes on serving once they go.
+#[test]
+fn a_flood_of_silent_connections_takes_bounded_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path(), "t", "IP:127.0.0.1");
+    let t = Site::with_args(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let threads = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
+    let before = threads(t.pid());
+    let mut held = Vec::new();
+    for _ in 0..500 {
+        let mut c = TcpStream::connect(("127.0.0.1", t.repl)).unwrap();
+        let _ = c.write_all(&[0x16, 3, 1, 2, 0]);
+        held.push(c);
+    }
+    // Let the listener accept them all.
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = threads(t.pid());
+    println!("threads: {before} before, {during} with 500 silent connections");
+    assert!(
+        during < before + 200,
+        "500 silent connections took {} threads",
+        during - before
+    );
+    drop(held);
+    // Once they are gone, an agent is served.
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "1M"]);
+    put(&src, "g/d", &random_bytes(1, MIB));
+    src.ok(&["point", "create", "g"]);
+    let mut ok = false;
+    for _ in 0..100 {
+        if push(&src, "g", &t.addr(), &["--tls-ca", ca.to_str().unwrap()]).0 {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "the receiver no longer serves");
+}
+
+/// Send `bytes` to `port` one every 2 s, reading what comes back; returns
+/// how many were sent when the peer closed the connection, if it did.
+fn dribble(port: u16, bytes: &[u8]) -> Option<usize> {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    for (i, b) in bytes.iter().enumerate() {
+        if c.write_all(&[*b]).is_err() {
+            return Some(i);
+        }
+        for _ in 0..200 {
+            let mut buf = [0u8; 64];
+            match c.read(&mut buf) {
+                Ok(0) => return Some(i + 1),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Some(i + 1),
+            }
+        }
+    }
+    None
+}
+
+/// DEFECT (fixed): the handshake bound (30 s) applied to each read, not to the
+/// handshake: a peer sending one byte every few seconds held its thread for
+/// ever, in drclone's handshake and HELLO or in the TLS handshake.  Now the
+/// handshakes, up to HELLO, must arrive within 30 s in all.
+///
+/// Reproduction: drclone's handshake and a 100-byte HELLO, or a TLS record
+/// header and its 512 bytes, one byte every 2 s: the receiver read them all.
+#[test]
+fn a_slow_handshake_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = pki(dir.path(), "t", "IP:127.0.0.1");
+    let tls = Site::with_args(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let plain = Site::new();
+    let mut hs = Vec::new();
+    wire::write_handshake(&mut hs).unwrap();
+    wire::write_frame(&mut hs, wire::HELLO, &[b' '; 100]).unwrap();
+    let mut record = vec![0x16, 3, 1, 2, 0];
+    record.extend_from_slice(&[0u8; 512]);
+    // The whole would take 230 s and 1034 s; the receiver must drop each
+    // connection long before its last byte (after about 30 s).
+    let port = tls.repl;
+    let r = record.clone();
+    let t = std::thread::spawn(move || dribble(port, &r));
+    let p = dribble(plain.repl, &hs);
+    let t = t.join().unwrap();
+    println!(
+        "dropped after {p:?} of {} and {t:?} of {} bytes",
+        hs.len(),
+        record.len()
+    );
+    assert!(
+        p.is_some_and(|n| n < hs.len()),
+        "a handshake and HELLO dribbled over minutes were read"
+    );
+    assert!(
+        t.is_some_and(|n| n < record.len()),
+        "a TLS handshake dribbled over minutes was read"
+    );
+}
+
+// ---- receiver bounds -----------------------------------------------------------
+
+/// Open a plaintext session: handshakes, then HELLO; returns the stream and
+/// the receiver's answer (type, body).
+fn hello(port: u16, group: &str, vols: &[(String, u64)]) -> (TcpStream, u8, String) {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    wire::write_handshake(&mut c).unwrap();
+    wire::read_handshake(&mut c).unwrap();
+    let h = wire::Hello {
+        token: None,
+        group: group.into(),
+        volumes: vols.to_vec(),
+        source: "breakit".into(),
+        epoch: None,
+    };
+    wire::write_frame(&mut c, wire::HELLO, &serde_json::to_vec(&h).unwrap()).unwrap();
+    let (t, body) = wire::read_frame(&mut c).unwrap();
+    (c, t, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// DEFECT (fixed): a refused HELLO created the group: open_session created a
+/// missing group before it checked the volumes, so a HELLO naming no volume,
+/// a bad disk name, too many volumes or one disk twice left an empty group
+/// behind (and one disk twice created the disk before failing).
+#[test]
+fn a_refused_hello_creates_nothing() {
+    let t = Site::new();
+    let cases: Vec<(&str, Vec<(String, u64)>)> = vec![
+        ("none", vec![]),
+        ("badname", vec![("../x".into(), 1 << 20)]),
+        ("badsize", vec![("d".into(), 1000)]),
+        (
+            "toomany",
+            (0..257).map(|i| (format!("d{i}"), 1 << 20)).collect(),
+        ),
+        ("twice", vec![("d".into(), 1 << 20), ("d".into(), 2 << 20)]),
+    ];
+    for (group, vols) in cases {
+        let (_c, typ, body) = hello(t.repl, group, &vols);
+        assert_eq!(typ, wire::ERROR, "{group}: HELLO accepted: {body}");
+        let st = t.env.json(&["status"]);
+        assert!(
+            st.as_array().unwrap().is_empty(),
+            "{group}: a refused HELLO left {st}"
+        );
+    }
+}
+
+/// DEFECT (not fixed: the CHUNKS arm belongs to another change): CHUNKS are
+/// not charged to the cycle's budget, and a chunk need not have been offered
+/// (HAVE) or lacked: one session stores and pins any number of chunks (disk,
+/// and the session's pinned/usable sets in memory) without ever mapping one.
+///
+/// Reproduction: HELLO one 512-byte volume (budget 2 + 65,536); CHUNKS of
+/// 70,000 distinct 16-byte chunks, never offered: every frame is STORED.
+#[test]
+#[ignore = "defect not fixed yet: CHUNKS without HAVE are not bounded (see report)"]
+fn chunks_without_have_count_against_the_cycle_budget() {
+    let t = Site::new();
+    let (mut c, typ, body) = hello(t.repl, "g", &[("d".into(), 512)]);
+    assert_eq!(typ, wire::WELCOME, "{body}");
+    let mut n = 0u64;
+    let mut refused = None;
+    'send: for _ in 0..7 {
+        let mut frame = Vec::new();
+        for _ in 0..10_000 {
+            n += 1;
+            let mut data = [0u8; 16];
+            data[..8].copy_from_slice(&n.to_be_bytes());
+            frame.push(wire::WireChunk {
+                id: *blake3::hash(&data).as_bytes(),
+                raw_len: 16,
+                codec: wire::CODEC_RAW,
+                payload: data.to_vec(),
+            });
+        }
+        if wire::write_frame(&mut c, wire::CHUNKS, &wire::encode_chunks(&frame)).is_err() {
+            refused = Some(String::new());
+            break;
+        }
+        match wire::read_frame(&mut c) {
+            Ok((t, _)) if t == wire::STORED => {}
+            Ok((_, body)) => {
+                refused = Some(String::from_utf8_lossy(&body).into_owned());
+                break 'send;
+            }
+            Err(e) => {
+                refused = Some(e.to_string());
+                break 'send;
+            }
+        }
+    }
+    assert!(
+        refused.is_some(),
+        "{n} chunks never offered were stored in one cycle of a 1-block volume"
+    );
+}
