@@ -294,7 +294,7 @@ pub(crate) fn dispatch(
 }
 
 /// A daemon this drill started (no daemon was running): stopped on drop.
-struct OwnDaemon {
+pub(crate) struct OwnDaemon {
     child: Child,
     socket: PathBuf,
 }
@@ -309,8 +309,9 @@ impl Drop for OwnDaemon {
 }
 
 /// Start `drclone serve` on a private unix socket for the drill and wait until
-/// its control socket answers.
-fn start_daemon(cli: &Cli) -> Result<OwnDaemon> {
+/// its control socket answers.  `own_group`: in a process group of its own, so
+/// the terminal's Ctrl-C reaches only the caller (which then stops it).
+pub(crate) fn start_daemon(cli: &Cli, own_group: bool) -> Result<OwnDaemon> {
     let socket = std::env::temp_dir().join(format!("drclone-drill-{}.sock", std::process::id()));
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("--store").arg(&cli.store);
@@ -321,6 +322,10 @@ fn start_daemon(cli: &Cli) -> Result<OwnDaemon> {
         .arg(&socket)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
+    if own_group {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
     let child = cmd
         .spawn()
         .context("starting drclone serve for the drill")?;
@@ -343,7 +348,7 @@ fn start_daemon(cli: &Cli) -> Result<OwnDaemon> {
 
 /// Send `args` (after `drclone --store S --json`) to the daemon; the JSON it
 /// prints.
-fn ask(store: &Path, args: &[String]) -> Result<serde_json::Value> {
+pub(crate) fn ask(store: &Path, args: &[String]) -> Result<serde_json::Value> {
     let conn = daemon::connect(store).context("the daemon went away during the drill")?;
     let mut argv = vec![
         "drclone".to_string(),
@@ -440,7 +445,7 @@ pub(crate) fn run_test(cli: &Cli) -> Result<i32> {
     }
     let t0 = Instant::now();
     let own = if daemon::connect(&cli.store).is_none() {
-        Some(start_daemon(cli)?)
+        Some(start_daemon(cli, false)?)
     } else {
         None
     };

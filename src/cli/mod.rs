@@ -4,4 +4,5 @@
 pub(crate) mod args;
 pub(crate) mod commands;
 pub(crate) mod dr;
+pub(crate) mod plan;
 pub(crate) mod repl;

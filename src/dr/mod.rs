@@ -1,5 +1,5 @@
 //! The DR workflows, above the engine: drills ([`drill`]), failover with undo and
-//! commit ([`failover`]), failback ([`failback`]), retention ([`retention`]), status ([`status`]) and the
+//! commit ([`failover`]), failback ([`failback`]), recovery plans ([`plan`]), retention ([`retention`]), status ([`status`]) and the
 //! audit log ([`audit`]).  docs/DESIGN.md §17 describes them.
 //!
 //! Each workflow is a function of an open [`crate::Store`] and, where NBD clients
@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod drill;
 pub mod failback;
 pub mod failover;
+pub mod plan;
 pub mod retention;
 pub mod status;
 
