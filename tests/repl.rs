@@ -297,6 +297,9 @@ fn tokens_garbage_and_lying_chunks_are_refused() {
         wire::write_frame(&mut s, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
         let (t1, _) = wire::read_frame(&mut s).unwrap();
         assert_eq!(t1, wire::WELCOME);
+        // Offered (HAVE) and lacked, so CHUNKS may carry it; its data lies.
+        wire::write_frame(&mut s, wire::HAVE, &wire::encode_ids(&[[7u8; 32]])).unwrap();
+        assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::LACK);
         let c = wire::pack([7u8; 32], &random_bytes(3, 65536));
         wire::write_frame(&mut s, wire::CHUNKS, &wire::encode_chunks(&[c])).unwrap();
         let (t2, body) = wire::read_frame(&mut s).unwrap();

@@ -103,6 +103,10 @@ struct Session<'a> {
     pinned: Vec<ChunkId>,
     /// Chunks this cycle may reference: held (HAVE) or received (CHUNKS).
     usable: HashSet<ChunkId>,
+    /// Chunks this cycle said it lacks (LACK) and has not received yet: the
+    /// only ones CHUNKS may carry, so what one cycle stores is bounded by what
+    /// it offered (and so by its budget).
+    asked: HashSet<ChunkId>,
     staged: HashMap<String, Vec<(u64, MapVal)>>,
     _leases: Vec<Lease>,
     received: u64,
@@ -265,6 +269,12 @@ fn cycles<S: Read + Write>(
                     }
                 }
                 let lack: Vec<bool> = have.iter().map(|h| !h).collect();
+                sess.asked.extend(
+                    ids.iter()
+                        .zip(&lack)
+                        .filter(|(_, l)| **l)
+                        .map(|(id, _)| *id),
+                );
                 wire::write_frame(s, wire::LACK, &wire::encode_bits(&lack))
                     .map_err(|e| Error::io(peer, e))?;
             }
@@ -277,6 +287,16 @@ fn cycles<S: Read + Write>(
                 let keep_zstd = store.cfg.compression == crate::engine::codec::Compression::Zstd;
                 let chunks = wire::decode_chunks(&body, cs)?;
                 drop(body);
+                if let Some(c) = chunks.iter().find(|c| !sess.asked.contains(&c.id)) {
+                    return Err(Error::invalid(format!(
+                        "replication protocol: CHUNKS carries chunk {}, which this cycle did \
+                         not ask for (LACK)",
+                        crate::util::hex(&c.id)
+                    )));
+                }
+                for c in &chunks {
+                    sess.asked.remove(&c.id);
+                }
                 let batch = chunks
                     .into_par_iter()
                     .map(|c| {
@@ -375,6 +395,7 @@ fn cycles<S: Read + Write>(
                 store.chunks.unpin(&sess.pinned);
                 sess.pinned.clear();
                 sess.usable.clear();
+                sess.asked.clear();
             }
             t => {
                 return Err(Error::invalid(format!(
@@ -490,6 +511,7 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
         pinned: Vec::new(),
         usable: HashSet::new(),
         staged: HashMap::new(),
+        asked: HashSet::new(),
         _leases: leases,
         received: 0,
         started: std::time::Instant::now(),
