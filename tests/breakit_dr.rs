@@ -165,6 +165,9 @@ fn gc_while_chunks_arrive_keeps_the_received_chunks() {
         }
     })
     .unwrap();
+    // Offered and lacked first: CHUNKS carries only what the cycle asked for.
+    wire::write_frame(&mut a, wire::HAVE, &wire::encode_ids(&ids)).unwrap();
+    assert_eq!(wire::read_frame(&mut a).unwrap().0, wire::LACK);
     let chunks: Vec<wire::WireChunk> = ids
         .iter()
         .zip(&blocks)

@@ -470,7 +470,10 @@ fn gc_between_have_and_commit_keeps_the_pinned_chunks() {
     };
     wire::write_frame(&mut s, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
     assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::WELCOME);
-    // The chunks arrive (stored, unreferenced), in a first session that ends.
+    // The chunks arrive (offered, lacked, stored, unreferenced), in a first
+    // session that ends.
+    wire::write_frame(&mut s, wire::HAVE, &wire::encode_ids(&ids)).unwrap();
+    assert_eq!(wire::read_frame(&mut s).unwrap().0, wire::LACK);
     let chunks: Vec<wire::WireChunk> = ids
         .iter()
         .zip(&blocks)
