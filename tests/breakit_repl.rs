@@ -5,8 +5,7 @@
 //! against) or pins behaviour an attack showed to hold; its doc comment says
 //! which, with the reproduction.  The target is the real `drclone serve` with a
 //! replication port; the source store is driven with the CLI (`import`,
-//! `point create`, `push`), as an operator would.  A test marked `#[ignore]`
-//! reproduces a defect not fixed yet (its reason says why).
+//! `point create`, `push`), as an operator would.
 
 mod common;
 
@@ -300,6 +299,65 @@ fn two_sources_into_one_group_are_refused() {
     // the store, so b's point 1 is not taken for a's.
     assert_eq!(t.points("g").len(), 1);
     assert_points_identical(&a, &t, "g");
+}
+
+/// DEFECT (fixed): nothing held the points a push was sending: retention or
+/// `point rm` on the source could remove one mid-push, and GC then dropped the
+/// map versions only it saw, so the push sent the previous point's blocks
+/// under its id (a point on the target that never existed here).  Now the
+/// points to send are held (leased) until the push ends: removing one is
+/// refused meanwhile, and retention keeps it for now.
+///
+/// Reproduction: points 1, 2, 3 of a 4 MiB disk, each rewritten whole, then
+/// the head rewritten again; the source served; push --bwlimit 2M; once point
+/// 1 landed, `point rm g 3` and `gc` on the source: the target's copy of
+/// point 3 held point 2's data.
+#[test]
+fn a_point_removed_and_collected_mid_push_is_not_sent_as_another() {
+    let t = Site::new();
+    let src = source();
+    src.ok(&["volume", "create", "g/d", "--size", "4M"]);
+    for i in 1..=3 {
+        put(&src, "g/d", &random_bytes(20 + i, 4 * MIB));
+        src.ok(&["point", "create", "g"]);
+    }
+    let third = export(&src, "g/d@3");
+    put(&src, "g/d", &random_bytes(30, 4 * MIB));
+    let srv = Server::start(&src);
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+        .env("DRCLONE_STORE", &src.store)
+        .args(["push", "g", "--target", &t.addr(), "--bwlimit", "2M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..3000 {
+        if !t.points("g").is_empty() {
+            break;
+        }
+        assert!(c.try_wait().unwrap().is_none(), "the push ended early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (removed, _, err) = try_cmd(&src, &["point", "rm", "g", "3"]);
+    if !removed {
+        assert!(err.contains("in use") || err.contains("push"), "{err}");
+    }
+    src.ok(&["gc"]);
+    let out = c.wait_with_output().unwrap();
+    drop(srv);
+    let landed: Vec<_> = t
+        .points("g")
+        .into_iter()
+        .filter(|p| p["origin"]["point"] == 3)
+        .collect();
+    if let Some(p) = landed.first() {
+        assert!(
+            export(&t.env, &format!("g/d@{}", p["id"])) == third,
+            "the target's point {} (source point 3) is not point 3 (removed: {removed}; push: {})",
+            p["id"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 // ---- push: the target moved on -------------------------------------------------
@@ -766,15 +824,12 @@ fn a_refused_hello_creates_nothing() {
     }
 }
 
-/// DEFECT (not fixed: the CHUNKS arm belongs to another change): CHUNKS are
-/// not charged to the cycle's budget, and a chunk need not have been offered
-/// (HAVE) or lacked: one session stores and pins any number of chunks (disk,
-/// and the session's pinned/usable sets in memory) without ever mapping one.
-///
-/// Reproduction: HELLO one 512-byte volume (budget 2 + 65,536); CHUNKS of
-/// 70,000 distinct 16-byte chunks, never offered: every frame is STORED.
+/// Found by this review: CHUNKS were not bounded, and a chunk need not have
+/// been offered (HAVE) or lacked, so one session stored and pinned any number
+/// of chunks without mapping one.  Now CHUNKS may carry only chunks the cycle
+/// said it lacks: HELLO one 512-byte volume; CHUNKS of chunks never offered
+/// are refused at once.
 #[test]
-#[ignore = "defect not fixed yet: CHUNKS without HAVE are not bounded (see report)"]
 fn chunks_without_have_count_against_the_cycle_budget() {
     let t = Site::new();
     let (mut c, typ, body) = hello(t.repl, "g", &[("d".into(), 512)]);
@@ -814,4 +869,7 @@ fn chunks_without_have_count_against_the_cycle_budget() {
         refused.is_some(),
         "{n} chunks never offered were stored in one cycle of a 1-block volume"
     );
+    let msg = refused.unwrap();
+    assert!(n <= 10_000, "{n} chunks sent before the refusal");
+    assert!(msg.is_empty() || msg.contains("did not ask for"), "{msg}");
 }

@@ -213,6 +213,19 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
         report.duration_ms = t0.elapsed().as_millis() as u64;
         return Ok(report);
     }
+    // The points to send stay until the push ends (`point rm` and retention
+    // refuse them meanwhile): GC would drop the map versions only they see,
+    // and the push would send an older point's blocks under their ids (found
+    // by tests/breakit_repl.rs).
+    let user = format!("push to {}", opts.target);
+    let _held = todo
+        .iter()
+        .flat_map(|p| p.volumes.iter().map(move |v| (p.id, &v.disk)))
+        .map(|(id, disk)| {
+            let view = store.view(group, disk, Some(&id.to_string()))?;
+            store.lease(&view, &user)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let bar = if opts.progress {
         crate::engine::imex::progress_bar(todo.len() as u64, &format!("pushing {group}"))
     } else {
