@@ -360,6 +360,55 @@ timeout = "2s"
     assert_nothing_left(&env, None, &before);
 }
 
+/// Ctrl-C (SIGINT) during a --test plan's script: the script is killed, the
+/// plan stops and still removes its drills.
+#[test]
+fn plan_test_cleans_up_when_interrupted() {
+    let env = setup();
+    let before = state(&env, None);
+    let file = plan(
+        &env,
+        "slow.toml",
+        r#"[[step]]
+name = "database"
+groups = ["db"]
+post = "touch started.flag; sleep 600"
+
+[[step]]
+name = "application"
+groups = ["app"]
+"#,
+    );
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+        .env("DRCLONE_STORE", &env.store)
+        .args(["plan", "run", "--test", "--json", &file])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let flag = env.path("started.flag");
+    for _ in 0..3000 {
+        if flag.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(flag.exists(), "the post script never started");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!(out.status.code(), Some(1), "{r:#}");
+    assert_eq!(r["failed_step"], "database");
+    assert_eq!(r["steps"][0]["post"]["interrupted"], true, "{r:#}");
+    assert_eq!(r["steps"][1]["outcome"], "not-run");
+    assert_eq!(r["cleanup"]["drills_removed"].as_array().unwrap().len(), 1);
+    assert!(daemon_gone(&env));
+    assert_nothing_left(&env, None, &before);
+}
+
 /// Whether process `pid` runs (a zombie waiting for its reaper does not).
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
