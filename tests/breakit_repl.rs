@@ -530,61 +530,13 @@ fn a_push_cut_off_part_way_resumes_with_whole_points() {
 
 // ---- TLS ----------------------------------------------------------------------
 
-/// A CA and a server certificate it signs with subjectAltName `san`:
-/// (CA cert, server cert, server key).
-fn pki(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let p = |f: &str| dir.join(format!("{name}-{f}"));
-    let s = |f: &str| p(f).to_str().unwrap().to_string();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let subj = format!("/CN={name} CA");
-    let (ca_key, ca_crt) = (s("ca.key"), s("ca.crt"));
-    let mut a = vec!["req", "-x509", "-days", "2", "-subj", &subj];
-    a.extend_from_slice(&ec);
-    a.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
-    run("openssl", &a);
-    let (key, csr, crt) = (s("server.key"), s("server.csr"), s("server.crt"));
-    let mut a = vec!["req", "-new", "-subj", "/CN=127.0.0.1"];
-    a.extend_from_slice(&ec);
-    a.extend_from_slice(&["-keyout", &key, "-out", &csr]);
-    run("openssl", &a);
-    let ext = p("ext.cnf");
-    std::fs::write(&ext, format!("subjectAltName={san}\n")).unwrap();
-    run(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_crt,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            ext.to_str().unwrap(),
-            "-out",
-            &crt,
-        ],
-    );
-    (p("ca.crt"), p("server.crt"), p("server.key"))
-}
-
 /// Holds: a certificate for another name (its CN is the address, but its
 /// subjectAltName is not) is refused by `push`, and nothing lands; with the
 /// right name, push over TLS lands identical points.
 #[test]
 fn tls_refuses_a_certificate_for_another_name_and_push_works_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = pki(dir.path(), "wrong", "DNS:other.example");
+    let (ca, cert, key) = tls_pki(dir.path(), "wrong", "DNS:other.example");
     let t = Site::with_args(&[
         "--tls-cert",
         cert.to_str().unwrap(),
@@ -601,7 +553,7 @@ fn tls_refuses_a_certificate_for_another_name_and_push_works_over_tls() {
     assert!(t.env.json(&["status"]).as_array().unwrap().is_empty());
     drop(t);
 
-    let (ca, cert, key) = pki(dir.path(), "right", "IP:127.0.0.1");
+    let (ca, cert, key) = tls_pki(dir.path(), "right", "IP:127.0.0.1");
     let t = Site::with_args(&[
         "--tls-cert",
         cert.to_str().unwrap(),
@@ -620,8 +572,8 @@ fn tls_refuses_a_certificate_for_another_name_and_push_works_over_tls() {
 #[test]
 fn bad_tls_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = pki(dir.path(), "a", "IP:127.0.0.1");
-    let (_, _, other_key) = pki(dir.path(), "b", "IP:127.0.0.1");
+    let (ca, cert, key) = tls_pki(dir.path(), "a", "IP:127.0.0.1");
+    let (_, _, other_key) = tls_pki(dir.path(), "b", "IP:127.0.0.1");
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "not a pem file\n").unwrap();
     let env = Env::new();
@@ -663,7 +615,7 @@ fn bad_tls_files_are_named() {
 #[test]
 fn a_flood_of_silent_connections_takes_bounded_threads() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = pki(dir.path(), "t", "IP:127.0.0.1");
+    let (ca, cert, key) = tls_pki(dir.path(), "t", "IP:127.0.0.1");
     let t = Site::with_args(&[
         "--tls-cert",
         cert.to_str().unwrap(),
@@ -740,7 +692,7 @@ fn dribble(port: u16, bytes: &[u8]) -> Option<usize> {
 #[test]
 fn a_slow_handshake_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, cert, key) = pki(dir.path(), "t", "IP:127.0.0.1");
+    let (_, cert, key) = tls_pki(dir.path(), "t", "IP:127.0.0.1");
     let tls = Site::with_args(&[
         "--tls-cert",
         cert.to_str().unwrap(),

@@ -289,3 +289,33 @@ fn restore_fetches_only_what_differs_and_refuses_a_target_in_use() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"));
 }
+
+/// A diverged original site, and a disk the DR site grew while failed over:
+/// the rollback takes the base point's size, and the disk grows back to what
+/// the DR site sends (found by review: the landed point had the old size).
+#[test]
+fn failback_onto_a_diverged_site_regrows_a_disk_the_dr_site_grew() {
+    let o = Site::new();
+    let d = Site::new();
+    o.env.ok(&["group", "create", "g"]);
+    o.env.ok(&["volume", "create", "g/d0", "--size", "8M"]);
+    nbd_write_random(&o.uri("g/d0"), 0, 4 * MIB as usize, 21);
+    o.env.ok(&["point", "create", "g"]);
+    o.env
+        .json(&["push", "g", "--target", &format!("127.0.0.1:{}", d.repl)]);
+    nbd_write_random(&o.uri("g/d0"), 6 * MIB, MIB as usize, 22);
+    d.env.json(&["failover", "g"]);
+    d.env.ok(&["volume", "resize", "g/d0", "--size", "16M"]);
+    nbd_write_random(&d.uri("g/d0"), 12 * MIB, MIB as usize, 23);
+    let r = d.env.json(&[
+        "failback",
+        "g",
+        "--target",
+        &format!("127.0.0.1:{}", o.repl),
+    ]);
+    assert!(r["diverged"].is_u64(), "{r}");
+    let head = d.export("g/d0");
+    assert_eq!(head.len(), 16 * MIB as usize);
+    assert!(o.export("g/d0@latest") == head, "the landed point differs");
+    assert!(o.export("g/d0") == head, "the original head differs");
+}

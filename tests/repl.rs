@@ -748,58 +748,6 @@ fn planned_failover_waits_for_the_cycle_in_flight() {
     );
 }
 
-/// A CA named `name` and a server certificate it signs for 127.0.0.1 and
-/// localhost: (CA cert, server cert, server key) PEM paths.
-fn tls_pki(
-    dir: &std::path::Path,
-    name: &str,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let p = |f: &str| dir.join(format!("{name}-{f}"));
-    let s = |f: &str| p(f).to_str().unwrap().to_string();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509", "-days", "2", "-subj"];
-    let subj = format!("/CN={name} CA");
-    ca.push(&subj);
-    ca.extend_from_slice(&ec);
-    let (ca_key, ca_crt) = (s("ca.key"), s("ca.crt"));
-    ca.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
-    run("openssl", &ca);
-    let (key, csr, crt) = (s("server.key"), s("server.csr"), s("server.crt"));
-    let mut req = vec!["req", "-new", "-subj", "/CN=localhost"];
-    req.extend_from_slice(&ec);
-    req.extend_from_slice(&["-keyout", &key, "-out", &csr]);
-    run("openssl", &req);
-    let ext = p("ext.cnf");
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    run(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_crt,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            ext.to_str().unwrap(),
-            "-out",
-            &crt,
-        ],
-    );
-    (p("ca.crt"), p("server.crt"), p("server.key"))
-}
-
 /// TLS: an agent with the CA lands a point (and the wire carries no plaintext);
 /// a plaintext agent is refused by the TLS receiver, which goes on serving;
 /// an agent trusting another CA refuses the receiver; a TLS agent against a
@@ -807,8 +755,8 @@ fn tls_pki(
 #[test]
 fn tls_works_and_a_plaintext_agent_is_refused() {
     let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = tls_pki(certs.path(), "target");
-    let (other, _, _) = tls_pki(certs.path(), "impostor");
+    let (ca, cert, key) = tls_pki(certs.path(), "target", "IP:127.0.0.1,DNS:localhost");
+    let (other, _, _) = tls_pki(certs.path(), "impostor", "IP:127.0.0.1,DNS:localhost");
     let t = Target::new(&[
         "--tls-cert",
         cert.to_str().unwrap(),

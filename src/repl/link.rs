@@ -172,6 +172,10 @@ impl ClientTls {
     }
 }
 
+/// How long a sender waits for the receiver to read or answer (a large
+/// cycle's COMMIT writes its whole map in one batch).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Connect to `target` (`HOST:PORT`), over TLS when `tls` is given.  Errors:
 /// connecting; a TLS handshake that fails (wrong CA, a name the certificate
 /// does not carry, a plaintext receiver).
@@ -179,6 +183,9 @@ pub fn connect(target: &str, tls: Option<&ClientTls>) -> Result<Box<dyn Stream>>
     let s = TcpStream::connect(target)
         .map_err(|e| Error::io(format!("replication target {target}"), e))?;
     let _ = s.set_nodelay(true);
+    // A target that accepts and then hangs ends the cycle instead of the agent.
+    let _ = s.set_read_timeout(Some(REPLY_TIMEOUT));
+    let _ = s.set_write_timeout(Some(REPLY_TIMEOUT));
     let Some(tls) = tls else {
         return Ok(Box::new(s));
     };

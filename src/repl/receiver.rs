@@ -624,6 +624,12 @@ fn keep_diverged(
         kept.id
     );
     store.rollback_heads(&group, &base.to_string())?;
+    // The base point's sizes: a disk the sender grew since grows back.
+    for (disk, size) in &sess.hello.volumes {
+        if store.volume(&group, disk)?.size < *size {
+            store.resize_volume(&group, disk, *size)?;
+        }
+    }
     let mut leases = Vec::new();
     for (disk, _) in &sess.hello.volumes {
         let view = store.view(&group, disk, None)?;

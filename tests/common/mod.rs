@@ -712,3 +712,51 @@ pub fn nbd_write_random(uri: &str, off: u64, len: usize, seed: u64) {
     ));
     let _ = std::fs::remove_file(&p);
 }
+
+/// A CA and a server certificate it signs with subjectAltName `san`:
+/// (CA cert, server cert, server key).
+pub fn tls_pki(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let s = |f: &str| p(f).to_str().unwrap().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let subj = format!("/CN={name} CA");
+    let (ca_key, ca_crt) = (s("ca.key"), s("ca.crt"));
+    let mut a = vec!["req", "-x509", "-days", "2", "-subj", &subj];
+    a.extend_from_slice(&ec);
+    a.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
+    run("openssl", &a);
+    let (key, csr, crt) = (s("server.key"), s("server.csr"), s("server.crt"));
+    let mut a = vec!["req", "-new", "-subj", "/CN=127.0.0.1"];
+    a.extend_from_slice(&ec);
+    a.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+    run("openssl", &a);
+    let ext = p("ext.cnf");
+    std::fs::write(&ext, format!("subjectAltName={san}\n")).unwrap();
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            &crt,
+        ],
+    );
+    (p("ca.crt"), p("server.crt"), p("server.key"))
+}
