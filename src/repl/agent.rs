@@ -415,13 +415,15 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
 fn send_volume(link: &mut Link, vol: VolumeRead<'_>) -> Result<(Vec<ChunkId>, u64, u64)> {
     let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
     let disk = vol.disk;
+    let idle = std::sync::atomic::AtomicBool::new(false);
+    let idle = &idle;
     std::thread::scope(|scope| {
         let reader = std::thread::Builder::new()
             .name("repl-reader".into())
-            .spawn_scoped(scope, move || read_volume(vol, tx))
+            .spawn_scoped(scope, move || read_volume(vol, tx, idle))
             .map_err(|e| Error::io("spawning the replication reader", e))?;
         // On an error here `rx` goes, so the reader stops at its next batch.
-        let sent = send_batches(link, disk, rx);
+        let sent = send_batches(link, disk, rx, idle);
         let read = reader.join().expect("the replication reader panicked");
         // The reader's error first: the sender only saw its channel close.
         let (hashes, logical) = read?;
@@ -473,12 +475,14 @@ impl ZeroRuns {
 
 /// The reader thread of [`send_volume`]: every block of the plan read, hashed
 /// (all-zero blocks get the zero id) and compared with `old`; changed blocks
-/// go to `tx` in batches of about [`BATCH_BYTES`].  Returns (every block's
+/// go to `tx` in batches of about [`BATCH_BYTES`], or fewer while the sender
+/// is `idle`.  Returns (every block's
 /// hash, changed bytes).  Errors: reading the source.  A closed channel (the
 /// sender failed) ends it quietly.
 fn read_volume(
     vol: VolumeRead<'_>,
     tx: std::sync::mpsc::SyncSender<Batch>,
+    idle: &std::sync::atomic::AtomicBool,
 ) -> Result<(Vec<ChunkId>, u64)> {
     use rayon::prelude::*;
     let VolumeRead {
@@ -589,7 +593,12 @@ fn read_volume(
                 cur.blocks.push((b, id));
             }
             cur.data.truncate(keep);
-            if cur.blocks.len() >= per {
+            // A full batch goes; so does a partial one while the sender
+            // has nothing to do (a small cycle, a sparse change): its
+            // round trips then overlap the reading of the rest.
+            if cur.blocks.len() >= per
+                || (!cur.blocks.is_empty() && idle.load(std::sync::atomic::Ordering::Acquire))
+            {
                 ship!();
             }
             pos += take;
@@ -671,18 +680,37 @@ fn send(
 /// its way.  Replies come in the order the frames went and are read in that
 /// order.  An id that a batch still unsent has offered is not offered again
 /// (that batch sends it, or the target holds it), so no chunk goes twice.
+/// `idle` is set while it waits for the reader with nothing else to do.
 /// Returns chunks sent.
-fn send_batches(link: &mut Link, disk: &str, rx: std::sync::mpsc::Receiver<Batch>) -> Result<u64> {
+fn send_batches(
+    link: &mut Link,
+    disk: &str,
+    rx: std::sync::mpsc::Receiver<Batch>,
+    idle: &std::sync::atomic::AtomicBool,
+) -> Result<u64> {
     use rayon::prelude::*;
     let mut replies = std::collections::VecDeque::new();
     let mut offered: std::collections::VecDeque<(Batch, Vec<ChunkId>)> = Default::default();
     let mut entries: Vec<Entry> = Vec::new();
-    let mut body: Vec<u8> = Vec::new();
+    let mut body: Vec<u8> = Vec::with_capacity(FRAME_BYTES + (4 << 20) + 64);
     let mut sent = 0u64;
     let mut more = true;
     loop {
         while more && offered.len() < AHEAD {
-            let Ok(batch) = rx.recv() else {
+            use std::sync::mpsc::TryRecvError;
+            let got = match rx.try_recv() {
+                // A batch to work on: offer the next one later.
+                Err(TryRecvError::Empty) if !offered.is_empty() => break,
+                Err(TryRecvError::Empty) => {
+                    // Nothing to do until the reader ships: say so.
+                    idle.store(true, std::sync::atomic::Ordering::Release);
+                    let r = rx.recv().ok();
+                    idle.store(false, std::sync::atomic::Ordering::Release);
+                    r
+                }
+                r => r.ok(),
+            };
+            let Some(batch) = got else {
                 more = false;
                 break;
             };
