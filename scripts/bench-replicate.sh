@@ -8,9 +8,10 @@
 #      data (a round-robin mix of /usr/bin, /usr/lib/python3.x and /usr/share/doc,
 #      like a VM's files).  Each against `rsync --inplace --no-whole-file` of the
 #      same change (no -z, as the issue says): time and bytes;
-#   3. the same two changes written into a qcow2 served by `qemu-nbd -B` with a
-#      dirty bitmap (`--dirty-bitmap`), into a second store (so nothing dedups
-#      against the file-source cycles): only the dirty blocks are read.
+#   3. the same two changes written through qemu-io into a qcow2 of the disk,
+#      served by `qemu-nbd -B` with a dirty bitmap (`--dirty-bitmap`), into a
+#      fresh store (so nothing dedups against the file-source cycles): only the
+#      dirty blocks are read.
 # Targets: seed >= 0.8x nbdcopy; incremental bytes <= 0.5x rsync's; incremental
 # time with a dirty bitmap <= 0.1x rsync's.  Prints ratios; asserts nothing.
 # Env: SIZE (default 1G; the issue's case is SIZE=4G; K/M/G suffixes, whole MiB).
@@ -62,44 +63,42 @@ qchange() { # QCOW2 FLAVOUR: the same writes through qemu (they mark the dirty b
   qemu-io -f qcow2 "${args[@]}" "$1" >/dev/null
 }
 
-# --- drclone targets: one for file sources, one for the dirty-bitmap volume ---
-PORT=
-serve() { # STORE: init and serve it; its replication port in $PORT
+# --- drclone targets: one for the file source, then a fresh one for the
+# dirty-bitmap volume.  Phases free their files as they go: at SIZE=4G the
+# peak is about 3x SIZE on disk.
+PORT= SERVE=
+serve() { # STORE: init and serve it; its replication port in $PORT, pid in $SERVE
   PORT=$(free_port)
   DRCLONE_STORE="$1" "$DRCLONE" init >/dev/null
   DRCLONE_STORE="$1" "$DRCLONE" serve --no-tcp --socket "$1.nbd.sock" --replication-listen "127.0.0.1:$PORT" >/dev/null 2>&1 &
-  PIDS+=($!)
+  SERVE=$!
+  PIDS+=("$SERVE")
   wait_sock "$1/control.sock"
 }
-serve "$B/store"; RP=$PORT
-serve "$B/store-bm"; RPB=$PORT
+stop() { kill -TERM "$1"; wait "$1" 2>/dev/null || true; }
 rep() { "$DRCLONE" --json replicate --target "127.0.0.1:$1" --state-dir "$B/agent" "${@:2}"; }
 
+# --- seed: drclone, then nbdcopy into qemu-nbd ---
+serve "$B/store"; RP=$PORT; STORE_PID=$SERVE
 t0=$(now); rep "$RP" --volume b/d="$B/src.img" > "$B/seed.json"; t1=$(now)
 SEED_DR=$(el "$t0" "$t1")
-
-# --- qemu-nbd + nbdcopy seed ---
 truncate -s "${SIZE_MIB}M" "$B/qemu.raw"
-qemu-nbd -f raw -x disk -t --socket "$B/qemu.sock" "$B/qemu.raw" & PIDS+=($!)
+qemu-nbd -f raw -x disk -t --socket "$B/qemu.sock" "$B/qemu.raw" & QN=$!; PIDS+=("$QN")
 wait_sock "$B/qemu.sock"
 t0=$(now); nbdcopy "$B/src.img" "nbd+unix:///disk?socket=$B/qemu.sock"; t1=$(now)
 SEED_NBDCOPY=$(el "$t0" "$t1")
+stop "$QN"; rm -f "$B/qemu.raw"
 
-# --- the dirty-bitmap volume: a qcow2 of the same disk, seeded once ---
-qemu-img create -q -f qcow2 "$B/vm.qcow2" "${SIZE_MIB}M"
-qemu-img convert -n -f raw -O qcow2 "$B/src.img" "$B/vm.qcow2"
-qemu-img bitmap --add "$B/vm.qcow2" b0
-QB=
-qemu_bm() { rm -f "$B/vm.sock"; qemu-nbd -r -t -B b0 -x disk -f qcow2 --socket "$B/vm.sock" "$B/vm.qcow2" & QB=$!; wait_sock "$B/vm.sock"; }
-qemu_bm_stop() { kill -TERM "$QB"; wait "$QB" 2>/dev/null || true; }
-qemu_bm
-rep "$RPB" --volume v/d="nbd+unix:///disk?socket=$B/vm.sock" --dirty-bitmap b0 > /dev/null
-qemu_bm_stop
-
-# --- incremental cycles, per flavour ---
+# --- incremental cycles from the file, per flavour, against rsync ---
+save() { # FLAVOUR: keep what its regions hold now (to undo the change later)
+  local i=0
+  mkdir -p "$B/orig/$1"
+  for o in ${OFFS[$1]}; do dd if="$B/src.img" of="$B/orig/$1/$i" bs=1M skip="$o" count=1 status=none; i=$((i + 1)); done
+}
 cp --reflink=auto "$B/src.img" "$B/rsync-dst.img"
 declare -A DR DRB RS RSB BM BMB
 for f in random text; do
+  save "$f"
   change "$B/src.img" "$f"
   t0=$(now); rep "$RP" --volume b/d="$B/src.img" > "$B/inc-$f.json"; t1=$(now)
   DR[$f]=$(el "$t0" "$t1"); DRB[$f]=$(field "$B/inc-$f.json" bytes_sent)
@@ -109,12 +108,34 @@ for f in random text; do
   RS[$f]=$(el "$t0" "$t1")
   RSB[$f]=$(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(/,/, "", $2); print $2+0}')
   cmp "$B/src.img" "$B/rsync-dst.img"
-  # The same writes through qemu; the bitmap then holds only them.
+done
+stop "$STORE_PID"; rm -rf "$B/store" "$B/rsync-dst.img"
+# Undo both changes (newest first: the flavours' regions may overlap).
+for f in text random; do
+  i=0
+  for o in ${OFFS[$f]}; do dd if="$B/orig/$f/$i" of="$B/src.img" bs=1M seek="$o" conv=notrunc status=none; i=$((i + 1)); done
+done
+
+# --- the same changes written through qemu into a qcow2 of the disk, served
+# by qemu-nbd with a dirty bitmap, into a fresh store (so nothing dedups
+# against the cycles above) ---
+qemu-img create -q -f qcow2 "$B/vm.qcow2" "${SIZE_MIB}M"
+qemu-img convert -n -f raw -O qcow2 "$B/src.img" "$B/vm.qcow2"
+rm -f "$B/src.img"
+qemu-img bitmap --add "$B/vm.qcow2" b0
+serve "$B/store-bm"; RPB=$PORT
+QB=
+qemu_bm() { rm -f "$B/vm.sock"; qemu-nbd -r -t -B b0 -x disk -f qcow2 --socket "$B/vm.sock" "$B/vm.qcow2" & QB=$!; PIDS+=("$QB"); wait_sock "$B/vm.sock"; }
+qemu_bm
+rep "$RPB" --volume v/d="nbd+unix:///disk?socket=$B/vm.sock" --dirty-bitmap b0 > /dev/null
+stop "$QB"
+for f in random text; do
+  # The bitmap then holds only this flavour's writes.
   qemu-img bitmap --clear "$B/vm.qcow2" b0
   qchange "$B/vm.qcow2" "$f"
   qemu_bm
   t0=$(now); rep "$RPB" --volume v/d="nbd+unix:///disk?socket=$B/vm.sock" --dirty-bitmap b0 > "$B/bm-$f.json"; t1=$(now)
-  qemu_bm_stop
+  stop "$QB"
   BM[$f]=$(el "$t0" "$t1"); BMB[$f]=$(field "$B/bm-$f.json" bytes_sent)
 done
 
