@@ -305,10 +305,26 @@ fn text(r: &PlanReport) -> String {
             }
         }
     }
+    if !r.ok && !r.failed_over.is_empty() {
+        // A step that failed part-way may have failed some groups over.
+        s += &format!(
+            "left failed over: {} (`drclone failover GROUP --undo` rolls one back, \
+             `--commit` keeps it)\n",
+            r.failed_over.join(", ")
+        );
+    }
     if let Some(c) = &r.cleanup {
         s += &format!(
-            "cleanup: {} drill(s) removed (clones, exports, records){}\n",
+            "cleanup: {} drill(s) removed (clones, exports, records){}{}\n",
             c.drills_removed.len(),
+            if c.scripts_stopped > 0 {
+                format!(
+                    ", {} script(s) stopped that had left processes running",
+                    c.scripts_stopped
+                )
+            } else {
+                String::new()
+            },
             if c.ok {
                 String::new()
             } else {

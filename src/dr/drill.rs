@@ -144,15 +144,30 @@ pub fn start(store: &Store, who: Actor, group: &str, opts: &DrillOptions) -> Res
         // still found, and expired, by the daemon (found by tests/breakit_dr.rs:
         // a crash after the clone group left an orphan nobody removed).
         store.put_record(keys::DRILL, id, &rec)?;
-        let made: Result<()> = (|| {
-            store.create_group(&cg)?;
-            for pv in &p.volumes {
-                store.clone_volume(group, &pv.disk, &p.id.to_string(), &cg, &pv.disk)?;
-            }
-            Ok(())
-        })();
+        // A group of that name that this drill did not make is not its to
+        // remove (found by tests/breakit_dr2.rs: an operator's group named
+        // `db.drill-1` lost its volumes to the cleanup of a drill of `db`
+        // that could not create it); and a drill that did not start leaves
+        // no record (the audit log keeps the failure).
+        if let Err(e) = store.create_group(&cg) {
+            let _ = store.delete_record(keys::DRILL, id);
+            return Err(match e {
+                Error::Exists(_) => Error::Exists(format!(
+                    "group {cg} already exists, and drill {id} of {group} puts its clones \
+                     there; rename or remove that group"
+                )),
+                e => e,
+            });
+        }
+        let made: Result<()> = p.volumes.iter().try_for_each(|pv| {
+            store
+                .clone_volume(group, &pv.disk, &p.id.to_string(), &cg, &pv.disk)
+                .map(|_| ())
+        });
         if let Err(e) = made {
-            let _ = remove_clones(store, id, &crate::dr::no_clients);
+            if remove_clones(store, id, &crate::dr::no_clients).is_ok() {
+                let _ = store.delete_record(keys::DRILL, id);
+            }
             return Err(e);
         }
         rec.time_to_ready_ms = t0.elapsed().as_millis() as u64;

@@ -148,10 +148,44 @@ fn failback(store: &Store, opts: &Options, disconnect: Disconnect<'_>) -> Result
     }
     // The fence: writers leave and cannot come back; the last delta goes.
     let mut fences = Vec::new();
+    let mut views = Vec::new();
     for v in store.volumes(Some(group))? {
         let view = store.view(&v.group, &v.disk, None)?;
         fences.push(store.lease(&view, &format!("{FENCE_PREFIX}{}", opts.push.target))?);
         report.disconnected += disconnect(&format!("{}/{}", v.group, v.disk))?;
+        views.push(view);
+    }
+    // The fence refuses and disconnects NBD clients only: anything else still
+    // holding a head (a file open in a FUSE mount) could write after the last
+    // pass, into what is then a replica, and those writes would never reach
+    // the original site (found by tests/breakit_dr2.rs).  Stop before it.
+    for view in &views {
+        let held = || -> Vec<String> {
+            store
+                .lease_users(view)
+                .into_iter()
+                .filter(|u| !u.starts_with(FENCE_PREFIX))
+                .collect()
+        };
+        let mut users = held();
+        // A disconnected NBD session lets go of its lease as it ends.
+        for _ in 0..100 {
+            if users.is_empty() || !users.iter().all(|u| u.starts_with("nbd ")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            users = held();
+        }
+        if !users.is_empty() {
+            return Err(Error::Busy(format!(
+                "{} is held by {}: a planned failback stops the writers before its last \
+                 pass, and the fence stops NBD clients only; close them, then run the \
+                 failback again (the group is still {} here, served as before)",
+                view.name,
+                users.join(", "),
+                report.role
+            )));
+        }
     }
     pass("failback final", &mut report)?;
     let swap = store.reprotect_heads(group)?;

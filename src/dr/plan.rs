@@ -697,6 +697,9 @@ pub struct CleanupReport {
     pub ok: bool,
     /// Drills removed (clones, exports, records).
     pub drills_removed: Vec<u64>,
+    /// Scripts whose processes were still running (left in the background)
+    /// and were stopped: SIGTERM to their process group, then SIGKILL.
+    pub scripts_stopped: usize,
     pub errors: Vec<String>,
 }
 
@@ -716,15 +719,30 @@ pub struct PlanReport {
     pub failed_step: Option<String>,
     pub error: Option<String>,
     pub steps: Vec<StepReport>,
+    /// A real run: the groups it failed over.  They stay failed over whatever
+    /// the outcome (`drclone failover GROUP --undo` rolls one back).
+    pub failed_over: Vec<String>,
     /// Under test: what was removed at the end.
     pub cleanup: Option<CleanupReport>,
 }
 
-/// The drills a test run started: removed by [`Drills::remove_all`], or on
-/// drop if the run unwinds before it.
+/// What a test run leaves to remove: the drills it started and the process
+/// groups of its scripts.  Removed by [`Drills::remove_all`], or on drop if
+/// the run unwinds before it.
 struct Drills<'a> {
     site: &'a dyn Site,
     ids: Mutex<Vec<u64>>,
+    /// Process groups of the scripts run (their leaders reaped): what they
+    /// left in the background (an application started against a drill's
+    /// export) is stopped at the end of a test (found by
+    /// tests/breakit_dr2.rs: it outlived the cleanup).
+    scripts: Mutex<Vec<u32>>,
+}
+
+/// Whether process group `pgid` still has a process.
+fn group_alive(pgid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the group exists.
+    unsafe { libc::kill(-(pgid as i32), 0) == 0 }
 }
 
 impl Drills<'_> {
@@ -732,11 +750,39 @@ impl Drills<'_> {
         self.ids.lock().unwrap().push(id);
     }
 
-    /// Remove every drill, newest first; a busy one is retried for a while
-    /// (a client that was just disconnected may still hold its clone).
+    /// Stop what the scripts left running: SIGTERM to each process group
+    /// still there, [`KILL_GRACE`], then SIGKILL.  Returns how many had
+    /// processes.
+    fn stop_scripts(&self) -> usize {
+        let groups: Vec<u32> = std::mem::take(&mut *self.scripts.lock().unwrap())
+            .into_iter()
+            .filter(|&g| group_alive(g))
+            .collect();
+        for &g in &groups {
+            log::info!("plan cleanup: stopping what script process group {g} left running");
+            signal_group(g, libc::SIGTERM);
+        }
+        let grace = Instant::now() + KILL_GRACE;
+        while groups.iter().any(|&g| group_alive(g)) && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for &g in &groups {
+            if group_alive(g) {
+                signal_group(g, libc::SIGKILL);
+            }
+        }
+        groups.len()
+    }
+
+    /// Stop what the scripts left running, then remove every drill, newest
+    /// first; a busy one is retried for a while (a client that was just
+    /// disconnected may still hold its clone).
     fn remove_all(&self) -> CleanupReport {
+        let mut r = CleanupReport {
+            scripts_stopped: self.stop_scripts(),
+            ..CleanupReport::default()
+        };
         let ids = std::mem::take(&mut *self.ids.lock().unwrap());
-        let mut r = CleanupReport::default();
         for id in ids.into_iter().rev() {
             let mut tries = 0;
             loop {
@@ -765,7 +811,7 @@ impl Drills<'_> {
 
 impl Drop for Drills<'_> {
     fn drop(&mut self) {
-        if !self.ids.lock().unwrap().is_empty() {
+        if !self.ids.lock().unwrap().is_empty() || !self.scripts.lock().unwrap().is_empty() {
             self.remove_all();
         }
     }
@@ -783,6 +829,7 @@ pub fn run(plan: &Plan, site: &dyn Site, opts: &RunOptions) -> PlanReport {
     let drills = Drills {
         site,
         ids: Mutex::new(Vec::new()),
+        scripts: Mutex::new(Vec::new()),
     };
     let mut steps: Vec<StepReport> = plan
         .steps
@@ -822,8 +869,8 @@ pub fn run(plan: &Plan, site: &dyn Site, opts: &RunOptions) -> PlanReport {
         (opts.progress)(&format!("step {} ok", step.name));
         if step.wait_secs > 0 && i + 1 < plan.steps.len() {
             (opts.progress)(&format!("waiting {} s", step.wait_secs));
-            let until = Instant::now() + Duration::from_secs(step.wait_secs);
-            while Instant::now() < until && !opts.stopped() {
+            let until = Instant::now().checked_add(Duration::from_secs(step.wait_secs));
+            while until.is_none_or(|u| Instant::now() < u) && !opts.stopped() {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -841,6 +888,14 @@ pub fn run(plan: &Plan, site: &dyn Site, opts: &RunOptions) -> PlanReport {
         ));
         c
     });
+    let failed_over = if opts.test {
+        Vec::new()
+    } else {
+        steps
+            .iter()
+            .flat_map(|s| s.groups.iter().filter(|g| g.ok).map(|g| g.group.clone()))
+            .collect()
+    };
     let ok = failed_step.is_none() && error.is_none() && cleanup.as_ref().is_none_or(|c| c.ok);
     PlanReport {
         plan: plan.name.clone(),
@@ -853,6 +908,7 @@ pub fn run(plan: &Plan, site: &dyn Site, opts: &RunOptions) -> PlanReport {
         failed_step,
         error,
         steps,
+        failed_over,
         cleanup,
     }
 }
@@ -881,7 +937,7 @@ fn run_step(
         r
     };
     if let Some(pre) = &step.pre {
-        let s = run_script(plan, step, "pre", &pre.command, &[], opts);
+        let s = run_script(plan, step, "pre", &pre.command, &[], opts, drills);
         let why = script_failure("pre", &s);
         r.pre = Some(s);
         if why.is_some() {
@@ -951,7 +1007,7 @@ fn run_step(
         return done(r, Some(failed.join("; ")));
     }
     if let Some(post) = &step.post {
-        let s = run_script(plan, step, "post", &post.command, &r.exports, opts);
+        let s = run_script(plan, step, "post", &post.command, &r.exports, opts, drills);
         let why = script_failure("post", &s);
         r.post = Some(s);
         if why.is_some() {
@@ -1010,7 +1066,8 @@ fn signal_group(pgid: u32, sig: i32) {
 
 /// Run one script through `sh -c` in the plan's directory, in a process group
 /// of its own (so a timeout kills everything it started), with the plan's
-/// environment.
+/// environment.  Under test its group is recorded in `drills`, so what it
+/// leaves running is stopped at the end.
 fn run_script(
     plan: &Plan,
     step: &Step,
@@ -1018,6 +1075,7 @@ fn run_script(
     command: &str,
     exports: &[String],
     opts: &RunOptions,
+    drills: &Drills,
 ) -> ScriptReport {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     let t0 = Instant::now();
@@ -1093,12 +1151,14 @@ fn run_script(
             let _ = tx.send(());
         });
     }
-    let deadline = t0 + Duration::from_secs(step.timeout_secs);
+    // None: past what an Instant holds, so never (found by
+    // tests/breakit_dr2.rs: `timeout = "18446744073709551615s"` panicked).
+    let deadline = t0.checked_add(Duration::from_secs(step.timeout_secs));
     loop {
         if exited_unreaped(pid) {
             break;
         }
-        let late = Instant::now() >= deadline;
+        let late = deadline.is_some_and(|d| Instant::now() >= d);
         if late || opts.stopped() {
             rep.timed_out = late;
             rep.interrupted = !late;
@@ -1119,6 +1179,10 @@ fn run_script(
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if opts.test {
+        // Before the leader is reaped: the group id is ours until then.
+        drills.scripts.lock().unwrap().push(pid);
     }
     match child.wait() {
         Ok(st) => {

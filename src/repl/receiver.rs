@@ -330,11 +330,24 @@ fn cycles<S: Read + Write>(
             }
             wire::BASE => {
                 let b: wire::Base = wire::json("BASE", &body)?;
-                let diverged = match check_base(store, &sess.hello, b.point) {
-                    Err(Error::Refused(why)) if b.keep_diverged && b.point.is_some() => {
-                        Some(keep_diverged(store, sess, peer, b.point.unwrap(), &why)?)
+                // Only heads that moved on are kept and rolled back; every
+                // other refusal (the base gone, a disk the point lacks)
+                // stands, and changes nothing here (found by
+                // tests/breakit_dr2.rs: a failback to a site that had removed
+                // the base took a stray diverged point on every attempt, then
+                // failed in the rollback).
+                let diverged = match (check_base(store, &sess.hello, b.point)?, b.point) {
+                    (Err(why), Some(base)) if b.keep_diverged => {
+                        Some(keep_diverged(store, sess, peer, base, &why)?)
                     }
-                    r => r.map(|()| None)?,
+                    (Err(why), _) => return Err(Error::Refused(why)),
+                    // A failback cut off after its rollback kept the heads in
+                    // a point: the failback that completes names it (found by
+                    // tests/breakit_dr2.rs: the rerun reported none).
+                    (Ok(()), Some(base)) if b.keep_diverged => {
+                        kept_since(store, &sess.hello.group, base)?
+                    }
+                    (Ok(()), _) => None,
                 };
                 send_json(s, wire::BASE_OK, &wire::BaseOk { diverged }, peer)?;
             }
@@ -519,12 +532,32 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
 }
 
 /// BASE: the heads of HELLO must hold exactly target point `base` (or, with
-/// None, the group must hold no point and its heads no data).  Errors:
-/// [`Error::Refused`] naming the head that moved on, or the point missing.
-fn check_base(store: &Store, hello: &Hello, base: Option<u64>) -> Result<()> {
+/// None, the group must hold no point and its heads no data).  Returns
+/// Ok(Err(why)) when they moved on since `base` (written, failed over or
+/// grown since), which a failback resolves by keeping them in a point and
+/// rolling back ([`keep_diverged`]).  Errors: [`Error::Refused`] for what
+/// no rollback resolves: the point missing, a disk the point to land lacks,
+/// data from no point of the sender.
+fn check_base(
+    store: &Store,
+    hello: &Hello,
+    base: Option<u64>,
+) -> Result<std::result::Result<(), String>> {
     let group = &hello.group;
     // Writes an NBD client left in the write-back overlay count.
     store.destage(None)?;
+    let p = match base {
+        Some(id) => Some(store.point(group, &id.to_string()).map_err(|_| {
+            Error::Refused(format!(
+                "point {id} of {group}, the base of this push, is gone from the target \
+                 (removed there, by `point rm` or retention, since it was sent): the two \
+                 stores share no point the target still holds, so what its heads hold cannot \
+                 be told.  Keep what the target holds (take a point there, or export it), \
+                 remove {group} there, and push or fail back again (a full copy)"
+            ))
+        })?),
+        None => None,
+    };
     // The point to land holds exactly HELLO's disks at HELLO's sizes, and a
     // point holds every disk of the group at its head's size: a disk HELLO
     // does not name, or a head larger than HELLO says, would land in it
@@ -544,7 +577,7 @@ fn check_base(store: &Store, hello: &Hello, base: Option<u64>) -> Result<()> {
                 )))
             }
             Some((_, size)) if v.size > *size => {
-                return Err(Error::Refused(format!(
+                return Ok(Err(format!(
                     "volume {group}/{} on the target is {} bytes, larger than the {size} of the \
                      point being pushed (it was resized on the target, or failed over or rolled \
                      back to a smaller size on the source, since the newest point the two \
@@ -555,7 +588,7 @@ fn check_base(store: &Store, hello: &Hello, base: Option<u64>) -> Result<()> {
             Some(_) => {}
         }
     }
-    let Some(id) = base else {
+    let (Some(id), Some(p)) = (base, p) else {
         if let Some(p) = store.points(group)?.last() {
             return Err(Error::Refused(format!(
                 "group {group} on the target has points (newest {}) and none came from this \
@@ -574,26 +607,29 @@ fn check_base(store: &Store, hello: &Hello, base: Option<u64>) -> Result<()> {
                 )));
             }
         }
-        return Ok(());
+        return Ok(Ok(()));
     };
-    let p = store.point(group, &id.to_string()).map_err(|_| {
-        Error::Refused(format!(
-            "point {id} of {group}, the base of this push, is gone from the target"
-        ))
-    })?;
     for (disk, _) in &hello.volumes {
         let v = store.volume(group, disk)?;
         let moved = match p.volumes.iter().find(|pv| &pv.disk == disk) {
-            Some(pv) => {
-                pv.lineage != v.lineage
-                    || !store
-                        .changed_blocks(v.lineage, pv.epoch, HEAD_EPOCH)?
-                        .is_empty()
+            Some(pv) if pv.lineage == v.lineage => !store
+                .changed_blocks(v.lineage, pv.epoch, HEAD_EPOCH)?
+                .is_empty(),
+            // A head cloned from the point and not written since holds it
+            // (a failback's rollback that a cut-off session left; found by
+            // tests/breakit_dr2.rs: the rerun kept those heads as a second,
+            // empty diverged point and reported that one).
+            Some(pv)
+                if store.lineage(v.lineage).and_then(|l| l.parent)
+                    == Some((pv.lineage, pv.epoch)) =>
+            {
+                !store.changed_blocks(v.lineage, 0, HEAD_EPOCH)?.is_empty()
             }
+            Some(_) => true,
             None => store.has_data(v.lineage)?,
         };
         if moved {
-            return Err(Error::Refused(format!(
+            return Ok(Err(format!(
                 "the head of {group}/{disk} on the target has moved on since point {id}, the \
                  newest point the two stores have in common (it was written, or failed over, \
                  since): a push would overwrite those writes.  Take a point there to keep \
@@ -601,7 +637,27 @@ fn check_base(store: &Store, hello: &Hello, base: Option<u64>) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    Ok(Ok(()))
+}
+
+/// The label of the point a failback keeps a diverged site's heads in starts
+/// with this.
+pub const DIVERGED_PREFIX: &str = "diverged-";
+
+/// The newest point of `group` after `base` that keeps diverged heads (a
+/// failback cut off after its rollback made it), if any.
+fn kept_since(store: &Store, group: &str, base: u64) -> Result<Option<u64>> {
+    Ok(store
+        .points(group)?
+        .iter()
+        .rev()
+        .take_while(|p| p.id > base)
+        .find(|p| {
+            p.label
+                .as_deref()
+                .is_some_and(|l| l.starts_with(DIVERGED_PREFIX))
+        })
+        .map(|p| p.id))
 }
 
 /// Failback into a site whose heads moved on since `base`: keep them in a
@@ -616,7 +672,7 @@ fn keep_diverged(
     why: &str,
 ) -> Result<u64> {
     let group = sess.hello.group.clone();
-    let label = format!("diverged-{}", crate::util::now_secs());
+    let label = format!("{DIVERGED_PREFIX}{}", crate::util::now_secs());
     let kept = store.create_point(&group, false, Some(label.clone()))?;
     log::warn!(
         "failback into {group}: {why}; those writes are kept in point {} ({label}); the heads \

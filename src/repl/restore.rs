@@ -69,11 +69,46 @@ enum Want {
 /// device smaller than the disk; the store's refusals; a chunk whose data does
 /// not match its id; I/O; a failed final verification (names the block).
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
-    let t0 = Instant::now();
     let to = &opts.to;
     if !opts.force {
         refuse_if_in_use(to)?;
     }
+    // The target is opened, and locked, before the store is asked: a second
+    // restore started meanwhile then finds it in use (found by
+    // tests/breakit_dr2.rs: opened only once the store had answered, two
+    // restores into one file both passed the check and both wrote).
+    let target = open_target(to, opts.force)?;
+    let r = restore_into(opts, &target);
+    if r.is_err() && target.created && target.file.metadata().is_ok_and(|m| m.len() == 0) {
+        // Nothing written to a file this restore created: it goes again.
+        let _ = std::fs::remove_file(to);
+    }
+    r
+}
+
+/// The store's answer to OPEN, checked: a lying or broken store must not
+/// make the client divide by zero or allocate without bound (found by
+/// tests/breakit_dr2.rs: chunk size 0 panicked, a 2^60-byte disk aborted).
+fn check_opened(o: &wire::Opened) -> Result<()> {
+    let cs = o.chunk_size;
+    if !(4096..=(4 << 20)).contains(&cs) || !cs.is_power_of_two() {
+        return Err(Error::invalid(format!(
+            "restore: the store says its chunk size is {cs} bytes, not a power of two from 4 KiB \
+             to 4 MiB"
+        )));
+    }
+    if o.size == 0 || o.size % 512 != 0 || o.size > (1 << 60) {
+        return Err(Error::invalid(format!(
+            "restore: the store says the disk is {} bytes, not a valid volume size",
+            o.size
+        )));
+    }
+    Ok(())
+}
+
+fn restore_into(opts: &RestoreOptions, target: &Target) -> Result<RestoreReport> {
+    let t0 = Instant::now();
+    let to = &opts.to;
     let mut link = Link::open(&opts.from, opts.tls.as_ref(), None)?;
     link.send_json(
         wire::OPEN,
@@ -85,9 +120,17 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
         },
     )?;
     let opened: wire::Opened = wire::json("OPENED", &link.expect(wire::OPENED)?)?;
+    check_opened(&opened)?;
     let cs = opened.chunk_size;
     let blocks = opened.size.div_ceil(cs);
-    let mut want = vec![Want::Zero; blocks as usize];
+    let mut want = Vec::new();
+    want.try_reserve_exact(blocks as usize).map_err(|_| {
+        Error::invalid(format!(
+            "restore: the disk is {} bytes; its map of {blocks} blocks does not fit in memory",
+            opened.size
+        ))
+    })?;
+    want.resize(blocks as usize, Want::Zero);
     loop {
         let (_, entries) = wire::decode_map(&link.expect(wire::MAP)?)?;
         if entries.is_empty() {
@@ -107,14 +150,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
             }
         }
     }
-    let file = open_target(to, opened.size)?;
+    fit_target(target, to, opened.size, opts.force)?;
+    let file = &target.file;
     // Which blocks differ.
     let bar = if opts.progress {
         crate::engine::imex::progress_bar(opened.size, "comparing")
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let differ = compare(&file, opened.size, cs, &want, &bar)?;
+    let differ = compare(file, opened.size, cs, &want, &bar)?;
     bar.finish_and_clear();
     // Fetch what differs, by id (each id once), and write it where needed.
     let mut need: HashMap<ChunkId, Vec<u64>> = HashMap::new();
@@ -127,7 +171,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     }
     let zero = vec![0u8; cs as usize];
     for b in zeros {
-        write_block(&file, b, &zero, cs, opened.size, to)?;
+        write_block(file, b, &zero, cs, opened.size, to)?;
     }
     let ids: Vec<ChunkId> = need.keys().copied().collect();
     let mut fetched = 0u64;
@@ -141,8 +185,18 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
         }
         for c in got {
             let data = wire::unpack(&c)?;
+            // Checked before it is written (found by tests/breakit_dr2.rs:
+            // only the final read-back caught a chunk that was not its id,
+            // after it had been written over the local disk).
+            if *blake3::hash(&data).as_bytes() != c.id {
+                return Err(Error::invalid(format!(
+                    "restore: the store sent chunk {} with data that does not match its id; \
+                     nothing of it was written",
+                    crate::util::hex(&c.id)
+                )));
+            }
             for &b in &need[&c.id] {
-                write_block(&file, b, &data, cs, opened.size, to)?;
+                write_block(file, b, &data, cs, opened.size, to)?;
             }
             fetched += data.len() as u64;
         }
@@ -150,7 +204,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     file.sync_all().at(to)?;
     // Read everything back.
     let left = compare(
-        &file,
+        file,
         opened.size,
         cs,
         &want,
@@ -185,9 +239,21 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     })
 }
 
-/// Open the target for writing; a file is created or sized to `size`, a block
-/// device must hold at least `size` bytes.
-fn open_target(to: &Path, size: u64) -> Result<File> {
+/// The restore's target, open for reading and writing.
+struct Target {
+    file: File,
+    /// A block device (else a file).
+    dev: bool,
+    /// The file did not exist before this restore.
+    created: bool,
+}
+
+/// Open the target for writing (a file is created if missing; a block device
+/// is opened `O_EXCL`, which the kernel refuses when it is mounted or
+/// claimed) and, unless `force`, take an exclusive `flock` on it, so two
+/// restores never write one target at once.  Errors: a directory;
+/// [`Error::Busy`] (mounted, claimed, another restore); I/O.
+fn open_target(to: &Path, force: bool) -> Result<Target> {
     let md = std::fs::metadata(to).ok();
     if md.as_ref().is_some_and(|m| m.is_dir()) {
         return Err(Error::invalid(format!(
@@ -204,7 +270,7 @@ fn open_target(to: &Path, size: u64) -> Result<File> {
     } else {
         o.create(true);
     }
-    let f = o.open(to).map_err(|e| {
+    let file = o.open(to).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {
             Error::Busy(format!(
                 "{} is in use (mounted, or claimed by another program); unmount it first",
@@ -214,10 +280,48 @@ fn open_target(to: &Path, size: u64) -> Result<File> {
             Error::io(to, e)
         }
     })?;
-    if dev {
+    if !force {
+        // SAFETY: flock on a descriptor we own.
+        let r = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Error::Busy(format!(
+                    "{} is locked (flock) by another program, such as another drclone \
+                     restore into it; wait for it, or pass --force",
+                    to.display()
+                ))
+            } else {
+                Error::io(to, e)
+            });
+        }
+    }
+    Ok(Target {
+        file,
+        dev,
+        created: md.is_none(),
+    })
+}
+
+/// Make the target hold a disk of `size` bytes: a block device must hold at
+/// least that; a file is sized to it, but one that is longer is cut only with
+/// `force` (found by tests/breakit_dr2.rs: its tail was cut off silently).
+fn fit_target(t: &Target, to: &Path, size: u64, force: bool) -> Result<()> {
+    if t.dev {
         let mut len = 0u64;
         // SAFETY: BLKGETSIZE64 writes one u64 through the pointer given.
-        if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), BLKGETSIZE64, &mut len) } != 0
+        if unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&t.file),
+                BLKGETSIZE64,
+                &mut len,
+            )
+        } != 0
         {
             return Err(Error::io(to, std::io::Error::last_os_error()));
         }
@@ -227,10 +331,18 @@ fn open_target(to: &Path, size: u64) -> Result<File> {
                 to.display()
             )));
         }
-    } else {
-        f.set_len(size).at(to)?;
+        return Ok(());
     }
-    Ok(f)
+    let len = t.file.metadata().at(to)?.len();
+    if len > size && !force {
+        return Err(Error::invalid(format!(
+            "{} holds {len} bytes, more than the disk's {size}: restoring would cut its last {} \
+             bytes off; pass --force to cut it to the disk's size",
+            to.display(),
+            len - size
+        )));
+    }
+    t.file.set_len(size).at(to)
 }
 
 /// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
