@@ -931,3 +931,231 @@ fn plan_check_names_lines_in_hostile_files() {
         .iter()
         .any(|p| p.0 == 60_003 && p.1.contains("duplicate step name `s0`")));
 }
+
+/// The stamp (counter) in 4 KiB block `b` of a disk image; 0 for zeros.
+fn stamp_at(img: &[u8], b: usize) -> u64 {
+    let blk = &img[b * 4096..(b + 1) * 4096];
+    let n = u64::from_le_bytes(blk[..8].try_into().unwrap());
+    assert!(
+        blk.chunks(8).all(|w| w == &blk[..8]),
+        "block {b} is torn"
+    );
+    n
+}
+
+/// An NBD writer at the DR site that reconnects whenever it is cut off (as
+/// qemu's NBD client does with reconnect-delay), writing and flushing
+/// stamped 4 KiB blocks throughout a planned failback.  Every write
+/// acknowledged before the fence cut it off reaches the original site (its
+/// head equals the DR site's last failback point); writes acknowledged after
+/// the switch land in what is now a replica, and the original site's next
+/// push is refused rather than overwriting them.  (Pins behaviour: held.)
+#[test]
+fn a_reconnecting_writer_loses_nothing_to_a_planned_failback() {
+    let (o, d) = failed_over("16M", 600);
+    let uri = d.uri("g/d0");
+    let mut w = PyChild::spawn(
+        &d.env,
+        "writer",
+        &format!(
+            r#"
+import time
+watch_stdin()
+h, i, cut, back = connect({uri:?}), 0, None, None
+say("started")
+while not stop.is_set():
+    if h is None:
+        try:
+            h = connect({uri:?})
+            if back is None:
+                back = i
+        except Exception:
+            time.sleep(0.02)
+            continue
+    try:
+        h.pwrite(stamp(i + 1, 4096), (i % 4096) * 4096)
+        h.flush()
+        i += 1
+    except Exception:
+        h = None
+        if cut is None:
+            cut = i
+say(json.dumps({{"cut": cut, "back": back, "last": i}}))
+"#
+        ),
+    );
+    assert_eq!(w.line(), "started");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = d
+        .env
+        .json(&["failback", "g", "--target", &addr(&o), "--planned"]);
+    assert_eq!(r["role"], "protected", "{r}");
+    assert!(r["disconnected"].as_u64().unwrap() >= 1, "{r}");
+    // Let it reconnect and write to the replica.
+    std::thread::sleep(Duration::from_millis(500));
+    w.send("stop");
+    let v: Value = serde_json::from_str(w.line().trim()).unwrap();
+    w.finish();
+    let (cut, back, last) = (
+        v["cut"].as_u64().expect("never cut off") as usize,
+        v["back"].as_u64().expect("never reconnected") as usize,
+        v["last"].as_u64().unwrap() as usize,
+    );
+    println!("writer: cut off after {cut} writes, back at {back}, {last} in all");
+    assert!(cut > 0 && back == cut && last > back + 1 && last - cut < 4096, "{v}");
+    let final_point = points(&d, "g")
+        .into_iter()
+        .rfind(|p| p["label"] == "failback final")
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let home = o.export("g/d0");
+    assert!(
+        home == d.export(&format!("g/d0@{final_point}")),
+        "the original head is not the DR site's last failback point"
+    );
+    // Every write acknowledged before the cut is home (the newest stamp of
+    // each block among them).
+    for i in cut.saturating_sub(4096)..cut {
+        let b = i % 4096;
+        assert_eq!(stamp_at(&home, b), i as u64 + 1, "write {i} (block {b})");
+    }
+    // Written after the switch (write `back` may have reached the server
+    // before the cut; the next one was first tried after it): at the DR
+    // site only, and not overwritten.
+    let dr = d.export("g/d0");
+    let after = back + 1;
+    assert_eq!(stamp_at(&dr, after % 4096), after as u64 + 1);
+    assert_ne!(stamp_at(&home, after % 4096), after as u64 + 1);
+    o.env.ok(&["point", "create", "g"]);
+    let e = o.env.fails(&["push", "g", "--target", &addr(&d)]);
+    assert!(e.contains("has moved on"), "{e}");
+    assert!(d.export("g/d0") == dr, "the push overwrote the DR site");
+}
+
+/// A failover moved to an older point (`failover --point`), written and
+/// committed, then failed back (planned): the newest common point is one
+/// the DR heads do not descend from, so the whole map goes (against it),
+/// and the original site ends with the DR site's data, including the blocks
+/// only the newer point had (zeroed, not left).  Re-protection after it is
+/// incremental, and a second planned failback is refused.  (Pins
+/// behaviour: held.)
+#[test]
+fn failback_of_a_failover_moved_to_an_older_point_and_committed() {
+    let o = Site::new();
+    let d = Site::new();
+    o.env.ok(&["group", "create", "g"]);
+    o.env.ok(&["volume", "create", "g/d0", "--size", "16M"]);
+    nbd_write_random(&o.uri("g/d0"), 0, 2 * MIB as usize, 700);
+    o.env.ok(&["point", "create", "g"]);
+    o.env.json(&["push", "g", "--target", &addr(&d)]);
+    // Only the newer point has data at 8 MiB.
+    nbd_write_random(&o.uri("g/d0"), 8 * MIB, MIB as usize, 701);
+    o.env.ok(&["point", "create", "g"]);
+    o.env.json(&["push", "g", "--target", &addr(&d)]);
+    let older = points(&d, "g")[0]["id"].as_u64().unwrap().to_string();
+    d.env.json(&["failover", "g"]);
+    d.env.json(&["failover", "g", "--point", &older]);
+    nbd_write_random(&d.uri("g/d0"), 12 * MIB, MIB as usize, 702);
+    d.env.json(&["failover", "g", "--commit"]);
+    let r = d
+        .env
+        .json(&["failback", "g", "--target", &addr(&o), "--planned"]);
+    assert_eq!(r["role"], "protected", "{r}");
+    assert!(r["diverged"].is_null(), "{r}");
+    let home = o.export("g/d0");
+    assert!(home == d.export("g/d0"), "the original site differs");
+    assert!(
+        home[8 * MIB as usize..9 * MIB as usize].iter().all(|&b| b == 0),
+        "the newer point's blocks were left at the original site"
+    );
+    let e = d.env.fails(&["failback", "g", "--target", &addr(&o)]);
+    assert!(e.contains("failback runs on the site"), "{e}");
+    // Re-protection: incremental from the last failback point.
+    nbd_write_random(&o.uri("g/d0"), 4 * MIB, MIB as usize, 703);
+    o.env.ok(&["point", "create", "g"]);
+    let (port, count) = tcp_proxy(d.repl);
+    let r = o
+        .env
+        .json(&["push", "g", "--target", &format!("127.0.0.1:{port}")]);
+    assert!(!r["base"].is_null(), "{r}");
+    let sent = count.take_up();
+    assert!(sent < 2 * MIB, "re-protection sent {sent} bytes for 1 MiB");
+    assert!(d.export("g/d0") == o.export("g/d0"));
+}
+
+/// kill -9 of the DR site's daemon in the middle of a planned failback (its
+/// passes slowed by --bwlimit).  After a restart the DR site still serves
+/// the group failed over (nothing switched half-way), the rerun completes
+/// the failback from where the original site is, and both sites hold the
+/// DR site's data.  (Pins behaviour: held.)
+#[test]
+fn a_planned_failback_killed_mid_pass_is_finished_by_a_rerun() {
+    let (o, mut d) = failed_over("16M", 800);
+    nbd_write_random(&d.uri("g/d0"), 4 * MIB, 6 * MIB as usize, 801);
+    let want = d.export("g/d0");
+    let mut fb = d.env.cmd();
+    fb.args(["failback", "g", "--planned", "--bwlimit", "2M", "--target"])
+        .arg(addr(&o))
+        .timeout(Duration::from_secs(120));
+    let run = std::thread::spawn(move || fb.output().unwrap());
+    // Wait for the first pass to be on the wire, then kill.
+    let seen = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        points(&d, "g").iter().any(|p| p["label"] == "failback pass 1")
+    });
+    assert!(seen, "the failback never started");
+    std::thread::sleep(Duration::from_millis(700));
+    d.kill9();
+    let out = run.join().unwrap();
+    assert!(!out.status.success(), "the failback finished before the kill");
+    d.start(&[]);
+    assert_eq!(role(&d, "g"), "failed-over");
+    assert!(d.export("g/d0") == want, "the DR head changed");
+    let r = d
+        .env
+        .json(&["failback", "g", "--target", &addr(&o), "--planned"]);
+    assert_eq!(r["role"], "protected", "{r}");
+    assert!(o.export("g/d0") == want, "the original site differs");
+    assert!(d.export("g/d0") == want);
+}
+
+/// Restore of a point with data, written zeros (over older data) and holes:
+/// onto a disk full of other data every block is rewritten; onto an empty
+/// (sparse) disk only the data blocks are fetched and nothing else written.
+/// Both end byte-identical to the point.  (Pins behaviour: held.)
+#[test]
+fn restore_handles_zeros_and_holes_both_ways() {
+    let d = Site::new();
+    d.env.ok(&["group", "create", "g"]);
+    d.env.ok(&["volume", "create", "g/d0", "--size", "4M"]);
+    nbd_write_random(&d.uri("g/d0"), 0, 2 * MIB as usize, 900);
+    py(&format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri({:?})\nh.zero({}, {})\nh.flush()\nh.shutdown()\n",
+        d.uri("g/d0"),
+        MIB,
+        MIB
+    ));
+    d.env.ok(&["point", "create", "g"]);
+    let point = d.export("g/d0@latest");
+    assert!(point[MIB as usize..].iter().all(|&b| b == 0));
+    let f = d.env.path("disk.raw");
+    let to = f.to_str().unwrap();
+    let json = |out: &str| -> Value { serde_json::from_str(out).unwrap() };
+    std::fs::write(&f, random_bytes(901, 4 * MIB as usize)).unwrap();
+    let (code, out, err) = restore(&["--json", "g/d0", "--from", &addr(&d), "--to", to]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["blocks_changed"], 64, "{out}");
+    assert!(std::fs::read(&f).unwrap() == point);
+    std::fs::remove_file(&f).unwrap();
+    let (code, out, err) = restore(&["--json", "g/d0", "--from", &addr(&d), "--to", to]);
+    assert_eq!(code, 0, "{err}");
+    let r = json(&out);
+    assert_eq!(r["blocks_changed"], 16, "{out}");
+    assert_eq!(r["bytes_fetched"], MIB, "{out}");
+    assert!(std::fs::read(&f).unwrap() == point);
+    // Nothing but the data was written: the rest of the file is still sparse.
+    use std::os::unix::fs::MetadataExt;
+    let used = std::fs::metadata(&f).unwrap().blocks() * 512;
+    assert!(used <= 2 * MIB, "{used} bytes allocated for 1 MiB of data");
+}
