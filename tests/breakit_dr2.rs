@@ -936,10 +936,7 @@ fn plan_check_names_lines_in_hostile_files() {
 fn stamp_at(img: &[u8], b: usize) -> u64 {
     let blk = &img[b * 4096..(b + 1) * 4096];
     let n = u64::from_le_bytes(blk[..8].try_into().unwrap());
-    assert!(
-        blk.chunks(8).all(|w| w == &blk[..8]),
-        "block {b} is torn"
-    );
+    assert!(blk.chunks(8).all(|w| w == &blk[..8]), "block {b} is torn");
     n
 }
 
@@ -1002,7 +999,10 @@ say(json.dumps({{"cut": cut, "back": back, "last": i}}))
         v["last"].as_u64().unwrap() as usize,
     );
     println!("writer: cut off after {cut} writes, back at {back}, {last} in all");
-    assert!(cut > 0 && back == cut && last > back + 1 && last - cut < 4096, "{v}");
+    assert!(
+        cut > 0 && back == cut && last > back + 1 && last - cut < 4096,
+        "{v}"
+    );
     let final_point = points(&d, "g")
         .into_iter()
         .rfind(|p| p["label"] == "failback final")
@@ -1066,7 +1066,9 @@ fn failback_of_a_failover_moved_to_an_older_point_and_committed() {
     let home = o.export("g/d0");
     assert!(home == d.export("g/d0"), "the original site differs");
     assert!(
-        home[8 * MIB as usize..9 * MIB as usize].iter().all(|&b| b == 0),
+        home[8 * MIB as usize..9 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0),
         "the newer point's blocks were left at the original site"
     );
     let e = d.env.fails(&["failback", "g", "--target", &addr(&o)]);
@@ -1102,13 +1104,18 @@ fn a_planned_failback_killed_mid_pass_is_finished_by_a_rerun() {
     // Wait for the first pass to be on the wire, then kill.
     let seen = (0..500).any(|_| {
         std::thread::sleep(Duration::from_millis(20));
-        points(&d, "g").iter().any(|p| p["label"] == "failback pass 1")
+        points(&d, "g")
+            .iter()
+            .any(|p| p["label"] == "failback pass 1")
     });
     assert!(seen, "the failback never started");
     std::thread::sleep(Duration::from_millis(700));
     d.kill9();
     let out = run.join().unwrap();
-    assert!(!out.status.success(), "the failback finished before the kill");
+    assert!(
+        !out.status.success(),
+        "the failback finished before the kill"
+    );
     d.start(&[]);
     assert_eq!(role(&d, "g"), "failed-over");
     assert!(d.export("g/d0") == want, "the DR head changed");
@@ -1158,4 +1165,58 @@ fn restore_handles_zeros_and_holes_both_ways() {
     use std::os::unix::fs::MetadataExt;
     let used = std::fs::metadata(&f).unwrap().blocks() * 512;
     assert!(used <= 2 * MIB, "{used} bytes allocated for 1 MiB of data");
+}
+
+/// A restore whose local compare takes longer than the store waits for a
+/// silent session (the real receiver drops one after 5 minutes of silence;
+/// this fake store after 2 s, with the client's keep-alive at 1 s through
+/// DRCLONE_RESTORE_KEEPALIVE_SECS).  Found: the client said nothing while it
+/// hashed the local disk, so on a disk that takes over 5 minutes to read
+/// (100 GiB at 300 MB/s) its first GET found the session gone and the
+/// restore failed.  Now it sends an empty GET now and then.
+#[test]
+fn a_long_compare_keeps_the_restore_session() {
+    let port = fake_store(|c| {
+        let (data, _) = promised();
+        let id = *blake3::hash(&data).as_bytes();
+        opened(c, 2 << 30, 65536);
+        map(c, &[wire::Entry::Data { block: 0, id }]);
+        map(c, &[]);
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        while let Ok((t, body)) = wire::read_frame(c) {
+            assert_eq!(t, wire::GET);
+            let ids = wire::decode_ids(&body).unwrap();
+            let chunks: Vec<_> = ids.iter().map(|id| wire::pack(*id, &data)).collect();
+            wire::write_frame(c, wire::CHUNKS, &wire::encode_chunks(&chunks)).unwrap();
+        }
+        // Silent for 2 s: the session is dropped.
+        let _ = c.shutdown(Shutdown::Both);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("disk.raw");
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"))
+        .env_remove("DRCLONE_STORE")
+        .env("DRCLONE_RESTORE_KEEPALIVE_SECS", "1")
+        .args([
+            "restore",
+            "g/d0",
+            "--from",
+            &format!("127.0.0.1:{port}"),
+            "--to",
+        ])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut head = vec![0u8; 65536];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(&f)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert!(head == promised().0);
 }

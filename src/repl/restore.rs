@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -158,7 +158,17 @@ fn restore_into(opts: &RestoreOptions, target: &Target) -> Result<RestoreReport>
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let differ = compare(file, opened.size, cs, &want, &bar)?;
+    // The store drops a session silent for 5 minutes, and hashing a large
+    // local disk takes longer: an empty GET now and then keeps it (found by
+    // tests/breakit_dr2.rs: the first GET after a long compare found the
+    // session gone).
+    let mut alive = KeepAlive {
+        every: Duration::from_secs(keepalive_secs()),
+        last: Instant::now(),
+    };
+    let differ = compare(file, opened.size, cs, &want, &bar, &mut || {
+        alive.tick(&mut link)
+    })?;
     bar.finish_and_clear();
     // Fetch what differs, by id (each id once), and write it where needed.
     let mut need: HashMap<ChunkId, Vec<u64>> = HashMap::new();
@@ -172,6 +182,7 @@ fn restore_into(opts: &RestoreOptions, target: &Target) -> Result<RestoreReport>
     let zero = vec![0u8; cs as usize];
     for b in zeros {
         write_block(file, b, &zero, cs, opened.size, to)?;
+        alive.tick(&mut link)?;
     }
     let ids: Vec<ChunkId> = need.keys().copied().collect();
     let mut fetched = 0u64;
@@ -197,6 +208,7 @@ fn restore_into(opts: &RestoreOptions, target: &Target) -> Result<RestoreReport>
             }
             for &b in &need[&c.id] {
                 write_block(file, b, &data, cs, opened.size, to)?;
+                alive.tick(&mut link)?;
             }
             fetched += data.len() as u64;
         }
@@ -209,6 +221,7 @@ fn restore_into(opts: &RestoreOptions, target: &Target) -> Result<RestoreReport>
         cs,
         &want,
         &indicatif::ProgressBar::hidden(),
+        &mut || Ok(()),
     )?;
     if let Some(b) = left.first() {
         return Err(Error::invalid(format!(
@@ -348,13 +361,46 @@ fn fit_target(t: &Target, to: &Path, size: u64, force: bool) -> Result<()> {
 /// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
-/// Blocks of the first `size` bytes of `f` whose content differs from `want`.
+/// Keeps a restore session from looking idle to the store while the client
+/// works locally (hashing, writing).
+struct KeepAlive {
+    every: Duration,
+    last: Instant,
+}
+
+impl KeepAlive {
+    /// Send an empty GET (answered by an empty CHUNKS) if nothing was sent
+    /// for `every`.  Errors: the link's.
+    fn tick(&mut self, link: &mut Link) -> Result<()> {
+        if self.last.elapsed() >= self.every {
+            link.send(wire::GET, &[])?;
+            link.expect(wire::CHUNKS)?;
+            self.last = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+/// Seconds between keep-alive requests while the link waits on local work:
+/// `DRCLONE_RESTORE_KEEPALIVE_SECS`, default 60 (the store drops a session
+/// silent for 300).
+fn keepalive_secs() -> u64 {
+    std::env::var("DRCLONE_RESTORE_KEEPALIVE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(60)
+}
+
+/// Blocks of the first `size` bytes of `f` whose content differs from `want`;
+/// `tick` is called after every read (about 4 MiB).
 fn compare(
     f: &File,
     size: u64,
     cs: u64,
     want: &[Want],
     bar: &indicatif::ProgressBar,
+    tick: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Vec<u64>> {
     let mut differ = Vec::new();
     let per_read = (4 << 20) / cs.max(1) + 1;
@@ -387,6 +433,7 @@ fn compare(
         }
         bar.inc(len);
         b += n;
+        tick()?;
     }
     Ok(differ)
 }
