@@ -1220,3 +1220,62 @@ fn a_long_compare_keeps_the_restore_session() {
         .unwrap();
     assert!(head == promised().0);
 }
+
+/// Two `plan run --test` on one store with no daemon: the first starts one
+/// for itself, the second uses it, and the first stops it when it ends,
+/// while the second still runs.  Found: the second's cleanup could not reach
+/// a daemon, so its drill (clones, exports, record) was left behind and its
+/// report said so.  Now a plan whose daemon went away starts its own to
+/// clean up.
+#[test]
+fn a_test_plan_cleans_up_after_the_daemon_it_shared_went_away() {
+    let (env, a) = plan_env(
+        "a.toml",
+        "name = \"a\"\n[[step]]\nname = \"db\"\ngroups = [\"db\"]\n\
+         post = \"touch a.up; while [ ! -f b.up ]; do sleep 0.05; done\"\n",
+    );
+    let b = env.path("b.toml");
+    std::fs::write(
+        &b,
+        "name = \"b\"\n[[step]]\nname = \"app\"\ngroups = [\"app\"]\n\
+         post = \"touch b.up; while [ ! -f a.done ]; do sleep 0.05; done\"\n",
+    )
+    .unwrap();
+    let spawn = |file: &str| {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("drclone"));
+        c.env("DRCLONE_STORE", &env.store)
+            .args(["plan", "run", "--test", "--json", file])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let first = spawn(&a);
+    let up = env.path("a.up");
+    assert!(
+        (0..3000).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            up.exists()
+        }),
+        "plan a never ran its script"
+    );
+    let second = spawn(b.to_str().unwrap());
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(env.path("a.done"), "").unwrap();
+    let out = second.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!(r["cleanup"]["ok"], true, "{r:#}");
+    assert!(
+        drill_records(&env).is_empty(),
+        "drills left: {:?}",
+        drill_records(&env)
+    );
+    let groups = env.ok(&["group", "list"]);
+    assert!(!groups.contains("drill"), "{groups}");
+}

@@ -132,11 +132,32 @@ fn check(cli: &Cli, file: &Path) -> Result<i32> {
 }
 
 /// The daemon, reached over its control socket.
-struct DaemonSite {
+struct DaemonSite<'a> {
+    cli: &'a Cli,
     store: PathBuf,
+    /// A daemon this plan started because the one it used went away.
+    own: std::sync::Mutex<Option<super::dr::OwnDaemon>>,
 }
 
-impl DaemonSite {
+impl DaemonSite<'_> {
+    /// Forward `args` to the daemon.  If none answers (the one the plan used
+    /// went away: another plan's, stopped when that plan ended), start one
+    /// first, so the plan can go on and, under test, still clean up (found
+    /// by tests/breakit_dr2.rs: the second of two test plans left its drill
+    /// behind).  A request the daemon may have seen is never sent twice.
+    fn ask(&self, args: &[String]) -> drclone::error::Result<serde_json::Value> {
+        if daemon::connect(&self.store).is_none() {
+            let mut own = self.own.lock().unwrap();
+            if daemon::connect(&self.store).is_none() {
+                log::warn!("plan: the daemon went away; starting one");
+                // The one it replaces (if this plan started it) is gone.
+                drop(own.take());
+                *own = Some(start_daemon(self.cli, true).map_err(remote)?);
+            }
+        }
+        ask(&self.store, args).map_err(remote)
+    }
+
     fn up(v: &serde_json::Value, drill: Option<u64>) -> drclone::error::Result<Up> {
         Ok(Up {
             point: v["point"]
@@ -151,7 +172,7 @@ impl DaemonSite {
     }
 }
 
-impl Site for DaemonSite {
+impl Site for DaemonSite<'_> {
     fn failover(&self, group: &str, point: &str) -> drclone::error::Result<Up> {
         let mut args = vec!["failover".to_string(), group.into()];
         // Without --point, a failed-over group is refused, not moved to
@@ -159,7 +180,7 @@ impl Site for DaemonSite {
         if point != "latest" {
             args.extend(["--point".into(), point.into()]);
         }
-        let v = ask(&self.store, &args).map_err(remote)?;
+        let v = self.ask(&args)?;
         Self::up(&v, None)
     }
 
@@ -174,7 +195,7 @@ impl Site for DaemonSite {
             label,
         ]
         .map(String::from);
-        let v = ask(&self.store, &args).map_err(remote)?;
+        let v = self.ask(&args)?;
         let id = v["id"]
             .as_u64()
             .ok_or_else(|| Error::invalid(format!("drill start: no id in {v}")))?;
@@ -182,7 +203,7 @@ impl Site for DaemonSite {
     }
 
     fn remove_drill(&self, id: u64) -> drclone::error::Result<()> {
-        ask(&self.store, &["drill".into(), "rm".into(), id.to_string()]).map_err(remote)?;
+        self.ask(&["drill".into(), "rm".into(), id.to_string()])?;
         Ok(())
     }
 }
@@ -214,7 +235,9 @@ fn run_plan(cli: &Cli, file: &Path, test: bool) -> Result<i32> {
         }
     };
     let site = DaemonSite {
+        cli,
         store: cli.store.clone(),
+        own: Default::default(),
     };
     let report = plan::run(
         &p,
@@ -226,7 +249,8 @@ fn run_plan(cli: &Cli, file: &Path, test: bool) -> Result<i32> {
             progress: &progress,
         },
     );
-    let served_here = own.is_some();
+    let served_here = own.is_some() || site.own.lock().unwrap().is_some();
+    drop(site);
     drop(own);
     if served_here && !test && report.steps.iter().any(|s| !s.groups.is_empty()) {
         eprintln!(
