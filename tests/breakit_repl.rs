@@ -12,7 +12,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use drclone::repl::wire;
@@ -824,4 +824,37 @@ fn chunks_without_have_count_against_the_cycle_budget() {
     let msg = refused.unwrap();
     assert!(n <= 10_000, "{n} chunks sent before the refusal");
     assert!(msg.is_empty() || msg.contains("did not ask for"), "{msg}");
+}
+
+/// Found by the review of failback: FUSE did not check writer leases, so a
+/// file opened for writing on a head a replication session (or a failback
+/// fence) held could write under it.  Now such an open fails with EBUSY, as
+/// NBD refuses it; reading stays allowed, and writing works again once the
+/// session ends.
+#[test]
+fn fuse_refuses_a_writer_while_replication_holds_the_head() {
+    let t = Site::new();
+    t.env.ok(&["group", "create", "g"]);
+    t.env.ok(&["volume", "create", "g/d", "--size", "1M"]);
+    let m = Mount::start(&t.env);
+    let file = m.dir.join("g").join("d");
+    let (c, typ, body) = hello(t.repl, "g", &[("d".into(), 1 << 20)]);
+    assert_eq!(typ, wire::WELCOME, "{body}");
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect_err("a FUSE writer was let in under a replication session");
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    std::fs::File::open(&file).expect("reading stays allowed");
+    drop(c);
+    let mut ok = false;
+    for _ in 0..100 {
+        if std::fs::OpenOptions::new().write(true).open(&file).is_ok() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ok, "writing stayed refused after the session ended");
+    m.stop();
 }

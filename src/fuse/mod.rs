@@ -84,6 +84,7 @@ fn errno(e: &Error) -> Errno {
     match e {
         Error::ReadOnly(_) => Errno::EROFS,
         Error::NotFound(_) => Errno::ENOENT,
+        Error::Busy(_) => Errno::from_i32(libc::EBUSY),
         _ => Errno::from_i32(e.kind().errno()),
     }
 }
@@ -377,9 +378,22 @@ impl Filesystem for DrFs {
             FopenFlags::FOPEN_KEEP_CACHE
         };
         let user = format!("a file open in a FUSE mount (pid {})", req.pid());
-        let lease = match self.store.lease(&view, &user) {
+        // One writer at a time: a replication session or a failback fence
+        // holds the head (as NBD refuses it too).
+        let lease = match self.store.lease_if(&view, &user, |users| {
+            match crate::repl::exclusive_writer(users) {
+                Some(u) if writing => Err(crate::Error::Busy(format!(
+                    "{} is being written by {u}; a volume takes one writer at a time",
+                    view.name
+                ))),
+                _ => Ok(()),
+            }
+        }) {
             Ok(l) => l,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => {
+                log::warn!("FUSE open of {} refused: {e}", view.name);
+                return reply.error(errno(&e));
+            }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let open = OpenFile {

@@ -324,10 +324,7 @@ impl Conn {
                     self.session.peer(),
                     self.session.id()
                 ),
-                |users| match users.iter().find(|u| {
-                    u.starts_with(crate::repl::receiver::LEASE_PREFIX)
-                        || u.starts_with(crate::dr::failback::FENCE_PREFIX)
-                }) {
+                |users| match crate::repl::exclusive_writer(users) {
                     // A replication cycle writes this head, or a planned failback
                     // fenced it: one writer at a time.
                     Some(u) if view.writable => Err(crate::Error::Busy(format!(

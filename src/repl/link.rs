@@ -341,7 +341,18 @@ impl Link {
     /// The next frame, which must be `want`; an ERROR frame becomes
     /// [`Error::Refused`] with the receiver's text.  Errors: I/O, another type.
     pub fn expect(&mut self, want: u8) -> Result<Vec<u8>> {
-        let (t, body) = wire::read_frame(&mut self.s)?;
+        let (t, body) = wire::read_frame(&mut self.s).map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Error::io(
+                    format!("replication connection to {}", self.peer),
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection (see its log for why)",
+                    ),
+                )
+            }
+            e => e,
+        })?;
         if t == wire::ERROR {
             return Err(Error::Refused(format!(
                 "the target refused: {}",

@@ -11,3 +11,13 @@ pub mod reader;
 pub mod receiver;
 pub mod restore;
 pub mod wire;
+
+/// The lease among `users` (a head's lease holders) that makes the head take
+/// no other writer: a replication session's (`replication from PEER`) or a
+/// planned failback's fence (`failback to TARGET`).  NBD and FUSE refuse to
+/// open such a head for writing.
+pub fn exclusive_writer(users: &[String]) -> Option<&String> {
+    users.iter().find(|u| {
+        u.starts_with(receiver::LEASE_PREFIX) || u.starts_with(crate::dr::failback::FENCE_PREFIX)
+    })
+}

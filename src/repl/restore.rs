@@ -261,9 +261,9 @@ struct Target {
     created: bool,
 }
 
-/// Open the target for writing (a file is created if missing; a block device
-/// is opened `O_EXCL`, which the kernel refuses when it is mounted or
-/// claimed) and, unless `force`, take an exclusive `flock` on it, so two
+/// Open the target for writing (a file is created if missing; unless `force`,
+/// a block device is opened `O_EXCL`, which the kernel refuses when it is
+/// mounted or claimed) and, unless `force`, take an exclusive `flock` on it, so two
 /// restores never write one target at once.  Errors: a directory;
 /// [`Error::Busy`] (mounted, claimed, another restore); I/O.
 fn open_target(to: &Path, force: bool) -> Result<Target> {
@@ -277,10 +277,10 @@ fn open_target(to: &Path, force: bool) -> Result<Target> {
     let dev = md.as_ref().is_some_and(|m| m.file_type().is_block_device());
     let mut o = OpenOptions::new();
     o.read(true).write(true);
-    if dev {
+    if dev && !force {
         // The kernel refuses O_EXCL on a device that is mounted or claimed.
         o.custom_flags(libc::O_EXCL);
-    } else {
+    } else if !dev {
         o.create(true);
     }
     let file = o.open(to).map_err(|e| {
