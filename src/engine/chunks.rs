@@ -38,17 +38,17 @@ struct OpenPack {
 
 /// A chunk received from elsewhere (replication), for
 /// [`ChunkStore::put_received`].
-pub struct Received {
+pub struct Received<'a> {
     /// The id the sender claims for it (checked against `data`).
     pub id: ChunkId,
-    /// Its plaintext.
-    pub data: Vec<u8>,
+    /// Its plaintext (borrowed from the frame it came in, when it came raw).
+    pub data: std::borrow::Cow<'a, [u8]>,
     /// The zstd frame it arrived as, which the caller decompressed into
     /// `data`: kept as the stored payload (no second compression) when the
     /// store is unencrypted.  Give it only for a store that compresses with
     /// zstd (a store made with `--compression none` or `lz4` stores its own
     /// encoding).
-    pub zstd: Option<Vec<u8>>,
+    pub zstd: Option<&'a [u8]>,
 }
 
 /// What [`ChunkStore::sync_packs`] made durable of the pack that was open.
@@ -844,7 +844,7 @@ impl ChunkStore {
     /// after its commit).  Every chunk's data is hashed (in parallel) against
     /// its claimed id: one that hashes to another id is refused
     /// (Error::Invalid) and nothing of the batch is stored or indexed.
-    pub fn put_received(&self, chunks: &[Received]) -> Result<Vec<ChunkId>> {
+    pub fn put_received(&self, chunks: &[Received<'_>]) -> Result<Vec<ChunkId>> {
         use rayon::prelude::*;
         if let Some((claimed, id)) = chunks
             .par_iter()
@@ -866,7 +866,7 @@ impl ChunkStore {
                 if !seen.insert(c.id) {
                     continue;
                 }
-                if let Some(loc) = self.put_known(&c.id, &c.data, c.zstd.as_deref())? {
+                if let Some(loc) = self.put_known(&c.id, &c.data, c.zstd)? {
                     Self::index(&mut batch, &c.id, &loc);
                 }
             }

@@ -285,8 +285,8 @@ fn cycles<S: Read + Write>(
                 // form it came in (put_received checks it decompressed to data
                 // of its id), instead of compressing it again.
                 let keep_zstd = store.cfg.compression == crate::engine::codec::Compression::Zstd;
-                let chunks = wire::decode_chunks(&body, cs)?;
-                drop(body);
+                // Payloads stay in the frame: a raw one is stored from there.
+                let chunks = wire::chunk_refs(&body, cs)?;
                 if let Some(c) = chunks.iter().find(|c| !sess.asked.contains(&c.id)) {
                     return Err(Error::invalid(format!(
                         "replication protocol: CHUNKS carries chunk {}, which this cycle did \
@@ -298,21 +298,12 @@ fn cycles<S: Read + Write>(
                     sess.asked.remove(&c.id);
                 }
                 let batch = chunks
-                    .into_par_iter()
+                    .par_iter()
                     .map(|c| {
-                        let id = c.id;
-                        Ok(if keep_zstd && c.codec == wire::CODEC_ZSTD {
-                            crate::engine::chunks::Received {
-                                id,
-                                data: wire::unpack(&c)?,
-                                zstd: Some(c.payload),
-                            }
-                        } else {
-                            crate::engine::chunks::Received {
-                                id,
-                                data: wire::unpack_owned(c)?,
-                                zstd: None,
-                            }
+                        Ok(crate::engine::chunks::Received {
+                            id: c.id,
+                            data: c.plaintext()?,
+                            zstd: (keep_zstd && c.codec == wire::CODEC_ZSTD).then_some(c.payload),
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;

@@ -296,9 +296,40 @@ pub fn encode_chunks(chunks: &[WireChunk]) -> Vec<u8> {
     v
 }
 
-/// Decode a CHUNKS body.  `max_raw`: the largest plaintext length allowed
-/// (the chunk size).
-pub fn decode_chunks(body: &[u8], max_raw: u32) -> Result<Vec<WireChunk>> {
+/// One chunk of a CHUNKS body, borrowed from the body (see [`chunk_refs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef<'a> {
+    pub id: ChunkId,
+    /// Its plaintext length in bytes.
+    pub raw_len: u32,
+    pub codec: u8,
+    pub payload: &'a [u8],
+}
+
+impl<'a> ChunkRef<'a> {
+    /// The chunk's plaintext: a raw payload is itself (no copy).  Errors: a
+    /// payload that does not decode to exactly `raw_len` bytes.
+    pub fn plaintext(&self) -> Result<std::borrow::Cow<'a, [u8]>> {
+        let data = match self.codec {
+            CODEC_RAW => std::borrow::Cow::Borrowed(self.payload),
+            _ => std::borrow::Cow::Owned(decompress(self.payload, self.raw_len)?),
+        };
+        if data.len() != self.raw_len as usize {
+            return Err(bad(format!(
+                "a chunk decompressed to {} bytes, not {}",
+                data.len(),
+                self.raw_len
+            )));
+        }
+        Ok(data)
+    }
+}
+
+/// Parse a CHUNKS body without copying payloads.  `max_raw`: the largest
+/// plaintext length allowed (the chunk size).  Errors: a header cut short, a
+/// length past the frame, a plaintext length of 0 or over `max_raw`, an
+/// unknown codec.
+pub fn chunk_refs(body: &[u8], max_raw: u32) -> Result<Vec<ChunkRef<'_>>> {
     let mut out = Vec::new();
     let mut rest = body;
     while !rest.is_empty() {
@@ -320,42 +351,41 @@ pub fn decode_chunks(body: &[u8], max_raw: u32) -> Result<Vec<WireChunk>> {
         if rest.len() < 41 + len {
             return Err(bad("a chunk's length runs past the frame"));
         }
-        out.push(WireChunk {
+        out.push(ChunkRef {
             id,
             raw_len,
             codec,
-            payload: rest[41..41 + len].to_vec(),
+            payload: &rest[41..41 + len],
         });
         rest = &rest[41 + len..];
     }
     Ok(out)
 }
 
+/// Decode a CHUNKS body into owned chunks; see [`chunk_refs`].
+pub fn decode_chunks(body: &[u8], max_raw: u32) -> Result<Vec<WireChunk>> {
+    Ok(chunk_refs(body, max_raw)?
+        .into_iter()
+        .map(|c| WireChunk {
+            id: c.id,
+            raw_len: c.raw_len,
+            codec: c.codec,
+            payload: c.payload.to_vec(),
+        })
+        .collect())
+}
+
 /// The plaintext of a received chunk.  Errors: a payload that does not
 /// decompress to exactly `raw_len` bytes.
 pub fn unpack(c: &WireChunk) -> Result<Vec<u8>> {
-    match c.codec {
-        CODEC_RAW => check_len(c.payload.clone(), c.raw_len),
-        _ => decompress(&c.payload, c.raw_len),
+    ChunkRef {
+        id: c.id,
+        raw_len: c.raw_len,
+        codec: c.codec,
+        payload: &c.payload,
     }
-}
-
-/// [`unpack`], taking the chunk: a raw payload is its own plaintext (no copy).
-pub fn unpack_owned(c: WireChunk) -> Result<Vec<u8>> {
-    match c.codec {
-        CODEC_RAW => check_len(c.payload, c.raw_len),
-        _ => decompress(&c.payload, c.raw_len),
-    }
-}
-
-fn check_len(data: Vec<u8>, raw_len: u32) -> Result<Vec<u8>> {
-    if data.len() != raw_len as usize {
-        return Err(bad(format!(
-            "a chunk decompressed to {} bytes, not {raw_len}",
-            data.len()
-        )));
-    }
-    Ok(data)
+    .plaintext()
+    .map(std::borrow::Cow::into_owned)
 }
 
 thread_local! {
@@ -368,7 +398,7 @@ thread_local! {
 fn decompress(payload: &[u8], raw_len: u32) -> Result<Vec<u8>> {
     // One context per thread: creating one per chunk cost more than the
     // decompression (perf).
-    let data = ZSTD_D
+    ZSTD_D
         .with(|d| {
             let mut d = d.borrow_mut();
             let d = match d.as_mut() {
@@ -377,8 +407,7 @@ fn decompress(payload: &[u8], raw_len: u32) -> Result<Vec<u8>> {
             };
             d.decompress(payload, raw_len as usize)
         })
-        .map_err(|e| bad(format!("a chunk does not decompress: {e}")))?;
-    check_len(data, raw_len)
+        .map_err(|e| bad(format!("a chunk does not decompress: {e}")))
 }
 
 /// The zstd (level 1) form of `data` if it is worth sending: smaller than
@@ -580,17 +609,28 @@ mod tests {
         let d = decode_chunks(&body, 65536).unwrap();
         assert_eq!((d[0].codec, d[1].codec), (CODEC_RAW, CODEC_ZSTD));
         assert_eq!(unpack(&d[1]).unwrap(), text);
-        assert_eq!(unpack_owned(d[0].clone()).unwrap(), random);
-        assert_eq!(unpack_owned(d[1].clone()).unwrap(), text);
-        // A raw payload shorter than it claims is refused by both.
+        // Borrowed: a raw payload is its plaintext, without a copy.
+        let r = chunk_refs(&body, 65536).unwrap();
+        assert!(
+            matches!(r[0].plaintext().unwrap(), std::borrow::Cow::Borrowed(p) if p == &random[..])
+        );
+        assert_eq!(r[1].plaintext().unwrap(), &text[..]);
+        assert!(chunk_refs(&body[..body.len() - 1], 65536).is_err());
+        // A raw payload shorter than it claims is refused.
         let mut short = d[0].clone();
         short.payload.pop();
         assert!(unpack(&short).is_err());
-        assert!(unpack_owned(short).is_err());
+        let short_ref = ChunkRef {
+            payload: &random[1..],
+            ..r[0]
+        };
+        assert!(short_ref.plaintext().is_err());
         // Garbage that claims to be zstd is refused, not a panic.
-        let mut bad = d[1].clone();
-        bad.payload = vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3];
-        assert!(unpack_owned(bad).is_err());
+        let garbage = ChunkRef {
+            payload: &[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3],
+            ..r[1]
+        };
+        assert!(garbage.plaintext().is_err());
     }
 
     #[test]
