@@ -319,3 +319,51 @@ fn failback_onto_a_diverged_site_regrows_a_disk_the_dr_site_grew() {
     assert!(o.export("g/d0@latest") == head, "the landed point differs");
     assert!(o.export("g/d0") == head, "the original head differs");
 }
+
+/// Retention keeps the bases of incremental replication: the newest point a
+/// peer holds from this store, and the newest point that came from a peer,
+/// however short the policy (found by review: a long failover with short
+/// retention left only a full copy).
+#[test]
+fn retention_keeps_the_points_both_sites_share() {
+    let o = Site::new();
+    let d = Site::new();
+    o.env.ok(&["group", "create", "g"]);
+    o.env.ok(&["volume", "create", "g/d0", "--size", "8M"]);
+    nbd_write_random(&o.uri("g/d0"), 0, 2 * MIB as usize, 31);
+    let shared = o.env.json(&["point", "create", "g"])["id"]
+        .as_u64()
+        .unwrap();
+    o.env
+        .json(&["push", "g", "--target", &format!("127.0.0.1:{}", d.repl)]);
+    let received = points(&d, "g")[0]["id"].as_u64().unwrap();
+    for i in 0..2 {
+        nbd_write_random(&o.uri("g/d0"), (4 + i) * MIB, 4096, 32 + i);
+        o.env.ok(&["point", "create", "g"]);
+        d.env.ok(&["point", "create", "g"]);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    for s in [&o, &d] {
+        s.env.ok(&["retention", "set", "g", "1s:1s"]);
+        s.env.ok(&["retention", "apply", "g"]);
+    }
+    let left: Vec<u64> = points(&o, "g")
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    assert!(left.contains(&shared), "the pushed point went: {left:?}");
+    assert_eq!(left.len(), 2, "retention kept {left:?}");
+    let left: Vec<u64> = points(&d, "g")
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    assert!(
+        left.contains(&received),
+        "the received point went: {left:?}"
+    );
+    // The next push is incremental from the shared point.
+    let r = o
+        .env
+        .json(&["push", "g", "--target", &format!("127.0.0.1:{}", d.repl)]);
+    assert_eq!(r["base"], shared, "{r}");
+}

@@ -69,23 +69,37 @@ pub fn plan(
     out
 }
 
-/// Points of `group` some clone depends on.
+/// Points of `group` that retention never removes: those some clone depends
+/// on, and the bases of incremental replication with each peer (the newest
+/// point a peer store holds from this one, and the newest point that came
+/// from each source), so a long failover with short retention never forces a
+/// full resync.
 pub fn pinned(store: &Store, group: &str) -> Result<HashSet<u64>> {
     let parents: HashSet<(u64, u64)> = store
         .lineage_map()
         .values()
         .filter_map(|l| l.parent)
         .collect();
-    Ok(store
-        .points(group)?
-        .into_iter()
+    let points = store.points(group)?;
+    let mut keep: HashSet<u64> = points
+        .iter()
         .filter(|p| {
             p.volumes
                 .iter()
                 .any(|v| parents.contains(&(v.lineage, v.epoch)))
         })
         .map(|p| p.id)
-        .collect())
+        .collect();
+    keep.extend(store.group(group)?.peers.values().copied());
+    let mut newest_from: std::collections::HashMap<&str, u64> = Default::default();
+    for p in &points {
+        if let Some(o) = &p.origin {
+            let e = newest_from.entry(o.source.as_str()).or_insert(p.id);
+            *e = (*e).max(p.id);
+        }
+    }
+    keep.extend(newest_from.values().copied());
+    Ok(keep)
 }
 
 /// Thin `group` to its policies at `now`; returns the points removed.  A point

@@ -35,6 +35,7 @@ impl Store {
             retired: Vec::new(),
             checkpoint_interval: None,
             replication: None,
+            peers: Default::default(),
         };
         let mut b = WriteBatch::default();
         b.put(keys::group(name), encode_rec(&rec));
@@ -95,6 +96,17 @@ impl Store {
         let _m = self.meta.lock().unwrap();
         let mut g = self.group(group)?;
         g.replication = Some(status);
+        let mut b = WriteBatch::default();
+        b.put(keys::group(group), encode_rec(&g));
+        self.db.write(b, true)
+    }
+
+    /// Record that peer store `peer` (its UUID) now holds point `point` of
+    /// `group` (after a push landed it there).  Errors: NotFound.
+    pub fn set_peer_point(&self, group: &str, peer: &str, point: u64) -> Result<()> {
+        let _m = self.meta.lock().unwrap();
+        let mut g = self.group(group)?;
+        g.peers.insert(peer.to_string(), point);
         let mut b = WriteBatch::default();
         b.put(keys::group(group), encode_rec(&g));
         self.db.write(b, true)

@@ -48,6 +48,11 @@ pub struct GroupRec {
     /// (its shape is `crate::repl::receiver::CycleStatus`).
     #[serde(default)]
     pub replication: Option<serde_json::Value>,
+    /// Per peer store (its UUID): this store's newest point of the group that
+    /// the peer holds, as `push` (and failback) left it.  Retention keeps it:
+    /// it is the base of the next incremental push.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, u64>,
 }
 
 /// A named volume (`GROUP/DISK`) and the lineage that is its head.

@@ -284,6 +284,8 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
                 opts.target
             );
             report.points.push((p.id, done.point));
+            // The base of the next push: retention keeps it.
+            store.set_peer_point(group, &target_store, p.id)?;
             bar.inc(1);
             prev = Some(p);
             base_tp = Some(done.point);
