@@ -194,6 +194,7 @@ fn gc_while_chunks_arrive_keeps_the_received_chunks() {
         label: None,
         app: false,
         source_point: None,
+        time: None,
     };
     wire::write_frame(&mut a, wire::COMMIT, &serde_json::to_vec(&c).unwrap()).unwrap();
     let (t, body) = wire::read_frame(&mut a).unwrap();
@@ -570,6 +571,7 @@ fn hostile_hellos_and_maps_are_refused_and_create_nothing() {
         label: None,
         app: false,
         source_point: None,
+        time: None,
     };
     wire::write_frame(&mut a, wire::COMMIT, &serde_json::to_vec(&c).unwrap()).unwrap();
     assert_eq!(wire::read_frame(&mut a).unwrap().0, wire::COMMITTED);

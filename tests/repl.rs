@@ -514,6 +514,7 @@ fn gc_between_have_and_commit_keeps_the_pinned_chunks() {
         label: None,
         app: false,
         source_point: None,
+        time: None,
     };
     wire::write_frame(&mut s, wire::COMMIT, &serde_json::to_vec(&commit).unwrap()).unwrap();
     let (tc, body) = wire::read_frame(&mut s).unwrap();
@@ -909,6 +910,7 @@ fn push_sends_only_what_the_target_lacks_and_refuses_a_moved_head() {
     for (i, p) in tp.iter().enumerate() {
         let s_id = sp[i]["id"].as_u64().unwrap();
         assert_eq!(p["label"], sp[i]["label"]);
+        assert_eq!(p["time"], sp[i]["time"], "a pushed point keeps its time");
         assert_eq!(p["origin"]["point"], s_id, "{p}");
         assert_eq!(p["origin"]["source"], uuid, "{p}");
         for d in ["d0", "d1"] {
@@ -953,4 +955,27 @@ fn push_sends_only_what_the_target_lacks_and_refuses_a_moved_head() {
     assert!(e.contains("no recovery point"), "{e}");
     let e = src.fails(&["push", "nosuch", "--target", &target]);
     assert!(e.contains("nosuch"), "{e}");
+}
+
+/// A cycle is one crash-consistent point of the whole group: an agent that
+/// names only some of the group's disks is refused, by name (found by a
+/// new-user run: the point listed the left-out disk with older data).
+#[test]
+fn a_cycle_naming_only_some_disks_of_the_group_is_refused() {
+    let t = Target::new(&[]);
+    let a = file(&t.env, "a.raw", &random_bytes(41, MIB));
+    let b = file(&t.env, "b.raw", &random_bytes(42, MIB));
+    t.replicate(t.repl, &[("g/d0", &a), ("g/d1", &b)], &[]);
+    let out = t.replicate_raw(t.repl, &[("g/d0", &a)], &[]);
+    assert!(!out.status.success(), "a partial cycle made a point");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("also has disk(s) d1"), "{e}");
+    assert_eq!(
+        t.env
+            .json(&["point", "list", "g"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }

@@ -147,8 +147,8 @@ pub(crate) enum Cmd {
         /// cycle (a failover was undone); without it such a cycle is refused.
         #[arg(long)]
         reprotect: bool,
-        /// Speak TLS, trusting the PEM CA certificate(s) in FILE (the target's
-        /// `serve --tls-cert`, or its CA).
+        /// Speak TLS, trusting the PEM CA certificate(s) in FILE: the CA that
+        /// signed the target's `serve --tls-cert`.
         #[arg(long, value_name = "FILE")]
         tls_ca: Option<PathBuf>,
     },
@@ -231,7 +231,8 @@ pub(crate) enum Cmd {
         /// File holding the token the target wants.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// Speak TLS, trusting the PEM CA certificate(s) in FILE.
+        /// Speak TLS, trusting the PEM CA certificate(s) in FILE: the CA that
+        /// signed the target's `serve --tls-cert`.
         #[arg(long, value_name = "FILE")]
         tls_ca: Option<PathBuf>,
         /// Limit the bytes per second on the wire (e.g. 20M).
@@ -257,7 +258,8 @@ pub(crate) enum Cmd {
         /// File holding the token the store wants.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// Speak TLS, trusting the PEM CA certificate(s) in FILE.
+        /// Speak TLS, trusting the PEM CA certificate(s) in FILE: the CA that
+        /// signed the target's `serve --tls-cert`.
         #[arg(long, value_name = "FILE")]
         tls_ca: Option<PathBuf>,
     },
@@ -272,7 +274,8 @@ pub(crate) enum Cmd {
         /// File holding the token the target wants.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// Speak TLS, trusting the PEM CA certificate(s) in FILE.
+        /// Speak TLS, trusting the PEM CA certificate(s) in FILE: the CA that
+        /// signed the target's `serve --tls-cert`.
         #[arg(long, value_name = "FILE")]
         tls_ca: Option<PathBuf>,
         /// Limit the bytes per second on the wire (e.g. 20M).

@@ -383,7 +383,11 @@ impl Store {
         let rec = PointRec {
             id,
             group: group.into(),
-            time: now_secs(),
+            // A replicated point keeps its source's time (never one in the future).
+            time: origin
+                .as_ref()
+                .and_then(|o| o.time)
+                .map_or_else(now_secs, |t| t.min(now_secs())),
             kind: if app {
                 PointKind::App
             } else {

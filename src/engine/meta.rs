@@ -123,6 +123,12 @@ pub struct Origin {
     /// The source store's UUID, or `agent:HOST` for a `replicate` agent.
     pub source: String,
     pub point: Option<u64>,
+    /// When the source took the point (seconds since the Unix epoch), if it
+    /// said: the replicated point keeps it as its own time, so its age (RPO,
+    /// retention, "the last point before 02:10") is the data's, not the
+    /// transfer's.
+    #[serde(default)]
+    pub time: Option<u64>,
 }
 
 /// State of one pack file.

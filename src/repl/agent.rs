@@ -375,6 +375,7 @@ pub fn cycle(opts: &Options) -> Result<CycleReport> {
         label: opts.label.clone(),
         app,
         source_point: None,
+        time: None,
     };
     link.send(wire::COMMIT, &serde_json::to_vec(&commit).expect("json"))?;
     let done: wire::Committed = wire::json("COMMITTED", &link.expect(wire::COMMITTED)?)?;

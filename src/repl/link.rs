@@ -204,9 +204,17 @@ pub fn connect(target: &str, tls: Option<&ClientTls>) -> Result<Box<dyn Stream>>
         conn.complete_io(&mut s).map_err(|e| {
             // webpki's name for a certificate marked CA:TRUE presented by a
             // server (openssl's `req -x509` default).
-            let hint = if e.to_string().contains("CaUsedAsEndEntity") {
+            let text = e.to_string();
+            let hint = if text.contains("CaUsedAsEndEntity") {
                 " (the target presents a CA certificate: give serve --tls-cert a server \
                  certificate signed by that CA)"
+            } else if text.contains("UnknownIssuer") {
+                " (give --tls-ca the certificate of the CA that signed the target's \
+                 certificate, not the target's own)"
+            } else if text.contains("NotValidForName") {
+                " (the target's certificate does not carry this host name or address: \
+                 connect by one it carries, or reissue it with that name in its \
+                 subjectAltName)"
             } else {
                 ""
             };

@@ -274,6 +274,7 @@ pub fn push(store: &Store, opts: &PushOptions) -> Result<PushReport> {
                     label: p.label.clone(),
                     app: p.kind == PointKind::App,
                     source_point: Some(p.id),
+                    time: Some(p.time),
                 },
             )?;
             let done: wire::Committed = wire::json("COMMITTED", &l.expect(wire::COMMITTED)?)?;

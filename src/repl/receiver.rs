@@ -357,6 +357,7 @@ fn cycles<S: Read + Write>(
                     Some(Origin {
                         source: sess.hello.source.clone(),
                         point: c.source_point,
+                        time: c.time,
                     }),
                 )?;
                 crate::metrics::replication_bytes(&sess.hello.group, sess.received);
@@ -450,6 +451,25 @@ fn open_session<'a>(store: &'a Store, peer: &str, hello: Hello) -> Result<Sessio
              fail back, first)",
             g.role
         )));
+    }
+    // An agent's cycle is one crash-consistent point of the whole group: it
+    // must capture every disk the group has (a disk it leaves out would sit in
+    // the point with older data).  Push sessions are checked by BASE instead.
+    if hello.source.starts_with("agent:") {
+        let missing: Vec<String> = store
+            .volumes(Some(&group))?
+            .into_iter()
+            .filter(|v| !hello.volumes.iter().any(|(d, _)| *d == v.disk))
+            .map(|v| v.disk)
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Refused(format!(
+                "group {group} also has disk(s) {}, which this cycle does not name: a point \
+                 captures every disk of its group at one instant; give a --volume for each \
+                 (or remove the disk from the group on the target)",
+                missing.join(", ")
+            )));
+        }
     }
     if let Some(e) = hello.epoch.filter(|e| *e < g.epoch) {
         return Err(Error::Refused(format!(

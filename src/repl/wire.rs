@@ -152,6 +152,10 @@ pub struct Commit {
     pub app: bool,
     /// The source's point id, when the source is a store.
     pub source_point: Option<u64>,
+    /// The source point's time (seconds since the Unix epoch), when the
+    /// source is a store: the landed point keeps it.
+    #[serde(default)]
+    pub time: Option<u64>,
 }
 
 /// The receiver's answer to COMMIT.
