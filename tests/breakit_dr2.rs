@@ -651,6 +651,15 @@ fn drill_records(env: &Env) -> Vec<Value> {
     env.json(&["drill", "list"]).as_array().unwrap().clone()
 }
 
+/// Drills whose clones still exist (a finished drill's record stays as
+/// evidence).
+fn live_drills(env: &Env) -> Vec<Value> {
+    drill_records(env)
+        .into_iter()
+        .filter(|d| d["clones_removed"].is_null())
+        .collect()
+}
+
 /// A drill whose clone group name (`GROUP.drill-ID`) an operator's group
 /// already has.  Found (data loss): the drill could not create the group,
 /// and its cleanup of the failed start removed that existing group's volumes
@@ -753,7 +762,9 @@ groups = ["app"]
         "{r:#}"
     );
     assert_eq!(r["cleanup"]["drills_removed"].as_array().unwrap().len(), 1);
-    assert!(drill_records(&env).is_empty());
+    assert!(live_drills(&env).is_empty());
+    // The evidence stays: the interrupted plan's drill is recorded as failed.
+    assert_eq!(drill_records(&env)[0]["ok"], false);
 }
 
 /// Whether process `pid` runs (a zombie does not).
@@ -936,7 +947,20 @@ fn plan_check_names_lines_in_hostile_files() {
 fn stamp_at(img: &[u8], b: usize) -> u64 {
     let blk = &img[b * 4096..(b + 1) * 4096];
     let n = u64::from_le_bytes(blk[..8].try_into().unwrap());
-    assert!(blk.chunks(8).all(|w| w == &blk[..8]), "block {b} is torn");
+    if !blk.chunks(8).all(|w| w == &blk[..8]) {
+        let words: Vec<(usize, u64)> = blk
+            .chunks(8)
+            .enumerate()
+            .map(|(k, w)| (k * 8, u64::from_le_bytes(w.try_into().unwrap())))
+            .collect();
+        let mut runs: Vec<(usize, u64)> = Vec::new();
+        for (off, v) in words {
+            if runs.last().is_none_or(|r| r.1 != v) {
+                runs.push((off, v));
+            }
+        }
+        panic!("block {b} is torn: (offset, stamp) runs {runs:?}");
+    }
     n
 }
 
@@ -1272,9 +1296,9 @@ fn a_test_plan_cleans_up_after_the_daemon_it_shared_went_away() {
     });
     assert_eq!(r["cleanup"]["ok"], true, "{r:#}");
     assert!(
-        drill_records(&env).is_empty(),
+        live_drills(&env).is_empty(),
         "drills left: {:?}",
-        drill_records(&env)
+        live_drills(&env)
     );
     let groups = env.ok(&["group", "list"]);
     assert!(!groups.contains("drill"), "{groups}");

@@ -116,7 +116,7 @@ pub(crate) fn dispatch(
                 d.time_to_ready_ms = ms;
                 store.put_record(drclone::engine::keys::DRILL, id, &d)?;
             }
-            let d = drill::finish(
+            let d = match drill::finish(
                 store,
                 who,
                 id,
@@ -126,7 +126,16 @@ pub(crate) fn dispatch(
                     output_tail,
                 },
                 &daemon::disconnect,
-            )?;
+            ) {
+                // A retry after a client held a clone: the outcome is recorded;
+                // only the clones remain to go.
+                Err(drclone::Error::Refused(_))
+                    if drill::get(store, id)?.state == drill::DrillState::Finished =>
+                {
+                    drill::remove_clones(store, id, &daemon::disconnect)?
+                }
+                r => r?,
+            };
             print(out, true, drill_json(&d), String::new);
         }
         Cmd::Failover {

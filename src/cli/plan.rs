@@ -202,8 +202,19 @@ impl Site for DaemonSite<'_> {
         Self::up(&v, Some(id))
     }
 
-    fn remove_drill(&self, id: u64) -> drclone::error::Result<()> {
-        self.ask(&["drill".into(), "rm".into(), id.to_string()])?;
+    fn remove_drill(&self, id: u64, ok: bool, duration_ms: u64) -> drclone::error::Result<()> {
+        let args = [
+            "drill".to_string(),
+            "finish".into(),
+            id.to_string(),
+            "--exit-code".into(),
+            if ok { "0" } else { "1" }.into(),
+            "--duration-ms".into(),
+            duration_ms.to_string(),
+            "--output-tail".into(),
+            format!("recovery plan {}", if ok { "passed" } else { "failed" }),
+        ];
+        self.ask(&args)?;
         Ok(())
     }
 }

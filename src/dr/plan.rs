@@ -587,9 +587,11 @@ pub trait Site: Sync {
     /// Drill `group` at `point`: its clones exported, kept until
     /// [`Site::remove_drill`]; `label` says which plan and step.
     fn drill(&self, group: &str, point: &str, label: &str) -> Result<Up>;
-    /// Remove drill `id`: its clones (their NBD clients disconnected), its
-    /// exports and its record.
-    fn remove_drill(&self, id: u64) -> Result<()>;
+    /// End drill `id` with the plan's outcome (`ok`, after `duration_ms`):
+    /// its record stays as evidence, as `drclone test` leaves it (so `status`
+    /// shows the last drill); its clones (their NBD clients disconnected) and
+    /// exports go.
+    fn remove_drill(&self, id: u64, ok: bool, duration_ms: u64) -> Result<()>;
 }
 
 /// How [`run`] runs.
@@ -731,6 +733,8 @@ pub struct PlanReport {
 /// the run unwinds before it.
 struct Drills<'a> {
     site: &'a dyn Site,
+    /// When the plan began (each drill's duration in its evidence).
+    started: Instant,
     ids: Mutex<Vec<u64>>,
     /// Process groups of the scripts run (their leaders reaped): what they
     /// left in the background (an application started against a drill's
@@ -777,7 +781,8 @@ impl Drills<'_> {
     /// Stop what the scripts left running, then remove every drill, newest
     /// first; a busy one is retried for a while (a client that was just
     /// disconnected may still hold its clone).
-    fn remove_all(&self) -> CleanupReport {
+    /// `ok`: the plan's outcome, recorded in each drill's evidence.
+    fn remove_all(&self, ok: bool) -> CleanupReport {
         let mut r = CleanupReport {
             scripts_stopped: self.stop_scripts(),
             ..CleanupReport::default()
@@ -786,7 +791,8 @@ impl Drills<'_> {
         for id in ids.into_iter().rev() {
             let mut tries = 0;
             loop {
-                match self.site.remove_drill(id) {
+                let ms = self.started.elapsed().as_millis() as u64;
+                match self.site.remove_drill(id, ok, ms) {
                     Ok(()) => {
                         r.drills_removed.push(id);
                         break;
@@ -812,7 +818,7 @@ impl Drills<'_> {
 impl Drop for Drills<'_> {
     fn drop(&mut self) {
         if !self.ids.lock().unwrap().is_empty() || !self.scripts.lock().unwrap().is_empty() {
-            self.remove_all();
+            self.remove_all(false);
         }
     }
 }
@@ -828,6 +834,7 @@ pub fn run(plan: &Plan, site: &dyn Site, opts: &RunOptions) -> PlanReport {
     let started = now_secs();
     let drills = Drills {
         site,
+        started: Instant::now(),
         ids: Mutex::new(Vec::new()),
         scripts: Mutex::new(Vec::new()),
     };
@@ -876,7 +883,7 @@ pub fn run(plan: &Plan, site: &dyn Site, opts: &RunOptions) -> PlanReport {
         }
     }
     let cleanup = opts.test.then(|| {
-        let c = drills.remove_all();
+        let c = drills.remove_all(failed_step.is_none() && error.is_none());
         (opts.progress)(&format!(
             "cleanup: {} drill(s) removed{}",
             c.drills_removed.len(),
