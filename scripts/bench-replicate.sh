@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Replication benchmark, on loopback, side by side in one run (issue 10):
 #   1. seed throughput: `drclone replicate` of a random file into `drclone serve`,
-#      against `nbdcopy` of the same file into `qemu-nbd` (raw file);
+#      against `nbdcopy` of the same file into `qemu-nbd` (raw file), without and
+#      with --flush (drclone's seed ends durable: its point commits synced);
 #   2. an incremental cycle with 1% of the source changed (1 MiB regions), in two
 #      flavours: random data (incompressible: no tool can send much less than the
 #      changed bytes, so bytes can at best tie rsync) and realistic compressible
@@ -14,7 +15,8 @@
 #      dirty blocks are read.
 # Targets: seed >= 0.8x nbdcopy; incremental bytes <= 0.5x rsync's; incremental
 # time with a dirty bitmap <= 0.1x rsync's.  Prints ratios; asserts nothing.
-# Env: SIZE (default 1G; the issue's case is SIZE=4G; K/M/G suffixes, whole MiB).
+# Env: SIZE (default 1G; the issue's case is SIZE=4G; K/M/G suffixes, whole MiB);
+# RUNS (seed rounds, default 3; medians reported).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -64,8 +66,7 @@ qchange() { # QCOW2 FLAVOUR: the same writes through qemu (they mark the dirty b
 }
 
 # --- drclone targets: one for the file source, then a fresh one for the
-# dirty-bitmap volume.  Phases free their files as they go: at SIZE=4G the
-# peak is about 3x SIZE on disk.
+# dirty-bitmap volume ---
 PORT= SERVE=
 serve() { # STORE: init and serve it; its replication port in $PORT, pid in $SERVE
   PORT=$(free_port)
@@ -78,30 +79,28 @@ serve() { # STORE: init and serve it; its replication port in $PORT, pid in $SER
 stop() { kill -TERM "$1"; wait "$1" 2>/dev/null || true; }
 rep() { "$DRCLONE" --json replicate --target "127.0.0.1:$1" --state-dir "$B/agent" "${@:2}"; }
 
-# --- seed: drclone, then nbdcopy into qemu-nbd ---
-serve "$B/store"; RP=$PORT; STORE_PID=$SERVE
-t0=$(now); rep "$RP" --volume b/d="$B/src.img" > "$B/seed.json"; t1=$(now)
-SEED_DR=$(el "$t0" "$t1")
-truncate -s "${SIZE_MIB}M" "$B/qemu.raw"
-qemu-nbd -f raw -x disk -t --socket "$B/qemu.sock" "$B/qemu.raw" & QN=$!; PIDS+=("$QN")
-wait_sock "$B/qemu.sock"
-t0=$(now); nbdcopy "$B/src.img" "nbd+unix:///disk?socket=$B/qemu.sock"; t1=$(now)
-SEED_NBDCOPY=$(el "$t0" "$t1")
-stop "$QN"; rm -f "$B/qemu.raw"
-
-# --- incremental cycles from the file, per flavour, against rsync ---
+# Every phase keeps at most two disk-sized files (the source and one copy):
+# at SIZE=4G the peak is about 2x SIZE on disk.  Each flavour's change is
+# undone after each phase (newest first: the flavours' regions may overlap).
 save() { # FLAVOUR: keep what its regions hold now (to undo the change later)
   local i=0
   mkdir -p "$B/orig/$1"
   for o in ${OFFS[$1]}; do dd if="$B/src.img" of="$B/orig/$1/$i" bs=1M skip="$o" count=1 status=none; i=$((i + 1)); done
 }
-cp --reflink=auto "$B/src.img" "$B/rsync-dst.img"
+undo() {
+  local f i o
+  for f in text random; do
+    i=0
+    for o in ${OFFS[$f]}; do dd if="$B/orig/$f/$i" of="$B/src.img" bs=1M seek="$o" conv=notrunc status=none; i=$((i + 1)); done
+  done
+}
 declare -A DR DRB RS RSB BM BMB
+
+# --- rsync --inplace --no-whole-file of each change onto a copy of the disk ---
+cp --reflink=auto "$B/src.img" "$B/rsync-dst.img"
 for f in random text; do
   save "$f"
   change "$B/src.img" "$f"
-  t0=$(now); rep "$RP" --volume b/d="$B/src.img" > "$B/inc-$f.json"; t1=$(now)
-  DR[$f]=$(el "$t0" "$t1"); DRB[$f]=$(field "$B/inc-$f.json" bytes_sent)
   t0=$(now)
   out=$(rsync --inplace --no-whole-file --ignore-times --stats "$B/src.img" "$B/rsync-dst.img")
   t1=$(now)
@@ -109,12 +108,69 @@ for f in random text; do
   RSB[$f]=$(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(/,/, "", $2); print $2+0}')
   cmp "$B/src.img" "$B/rsync-dst.img"
 done
-stop "$STORE_PID"; rm -rf "$B/store" "$B/rsync-dst.img"
-# Undo both changes (newest first: the flavours' regions may overlap).
-for f in text random; do
-  i=0
-  for o in ${OFFS[$f]}; do dd if="$B/orig/$f/$i" of="$B/src.img" bs=1M seek="$o" conv=notrunc status=none; i=$((i + 1)); done
+rm -f "$B/rsync-dst.img"
+undo
+
+# --- seed: drclone into a fresh store, nbdcopy into a fresh raw file behind
+# qemu-nbd, with and without --flush (drclone's seed ends durable: its point
+# commits synced).  RUNS rounds, the order rotated each round, medians
+# reported.  This VM returns freed memory to its host (free page reporting),
+# so a tool that fills the page cache with pages the host took back pays a
+# host fault per page, and single runs swung by 2x with the order: each timed
+# seed starts right after the same warm-up (SIZE bytes of memory touched and
+# freed).
+SECS= STORE_PID=
+warm() { /usr/bin/python3 -c "import sys; b = bytearray(b'w') * int(sys.argv[1])" "$((SIZE_MIB << 20))"; }
+drop_store() { if [ -n "$STORE_PID" ]; then stop "$STORE_PID"; STORE_PID=; rm -rf "$B/store" "$B/store.nbd.sock" "$B/agent"; fi; }
+dr_seed() { # seed the source into a fresh store (left served: $RP, $STORE_PID); seconds in $SECS
+  drop_store
+  serve "$B/store"; RP=$PORT; STORE_PID=$SERVE
+  sync
+  warm
+  local t0 t1
+  t0=$(now); rep "$RP" --volume b/d="$B/src.img" > "$B/seed.json"; t1=$(now)
+  SECS=$(el "$t0" "$t1")
+}
+nbdcopy_seed() { # [--flush]: nbdcopy the source into a fresh raw file behind qemu-nbd; seconds in $SECS
+  local t0 t1 qn
+  drop_store
+  truncate -s "${SIZE_MIB}M" "$B/qemu.raw"
+  rm -f "$B/qemu.sock"
+  qemu-nbd -f raw -x disk -t --socket "$B/qemu.sock" "$B/qemu.raw" & qn=$!; PIDS+=("$qn")
+  wait_sock "$B/qemu.sock"
+  sync
+  warm
+  t0=$(now); nbdcopy "$@" "$B/src.img" "nbd+unix:///disk?socket=$B/qemu.sock"; t1=$(now)
+  stop "$qn"; rm -f "$B/qemu.raw"
+  SECS=$(el "$t0" "$t1")
+}
+median() { /usr/bin/python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
+RUNS="${RUNS:-3}"
+SD=() SN=() SF=()
+for run in $(seq "$RUNS"); do
+  for k in 0 1 2; do
+    case $(((k + run) % 3)) in
+      0) dr_seed; SD+=("$SECS");;
+      1) nbdcopy_seed; SN+=("$SECS");;
+      2) nbdcopy_seed --flush; SF+=("$SECS");;
+    esac
+  done
 done
+# The incremental cycles need a seeded store (untimed if the last round
+# did not end with one).
+[ -n "$STORE_PID" ] || dr_seed
+SEED_DR=$(median "${SD[@]}"); SEED_NBDCOPY=$(median "${SN[@]}"); SEED_NBDCOPY_FLUSH=$(median "${SF[@]}")
+mbs_list() { local o=() x; for x in "$@"; do o+=("$(printf '%.0f' "$(echo "($SIZE_MIB * 1048576) / $x / 1000000" | bc -l)")"); done; echo "${o[*]}"; }
+echo "seed MB/s per run: drclone $(mbs_list "${SD[@]}"); nbdcopy $(mbs_list "${SN[@]}"); nbdcopy --flush $(mbs_list "${SF[@]}")"
+
+# --- drclone cycles of the same changes from the file ---
+for f in random text; do
+  change "$B/src.img" "$f"
+  t0=$(now); rep "$RP" --volume b/d="$B/src.img" > "$B/inc-$f.json"; t1=$(now)
+  DR[$f]=$(el "$t0" "$t1"); DRB[$f]=$(field "$B/inc-$f.json" bytes_sent)
+done
+drop_store
+undo
 
 # --- the same changes written through qemu into a qcow2 of the disk, served
 # by qemu-nbd with a dirty bitmap, into a fresh store (so nothing dedups
@@ -145,8 +201,11 @@ CB=$((CHANGED << 20))
 printf '\n%s MiB source, %s MiB changed (1%%, 1 MiB regions); %s cores, load %s\n' "$SIZE_MIB" "$CHANGED" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf 'compressible changes: zstd -1 makes their %s bytes %s (%.2fx)\n' "$CB" "$TEXT_ZSTD" "$(r "$TEXT_ZSTD" "$CB")"
 printf '%-52s %12s %12s %9s\n' case drclone peer ratio
+mbs() { echo "$MB / $1 / 1000000" | bc -l; }
 printf '%-52s %7.0f MB/s %7.0f MB/s %8.2fx   (target >= 0.8x)\n' "seed vs nbdcopy into qemu-nbd" \
-  "$(echo "$MB / $SEED_DR / 1000000" | bc -l)" "$(echo "$MB / $SEED_NBDCOPY / 1000000" | bc -l)" "$(r "$SEED_NBDCOPY" "$SEED_DR")"
+  "$(mbs "$SEED_DR")" "$(mbs "$SEED_NBDCOPY")" "$(r "$SEED_NBDCOPY" "$SEED_DR")"
+printf '%-52s %7.0f MB/s %7.0f MB/s %8.2fx   (both durable at the end)\n' "seed vs nbdcopy --flush" \
+  "$(mbs "$SEED_DR")" "$(mbs "$SEED_NBDCOPY_FLUSH")" "$(r "$SEED_NBDCOPY_FLUSH" "$SEED_DR")"
 for f in random text; do
   case $f in
     random) note="random: at best a tie";;
