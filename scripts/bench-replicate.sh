@@ -216,3 +216,8 @@ for f in random text; do
   printf '%-52s %11.2fs %11.2fs %8.3fx\n' "1% $f, time vs rsync (file source, all hashed)" "${DR[$f]}" "${RS[$f]}" "$(r "${DR[$f]}" "${RS[$f]}")"
   printf '%-52s %11.2fs %11.2fs %8.3fx   (target <= 0.1x)\n' "1% $f, time vs rsync (dirty bitmap)" "${BM[$f]}" "${RS[$f]}" "$(r "${BM[$f]}" "${RS[$f]}")"
 done
+
+# 4. Failback of 1% changed (issue 12), against rsync of the same files.
+if [ "${BENCH_FAILBACK:-1}" != 0 ]; then
+  SIZE="$SIZE" bash scripts/bench-failback.sh
+fi
