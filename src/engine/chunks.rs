@@ -296,6 +296,7 @@ impl ChunkStore {
                     if let Some(loc) = self.loc(&id)? {
                         if loc.pack == pack && loc.offset == off {
                             batch.delete(keys::chunk(&id));
+                            batch.put(keys::lost(&id), [1u8]);
                             lost.push(id);
                         }
                     }
@@ -334,8 +335,19 @@ impl ChunkStore {
     /// (their index entries were dropped).  Only unflushed whole-block writes can
     /// reference them (invariant I2: everything else syncs its chunks before it
     /// points at them); the store repairs those map entries at open.
-    pub(crate) fn take_lost(&self) -> Vec<ChunkId> {
-        std::mem::take(&mut *self.lost.lock().unwrap())
+    ///
+    /// Includes the chunks an earlier open recorded (`Q` keys) but was cut
+    /// before it repaired their map entries.
+    pub(crate) fn take_lost(&self) -> Result<Vec<ChunkId>> {
+        let mut lost = std::mem::take(&mut *self.lost.lock().unwrap());
+        for (k, _) in self.db.scan_prefix(&[keys::LOST])? {
+            if let Ok(id) = ChunkId::try_from(&k[1..]) {
+                if !lost.contains(&id) {
+                    lost.push(id);
+                }
+            }
+        }
+        Ok(lost)
     }
 
     /// Read and check one record's header and payload CRC.

@@ -44,6 +44,8 @@ pub const DURABLE: u8 = b'D';
 pub const SETTING: u8 = b'S';
 pub const DRILL: u8 = b'X';
 pub const AUDIT: u8 = b'A';
+/// Chunks a crash lost whose map entries are not yet repaired (§8, I11).
+pub const LOST: u8 = b'Q';
 
 pub type ChunkId = [u8; 32];
 
@@ -231,6 +233,16 @@ pub fn durable(pack: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = DURABLE;
     k[1..9].copy_from_slice(&pack.to_be_bytes());
+    k
+}
+
+/// `Q|chunk id`: a chunk whose record a crash lost.  Written in the recovery
+/// batch that drops its index entry, deleted in the batch that repairs the map
+/// entries using it, so a cut between the two still repairs them (§8, I11).
+pub fn lost(id: &ChunkId) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = LOST;
+    k[1..33].copy_from_slice(id);
     k
 }
 

@@ -228,6 +228,10 @@ fn repair_lost_chunks(db: &Db, dir: &Path, lost: Vec<ChunkId>) -> Result<()> {
         }
         true
     })?;
+    // The markers go with the repair: a cut before this batch repairs again.
+    for id in &lost {
+        b.delete(keys::lost(id));
+    }
     db.write(b, true)?;
     log::warn!(
         "store {}: {entries} block version(s) written after the last FLUSH lost their data in \
@@ -531,7 +535,10 @@ impl Store {
             cfg.chunk_size as u64,
             true,
         )?;
-        repair_lost_chunks(&db, dir, chunks.take_lost())?;
+        crate::fail_point!("open-before-lost-repair", |_| Err(Error::Invalid(
+            "failpoint open-before-lost-repair".into()
+        )));
+        repair_lost_chunks(&db, dir, chunks.take_lost()?)?;
         let mut lineages = HashMap::new();
         for (k, v) in db.scan_prefix(&[keys::LINEAGE])? {
             let rec: LineageRec = db.decode_rec(&k, &v)?;
