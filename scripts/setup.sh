@@ -5,7 +5,8 @@ set -euo pipefail
 PKGS=(libclang-dev clang pkg-config build-essential
       qemu-utils libnbd-bin python3-libnbd nbdkit fio
       fuse3 e2fsprogs util-linux debootstrap xz-utils bc
-      syslinux syslinux-common mtools dosfstools fdisk rsync openssl fuse2fs)
+      syslinux syslinux-common mtools dosfstools fdisk rsync openssl fuse2fs
+      ceph-mon ceph-mgr ceph-osd radosgw ceph-common python3-boto3 uuid-runtime curl)
 # qemu-system-x86 (tools/boot-check) must match qemu-utils' version: qemu-utils 10.x
 # from bookworm-backports declares "Breaks: qemu-system-common (<< 1:8.0)", so
 # bookworm's qemu-system-x86 7.2 cannot sit next to it.  Take it from the suite

@@ -114,6 +114,20 @@ pub enum Error {
     /// between the lookup and the read): look the chunk up again.
     #[error("pack {pack} is gone")]
     PackGone { pack: u64 },
+    /// A request to the object store that holds the packs failed (after the
+    /// client's own retries).  Names the operation and the object (`s3://...`).
+    #[error("object store: {op} {object}: {cause}")]
+    ObjectStore {
+        op: &'static str,
+        object: String,
+        cause: String,
+    },
+    /// Sealed packs waiting for upload to the object store (plus the open pack)
+    /// reached the store's bound on unsent bytes: the write is refused (ENOSPC
+    /// over NBD) rather than filling the local disk.  The text names the backlog,
+    /// the bound and the last upload error.
+    #[error("{0}")]
+    UploadBacklog(String),
 }
 
 impl Error {
@@ -126,6 +140,8 @@ impl Error {
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 ErrorKind::NoSpace
             }
+            Error::UploadBacklog(_) => ErrorKind::NoSpace,
+            Error::ObjectStore { .. } => ErrorKind::Io,
             Error::Io { .. }
             | Error::Db { .. }
             | Error::Corrupt { .. }

@@ -45,6 +45,27 @@ pub(crate) enum Cmd {
         /// Target size of a pack file.
         #[arg(long, default_value = "64M", hide = true)]
         pack_size: String,
+        /// Keep sealed packs on an S3-compatible object store: s3://BUCKET/PREFIX
+        /// (credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --s3-credentials).
+        #[arg(long, value_name = "URL")]
+        backend: Option<String>,
+        /// S3 endpoint URL (radosgw, MinIO: http://HOST:PORT); default AWS.
+        #[arg(long, value_name = "URL", requires = "backend")]
+        s3_endpoint: Option<String>,
+        /// S3 region.
+        #[arg(long, default_value = "us-east-1", requires = "backend")]
+        s3_region: String,
+        /// A credentials file (aws_access_key_id = ..., aws_secret_access_key = ...),
+        /// read at every open instead of the environment; its path is recorded.
+        #[arg(long, value_name = "FILE", requires = "backend")]
+        s3_credentials: Option<PathBuf>,
+        /// Bytes of local disk cache for data read back from the object store.
+        #[arg(long, default_value = "1G", requires = "backend")]
+        cache_size: String,
+        /// Bound on data not yet uploaded (sealed packs waiting plus the open one):
+        /// past it writes fail with ENOSPC.  Default: half the free space at open.
+        #[arg(long, value_name = "BYTES", requires = "backend")]
+        s3_pending_max: Option<String>,
     },
     /// Manage groups (protected applications).
     #[command(subcommand)]

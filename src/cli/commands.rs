@@ -75,14 +75,39 @@ fn run(cli: Cli) -> Result<i32> {
             compression,
             encrypt,
             pack_size,
+            backend,
+            s3_endpoint,
+            s3_region,
+            s3_credentials,
+            cache_size,
+            s3_pending_max,
         } => {
             let cs = parse_size(chunk_size)?;
+            let s3 = match backend {
+                None => None,
+                Some(url) => {
+                    let (bucket, prefix) = drclone::engine::s3::S3Config::parse_url(url)?;
+                    Some(drclone::engine::s3::S3Config {
+                        bucket,
+                        prefix,
+                        endpoint: s3_endpoint.clone(),
+                        region: s3_region.clone(),
+                        cache_size: parse_size(cache_size)?,
+                        pending_max: s3_pending_max.as_deref().map(parse_size).transpose()?,
+                        credentials_file: s3_credentials
+                            .as_deref()
+                            .map(std::path::absolute)
+                            .transpose()?,
+                    })
+                }
+            };
             let opts = InitOptions {
                 chunk_size: u32::try_from(cs).context("chunk size too large")?,
                 compression: compression.parse::<Compression>()?,
                 encrypt: *encrypt,
                 key_file: cli.key_file.clone(),
                 pack_size: parse_size(pack_size)?,
+                s3,
             };
             Store::init(&cli.store, &opts)?;
             let cfg = Store::read_config(&cli.store)?;
@@ -94,7 +119,10 @@ fn run(cli: Cli) -> Result<i32> {
                     human(cfg.chunk_size as u64),
                     cfg.compression,
                     if cfg.encrypted { ", encrypted" } else { "" }
-                )
+                ) + &cfg
+                    .s3
+                    .as_ref()
+                    .map_or(String::new(), |c| format!("; packs on {}", c.url()))
             });
             print!("{out}");
             return Ok(0);
@@ -585,12 +613,16 @@ fn dispatch(
                     r.chunks_checked,
                     human(r.bytes_checked)
                 );
+                for b in &r.bad_packs {
+                    s += &format!("\nBAD pack {}: {}", b.pack, b.error);
+                }
                 for b in &r.bad {
                     s += &format!(
-                        "\nBAD chunk {} (pack {} offset {}): {}\n    used by: {}",
+                        "\nBAD chunk {} (pack {} offset {}, in {}): {}\n    used by: {}",
                         b.chunk,
                         b.pack,
                         b.offset,
+                        b.object,
                         b.error,
                         if b.used_by.is_empty() {
                             "nothing (garbage)".into()
@@ -603,8 +635,9 @@ fn dispatch(
             });
             if !r.ok {
                 bail!(
-                    "verify found {} bad chunk(s) in store {}",
+                    "verify found {} bad chunk(s) and {} bad pack(s) in store {}",
                     r.bad.len(),
+                    r.bad_packs.len(),
                     store.dir().display()
                 );
             }

@@ -217,6 +217,19 @@ pub(crate) fn dispatch(
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
+                    + &store.chunks.backend.backlog().map_or(String::new(), |b| {
+                        format!(
+                            "\nuploads to {}: {} pack(s) waiting, {} unsent (bound {}), \
+                                 oldest unsent {}{}",
+                            b.target,
+                            b.packs,
+                            drclone::util::human(b.bytes),
+                            drclone::util::human(b.bound_bytes),
+                            b.oldest_seconds.map_or("-".into(), |s| format!("{s} s")),
+                            b.last_error
+                                .map_or(String::new(), |e| format!("; failing: {e}"))
+                        )
+                    })
             });
         }
         Cmd::Audit => {

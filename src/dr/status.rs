@@ -31,6 +31,9 @@ pub struct GroupStatus {
     pub last_drill: Option<DrillSummary>,
     /// Time (seconds since the Unix epoch) of the last drill that passed.
     pub last_successful_drill: Option<u64>,
+    /// The store's pack upload backlog (object-store backend; null for local
+    /// packs): the same for every group, repeated so the output stays an array.
+    pub upload_backlog: Option<crate::engine::pack::Backlog>,
 }
 
 /// The replication side of a group's status.
@@ -85,6 +88,7 @@ pub struct DrillSummary {
 pub fn status(store: &Store, now: u64) -> Result<Vec<GroupStatus>> {
     let clones = drill::clone_groups(store)?;
     let drills = drill::list(store)?;
+    let backlog = store.chunks.backend.backlog();
     let mut out = Vec::new();
     for g in store.groups()? {
         if clones.contains(&g.name) {
@@ -120,6 +124,7 @@ pub fn status(store: &Store, now: u64) -> Result<Vec<GroupStatus>> {
                 .rev()
                 .find(|d| d.ok == Some(true))
                 .map(|d| d.started),
+            upload_backlog: backlog.clone(),
             group: g.name,
         });
     }

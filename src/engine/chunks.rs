@@ -572,11 +572,19 @@ impl ChunkStore {
         }
     }
 
+    /// Read from a pack; `fresh` reads past the backend's cache (`verify`).
+    fn backend_read(&self, fresh: bool, pack: u64, off: u64, buf: &mut [u8]) -> Result<()> {
+        if fresh {
+            self.backend.read_at_fresh(pack, off, buf)
+        } else {
+            self.backend.read_at(pack, off, buf)
+        }
+    }
+
     /// Read a record's header and check it against the index.
-    fn read_header(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<RecordHeader> {
+    fn read_header(&self, id: &ChunkId, loc: &ChunkLoc, fresh: bool) -> Result<RecordHeader> {
         let mut hdr = [0u8; RECORD_HEADER_LEN];
-        self.backend
-            .read_at(loc.pack, loc.offset, &mut hdr)
+        self.backend_read(fresh, loc.pack, loc.offset, &mut hdr)
             .map_err(|e| self.truncated(id, loc, e))?;
         self.check_header(id, loc, &hdr)
     }
@@ -597,9 +605,15 @@ impl ChunkStore {
 
     /// Read a record's payload into `buf` (exactly `stored_len` bytes) and check
     /// its CRC.
-    fn read_payload(&self, id: &ChunkId, loc: &ChunkLoc, crc: u32, buf: &mut [u8]) -> Result<()> {
-        self.backend
-            .read_at(loc.pack, loc.offset + RECORD_HEADER_LEN as u64, buf)
+    fn read_payload(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        crc: u32,
+        buf: &mut [u8],
+        fresh: bool,
+    ) -> Result<()> {
+        self.backend_read(fresh, loc.pack, loc.offset + RECORD_HEADER_LEN as u64, buf)
             .map_err(|e| self.truncated(id, loc, e))?;
         if pack::crc(buf) != crc {
             return Err(self.corrupt(id, loc.pack, loc.offset, "payload CRC mismatch"));
@@ -610,9 +624,10 @@ impl ChunkStore {
     /// Read and decode the record at `loc`.  Every read checks the header and the
     /// payload CRC; `check_hash` also re-hashes a plain chunk's content.
     fn read_loc_checked(&self, id: &ChunkId, loc: &ChunkLoc, check_hash: bool) -> Result<Vec<u8>> {
-        let h = self.read_header(id, loc)?;
+        // `verify` (check_hash) reads past the backend's cache of remote data.
+        let h = self.read_header(id, loc, check_hash)?;
         let mut payload = vec![0u8; loc.stored_len as usize];
-        self.read_payload(id, loc, h.crc, &mut payload)?;
+        self.read_payload(id, loc, h.crc, &mut payload, check_hash)?;
         self.codec
             .decode_checked(id, h.flags, payload, loc.raw_len as usize, check_hash)
             .map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))
@@ -668,9 +683,9 @@ impl ChunkStore {
                 }
                 continue;
             }
-            let r = self.read_header(id, &loc).and_then(|h| {
+            let r = self.read_header(id, &loc, false).and_then(|h| {
                 let mut payload = vec![0u8; loc.stored_len as usize];
-                self.read_payload(id, &loc, h.crc, &mut payload)?;
+                self.read_payload(id, &loc, h.crc, &mut payload, false)?;
                 self.codec
                     .decompress_into(h.flags, &payload, dst)
                     .map_err(|w| self.corrupt(id, loc.pack, loc.offset, w))

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::engine::codec::hex;
 use crate::engine::keys::{self, ChunkId};
-use crate::engine::meta::{ChunkLoc, MapVal};
+use crate::engine::meta::{ChunkLoc, MapVal, PackRec};
 use crate::engine::store::{Block, Store, HEAD_EPOCH};
 use crate::error::Result;
 
@@ -96,10 +96,20 @@ pub fn df(store: &Store) -> Result<DfReport> {
 pub struct BadChunk {
     pub chunk: String,
     pub pack: u64,
+    /// Where the pack lives: its file, or its object's URL.
+    pub object: String,
     pub offset: u64,
     pub error: String,
     /// Heads, points and clones whose data includes this chunk.
     pub used_by: Vec<String>,
+}
+
+/// A sealed pack that is missing or shorter than its sealed length.
+#[derive(Debug, Serialize)]
+pub struct BadPack {
+    pub pack: u64,
+    /// What is wrong, naming the file or object.
+    pub error: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,6 +118,9 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     pub bytes_checked: u64,
     pub bad: Vec<BadChunk>,
+    /// Sealed packs checked for presence and size (a HEAD each on an object store).
+    pub packs_checked: u64,
+    pub bad_packs: Vec<BadPack>,
 }
 
 /// Re-read and check every chunk; name each bad one and what uses it.
@@ -149,6 +162,7 @@ pub fn verify(store: &Store, progress: &indicatif::ProgressBar) -> Result<Verify
                     BadChunk {
                         chunk: hex(id),
                         pack: loc.pack,
+                        object: store.chunks.backend.locate(loc.pack),
                         offset: loc.offset,
                         error: e.to_string(),
                         used_by: vec![],
@@ -206,6 +220,7 @@ pub fn verify(store: &Store, progress: &indicatif::ProgressBar) -> Result<Verify
                     BadChunk {
                         chunk: hex(id),
                         pack: 0,
+                        object: String::new(),
                         offset: 0,
                         error: format!("missing from the chunk index (lineage {l} block {b})"),
                         used_by: vec![],
@@ -234,10 +249,36 @@ pub fn verify(store: &Store, progress: &indicatif::ProgressBar) -> Result<Verify
     })?;
     let mut bad: Vec<BadChunk> = bad.into_values().collect();
     bad.sort_by(|a, b| (a.pack, a.offset).cmp(&(b.pack, b.offset)));
+    // Every sealed pack is where it should be, whole (on an object store: the
+    // object exists with its size, whatever the chunks above already read).
+    let mut sealed = Vec::new();
+    for (k, v) in store.db.scan_prefix(&[keys::PACK])? {
+        if let (Some(id), Some(rec)) = (keys::parse_pack(&k), PackRec::decode(&v)) {
+            if let (true, Some(len)) = (rec.sealed, rec.len) {
+                sealed.push((id, len));
+            }
+        }
+    }
+    let mut bad_packs: Vec<BadPack> = sealed
+        .par_iter()
+        .filter_map(
+            |&(id, len)| match store.chunks.backend.check_sealed(id, len) {
+                Ok(None) => None,
+                Ok(Some(error)) => Some(BadPack { pack: id, error }),
+                Err(e) => Some(BadPack {
+                    pack: id,
+                    error: e.to_string(),
+                }),
+            },
+        )
+        .collect();
+    bad_packs.sort_by_key(|b| b.pack);
     Ok(VerifyReport {
-        ok: bad.is_empty(),
+        ok: bad.is_empty() && bad_packs.is_empty(),
         chunks_checked: all.len() as u64,
         bytes_checked: bytes,
         bad,
+        packs_checked: sealed.len() as u64,
+        bad_packs,
     })
 }

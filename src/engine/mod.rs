@@ -7,6 +7,7 @@
 //! | [`codec`]   | chunk ids, compression, encryption                             |
 //! | [`format`]  | pure encoders/decoders of the pack and journal formats (fuzzed) |
 //! | [`pack`]    | pack file format and the pack backend interface                |
+//! | [`s3`]      | packs on an S3-compatible object store (upload queue, cache)   |
 //! | [`chunks`]  | the chunk store: dedup, packs, index, crash recovery           |
 //! | [`store`]   | the store handle: open, close, flush, the gate, the latch      |
 //! | [`catalog`] | groups, volumes, recovery points, clones, views                |
@@ -38,6 +39,7 @@ pub mod map;
 pub mod meta;
 pub mod overlay;
 pub mod pack;
+pub mod s3;
 pub mod store;
 pub mod types;
 pub mod write;

@@ -94,6 +94,51 @@ pub trait PackBackend: Send + Sync {
     fn list(&self) -> Result<Vec<u64>>;
     /// Bytes the packs occupy.
     fn bytes(&self) -> Result<u64>;
+    /// Like [`PackBackend::read_at`], but past any cache the backend keeps of
+    /// remote data (`verify` checks what is really stored).
+    fn read_at_fresh(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_at(id, offset, buf)
+    }
+    /// Where a pack lives, for messages: a file path or an object URL.
+    fn locate(&self, id: u64) -> String {
+        format!("pack {id}")
+    }
+    /// Check that a sealed pack is stored whole (at least `len` bytes, its `K`
+    /// record's sealed length; a write that failed with ENOSPC may have left
+    /// bytes past it): `None` if it is, else what is wrong, naming where it lives.
+    fn check_sealed(&self, id: u64, len: u64) -> Result<Option<String>> {
+        Ok(match self.len(id)? {
+            Some(l) if l >= len => None,
+            Some(l) => Some(format!(
+                "{} holds {l} bytes, less than its sealed length {len}",
+                self.locate(id)
+            )),
+            None => Some(format!("{} is missing", self.locate(id))),
+        })
+    }
+    /// Packs sealed but not yet in their final home (an object store's upload
+    /// backlog); `None` for backends that have none.
+    fn backlog(&self) -> Option<Backlog> {
+        None
+    }
+}
+
+/// The upload backlog of a backend that stages packs locally (see
+/// [`PackBackend::backlog`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Backlog {
+    /// Where packs go, e.g. `s3://bucket/prefix`.
+    pub target: String,
+    /// Sealed packs not yet uploaded.
+    pub packs: u64,
+    /// Their bytes plus the open pack's (what counts against `bound_bytes`).
+    pub bytes: u64,
+    /// Age in seconds of the oldest sealed pack not yet uploaded.
+    pub oldest_seconds: Option<u64>,
+    /// Writes fail with ENOSPC once `bytes` would pass this.
+    pub bound_bytes: u64,
+    /// The last upload error, while uploads are failing.
+    pub last_error: Option<String>,
 }
 
 /// Packs as files under one directory.
@@ -348,6 +393,10 @@ impl PackBackend for LocalPacks {
             }
         }
         Ok(())
+    }
+
+    fn locate(&self, id: u64) -> String {
+        self.path(id).display().to_string()
     }
 
     fn len(&self, id: u64) -> Result<Option<u64>> {

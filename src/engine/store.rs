@@ -61,6 +61,10 @@ pub struct Config {
     /// existed get one on their next open.
     #[serde(default)]
     pub uuid: Option<uuid::Uuid>,
+    /// Where sealed packs live when not on the local disk (`init --backend
+    /// s3://...`); None: `STORE/packs/` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<crate::engine::s3::S3Config>,
 }
 
 /// Options of `drclone init`.
@@ -71,6 +75,8 @@ pub struct InitOptions {
     pub encrypt: bool,
     pub key_file: Option<PathBuf>,
     pub pack_size: u64,
+    /// Packs on an object store (docs/DESIGN.md §20); None: local packs.
+    pub s3: Option<crate::engine::s3::S3Config>,
 }
 
 impl Default for InitOptions {
@@ -81,6 +87,7 @@ impl Default for InitOptions {
             encrypt: false,
             key_file: None,
             pack_size: 64 << 20,
+            s3: None,
         }
     }
 }
@@ -438,7 +445,13 @@ impl Store {
             pack_size: opts.pack_size,
             created: now_secs(),
             uuid: Some(uuid::Uuid::new_v4()),
+            s3: opts.s3.clone(),
         };
+        if let Some(s3) = &cfg.s3 {
+            // Reach the bucket now (a wrong endpoint, bucket or key fails init,
+            // not the first upload) and claim the prefix for this store.
+            crate::engine::s3::claim_prefix(s3, cfg.uuid.unwrap())?;
+        }
         let db = Db::open(&dir.join("meta"), true)?;
         let mut b = WriteBatch::default();
         b.put(keys::setting("chunk_size"), cs.to_be_bytes());
@@ -525,7 +538,14 @@ impl Store {
         check_chunk_size(&db, dir, cfg.chunk_size)?;
         let db = Arc::new(db);
         let codec = Codec::new(cfg.compression, key.as_ref());
-        let backend = Arc::new(LocalPacks::new(&dir.join("packs"))?);
+        let backend: Arc<dyn crate::engine::pack::PackBackend> = match &cfg.s3 {
+            Some(s3) => Arc::new(crate::engine::s3::S3Packs::open(
+                s3,
+                &dir.join("packs"),
+                &dir.join("s3-cache"),
+            )?),
+            None => Arc::new(LocalPacks::new(&dir.join("packs"))?),
+        };
         let chunks = ChunkStore::open(
             db.clone(),
             codec,

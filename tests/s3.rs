@@ -1,0 +1,498 @@
+//! The S3 pack backend against a real single-node Ceph (mon, mgr, one bluestore
+//! OSD on a sparse file, radosgw) started by `scripts/ceph-test-cluster.sh`: nothing
+//! is mocked.  The cluster is started once for this binary, shared by its tests
+//! (which take turns: one of them stops radosgw), and stopped by PID at exit.
+//! A missing Ceph package fails the tests (scripts/setup.sh installs them).
+
+mod common;
+mod model_ops;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use drclone::engine::s3::S3Config;
+use proptest::prelude::*;
+
+const BUCKET: &str = "drclone-test";
+
+struct Cluster {
+    endpoint: String,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph-test-cluster.sh")
+}
+
+fn cluster_dir() -> PathBuf {
+    std::env::temp_dir().join("drclone-s3-test-ceph")
+}
+
+extern "C" fn stop_cluster() {
+    let _ = std::process::Command::new(script())
+        .arg("stop")
+        .arg(cluster_dir())
+        .status();
+}
+
+/// Run the cluster script; require success; stdout.
+fn ceph(args: &[&str]) -> String {
+    let out = std::process::Command::new(script())
+        .args(&args[..1])
+        .arg(cluster_dir())
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ceph-test-cluster.sh {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The shared cluster (started on first use) and this test's turn.
+fn cluster() -> (&'static Cluster, MutexGuard<'static, ()>) {
+    static C: OnceLock<Cluster> = OnceLock::new();
+    static TURN: Mutex<()> = Mutex::new(());
+    let c = C.get_or_init(|| {
+        for t in [
+            "ceph-mon", "ceph-mgr", "ceph-osd", "radosgw", "ceph", "uuidgen", "curl",
+        ] {
+            need(t);
+        }
+        // Two consecutive free ports for the monitor (v1 and v2).
+        let mon = loop {
+            let p = free_port();
+            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        let rgw = free_port();
+        // SAFETY: registering a plain extern "C" function.
+        unsafe { libc::atexit(stop_cluster) };
+        let t0 = Instant::now();
+        let out = ceph(&["start", &mon.to_string(), &rgw.to_string()]);
+        let endpoint = out.lines().last().unwrap().trim().to_string();
+        eprintln!("ceph cluster up in {:.1?}: {endpoint}", t0.elapsed());
+        ceph(&["s3", "mb", BUCKET]);
+        // Children (drclone init, serve, ...) and this process's stores use these.
+        std::env::set_var("AWS_ACCESS_KEY_ID", "TESTKEY");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "TESTSECRET");
+        Cluster { endpoint }
+    });
+    let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    (c, turn)
+}
+
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `drclone init` of an S3-backed store under `prefix`, with extra init args.
+fn s3_store(c: &Cluster, prefix: &str, extra: &[&str]) -> Env {
+    let env = Env::new();
+    let url = format!("s3://{BUCKET}/{prefix}");
+    let mut args = vec!["init", "--backend", &url, "--s3-endpoint", &c.endpoint];
+    args.extend_from_slice(extra);
+    env.ok(&args);
+    env
+}
+
+/// Objects under `prefix/`: (key, size).
+fn objects(prefix: &str) -> Vec<(String, u64)> {
+    ceph(&["s3", "ls", BUCKET, &format!("{prefix}/")])
+        .lines()
+        .map(|l| {
+            let (k, s) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), s.parse().unwrap())
+        })
+        .collect()
+}
+
+fn backlog(env: &Env) -> serde_json::Value {
+    let st = env.json(&["status"]);
+    st[0]["upload_backlog"].clone()
+}
+
+/// Wait (at most 180 s) until the store has no pack waiting for upload.
+fn wait_drained(env: &Env) {
+    let t0 = Instant::now();
+    loop {
+        let b = backlog(env);
+        if b["packs"] == 0 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "uploads did not drain: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn local_pack_files(env: &Env) -> usize {
+    walk(&env.store.join("packs"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .count()
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn random_file(env: &Env, name: &str, seed: u64, len: usize) -> PathBuf {
+    let p = env.path(name);
+    std::fs::write(&p, random_bytes(seed, len)).unwrap();
+    p
+}
+
+// ---- (a) the model-based operation mix on the S3 backend --------------------------
+
+fn model_cfg(c: &Cluster) -> S3Config {
+    S3Config {
+        bucket: BUCKET.into(),
+        prefix: unique("model"),
+        endpoint: Some(c.endpoint.clone()),
+        region: "us-east-1".into(),
+        cache_size: 4 << 20,
+        pending_max: None,
+        credentials_file: None,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, max_shrink_iters: 50, ..ProptestConfig::default() })]
+
+    /// Writes, trims, points, clones, removals, gc, reopen, crash, flush and
+    /// waits for the upload queue to drain (so reads go to radosgw through the
+    /// cache), every read checked against the model; at the end everything is
+    /// removed and gc leaves no pack, local or remote.
+    #[test]
+    fn model_operation_mix_on_s3_matches_the_model(
+        ops in prop::collection::vec(model_ops::op_with_drain(), 1..40)
+    ) {
+        let (c, _turn) = cluster();
+        let cfg = model_cfg(c);
+        let prefix = cfg.prefix.clone();
+        model_ops::run(ops, false, Some(cfg));
+        let left: Vec<_> = objects(&prefix)
+            .into_iter()
+            .filter(|(k, _)| k.contains("/packs/"))
+            .collect();
+        prop_assert!(left.is_empty(), "pack objects left after removing everything: {left:?}");
+    }
+}
+
+// ---- (b) kill -9 of serve mid-upload -----------------------------------------------
+
+#[test]
+fn kill9_of_serve_mid_upload_loses_no_acknowledged_write_and_uploads_the_backlog() {
+    let (c, _turn) = cluster();
+    need("qemu-img");
+    let prefix = unique("kill9");
+    let env = s3_store(c, &prefix, &["--pack-size", "1M"]);
+    env.ok(&["group", "create", "g"]);
+    env.ok(&["volume", "create", "g/d", "--size", "16M"]);
+    let data = random_file(&env, "data.raw", 9, 16 << 20);
+    let srv = Server::start(&env);
+    // radosgw frozen (SIGSTOP): the uploader's PUT of the first sealed pack hangs
+    // mid-request while the rest queue up behind it.
+    ceph(&["rgw-pause"]);
+    let res = std::panic::catch_unwind(|| {
+        // qemu-img convert flushes at the end: every byte is acknowledged durable.
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                data.to_str().unwrap(),
+                &srv.tcp("g/d"),
+            ],
+        );
+        let b = backlog(&env);
+        assert!(
+            b["packs"].as_u64().unwrap() >= 8,
+            "packs should be waiting: {b}"
+        );
+        assert!(b["oldest_seconds"].as_u64().is_some(), "{b}");
+    });
+    srv.kill9();
+    ceph(&["rgw-resume"]);
+    res.unwrap();
+    let waiting = local_pack_files(&env);
+    assert!(
+        waiting >= 8,
+        "{waiting} pack files left locally by the kill"
+    );
+    // Restart: the packs still local are the queue; they are all uploaded.
+    let srv = Server::start(&env);
+    wait_drained(&env);
+    assert_eq!(local_pack_files(&env), 0, "local copies go once uploaded");
+    let remote = objects(&prefix)
+        .iter()
+        .filter(|(k, _)| k.contains("/packs/"))
+        .count();
+    assert!(
+        remote >= waiting,
+        "{remote} pack objects for {waiting} uploads"
+    );
+    drop(srv);
+    // A fresh daemon (empty caches) reads every byte back from radosgw.
+    let srv = Server::start(&env);
+    qemu_compare(&srv.tcp("g/d"), &data);
+    drop(srv);
+    let out = env.ok(&["verify"]);
+    assert!(out.contains("checked 256 chunks"), "{out}");
+}
+
+// ---- (c) radosgw down while fio writes: the bound, ENOSPC, recovery ------------------
+
+fn fio(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("timeout")
+        .args(["--kill-after=10", "300", "fio"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// fio arguments writing (or, with `verify_only`, checking) `size` bytes at
+/// `offset` of the export, sequential 1 MiB writes of fresh random data with a
+/// crc32c header per 64 KiB.
+fn fio_args(uri: &str, offset: u64, size: u64, verify_only: bool) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--name=s3",
+        "--ioengine=nbd",
+        "--rw=write",
+        "--bs=1M",
+        "--iodepth=1",
+        "--verify=crc32c",
+        "--verify_interval=64k",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--refill_buffers=1",
+        "--randrepeat=0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(format!("--uri={uri}"));
+    a.push(format!("--offset={offset}"));
+    a.push(format!("--size={size}"));
+    if verify_only {
+        a.push("--verify_only=1".into());
+    } else {
+        a.push("--do_verify=0".into());
+    }
+    a
+}
+
+#[test]
+fn radosgw_down_writes_go_on_under_the_bound_then_enospc_then_all_readable() {
+    let (c, _turn) = cluster();
+    need("fio");
+    let prefix = unique("down");
+    let env = s3_store(
+        c,
+        &prefix,
+        &["--pack-size", "4M", "--s3-pending-max", "24M"],
+    );
+    env.ok(&["group", "create", "g"]);
+    env.ok(&["volume", "create", "g/d", "--size", "64M"]);
+    let log = env.path("serve.log");
+    let srv = Server::start_logged(&env, &[], &log);
+    let uri = srv.tcp("g/d");
+    let down = Instant::now();
+    ceph(&["rgw-stop"]);
+    let res = std::panic::catch_unwind(|| {
+        // Under the bound: every write is acknowledged from the local disk.
+        let a = fio_args(&uri, 0, 12 << 20, false);
+        let (ok, out) = fio(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "fio under the bound failed: {out}");
+        // Past the bound: ENOSPC, and the daemon says why.
+        let a = fio_args(&uri, 12 << 20, 40 << 20, false);
+        let (ok, out) = fio(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!ok, "fio past the bound succeeded: {out}");
+        assert!(
+            out.contains("No space left on device"),
+            "fio did not see ENOSPC: {out}"
+        );
+        // fio stops at the first failed write (iodepth 1, sequential): every
+        // write before its offset was acknowledged.
+        let failed_at: u64 = out
+            .split("offset=")
+            .nth(1)
+            .and_then(|s| s.split(|ch: char| !ch.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no failed offset in fio's output: {out}"));
+        assert!(
+            failed_at >= 12 << 20 && failed_at <= 24 << 20,
+            "failed at {failed_at}: {out}"
+        );
+        let b = backlog(&env);
+        assert!(b["packs"].as_u64().unwrap() >= 2, "{b}");
+        assert!(b["bytes"].as_u64().unwrap() <= 24 << 20, "{b}");
+        assert!(!b["last_error"].is_null(), "uploads failing is shown: {b}");
+        let said = log_grep(&log, &["write refused"]);
+        assert!(
+            said.contains("s3-pending-max") && said.contains(&format!("s3://{BUCKET}/{prefix}")),
+            "the refusal names the backlog and the bound: {}",
+            log_tail(&log, 20)
+        );
+        failed_at
+    });
+    // radosgw stays down about 30 s in all, then comes back.
+    if let Some(rest) = Duration::from_secs(30).checked_sub(down.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    ceph(&["rgw-start"]);
+    let failed_at = res.unwrap();
+    wait_drained(&env);
+    assert_eq!(backlog(&env)["last_error"], serde_json::Value::Null);
+    // Room again: writes are accepted.
+    let a = fio_args(&uri, 48 << 20, 8 << 20, false);
+    let (ok, out) = fio(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "fio after recovery failed: {out}");
+    drop(srv);
+    // A fresh daemon reads everything acknowledged back from radosgw.
+    let srv = Server::start(&env);
+    let uri = srv.tcp("g/d");
+    for (off, len) in [(0, failed_at), (48 << 20, 8 << 20)] {
+        let a = fio_args(&uri, off, len, true);
+        let (ok, out) = fio(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "verify of {off}+{len} failed: {out}");
+    }
+    drop(srv);
+    env.ok(&["verify"]);
+}
+
+// ---- (d) verify names a corrupted and a missing object --------------------------------
+
+#[test]
+fn verify_names_a_corrupted_object_and_a_missing_one() {
+    let (c, _turn) = cluster();
+    let prefix = unique("verify");
+    let env = s3_store(c, &prefix, &["--pack-size", "1M"]);
+    env.ok(&["group", "create", "g"]);
+    env.ok(&["volume", "create", "g/d", "--size", "8M"]);
+    let data = random_file(&env, "data.raw", 4, 4 << 20);
+    env.ok(&["import", "g/d", data.to_str().unwrap()]);
+    let srv = Server::start(&env);
+    wait_drained(&env);
+    drop(srv);
+    env.ok(&["verify"]);
+    let packs: Vec<(String, u64)> = objects(&prefix)
+        .into_iter()
+        .filter(|(k, _)| k.contains("/packs/"))
+        .collect();
+    assert!(packs.len() >= 3, "{packs:?}");
+    // One byte flipped in a record payload of the first object (same size).
+    let (bad, _) = &packs[0];
+    ceph(&["s3", "corrupt", BUCKET, bad, "5000"]);
+    let out = env.cmd().arg("verify").output().unwrap();
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let url = format!("s3://{BUCKET}/{bad}");
+    assert!(text.contains(&url) && text.contains("CRC"), "{text}");
+    // One object removed: named as missing.
+    let (gone, _) = &packs[1];
+    ceph(&["s3", "rm", BUCKET, gone]);
+    let v = env.cmd().args(["verify", "--json"]).output().unwrap();
+    assert!(!v.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    let gone_url = format!("s3://{BUCKET}/{gone}");
+    let bad_packs = r["bad_packs"].to_string();
+    assert!(
+        bad_packs.contains(&gone_url) && bad_packs.contains("missing"),
+        "{r}"
+    );
+    assert!(r["bad"].to_string().contains(&url), "{r}");
+}
+
+// ---- (e) two stores, one bucket -----------------------------------------------------
+
+#[test]
+fn two_stores_in_one_bucket_never_touch_each_others_objects() {
+    let (c, _turn) = cluster();
+    need("qemu-img");
+    let base = unique("two");
+    // "a" and "a-b": one prefix is a string prefix of the other.
+    let (pa, pb) = (format!("{base}/a"), format!("{base}/a-b"));
+    let a = s3_store(c, &pa, &["--pack-size", "1M"]);
+    let b = s3_store(c, &pb, &["--pack-size", "1M"]);
+    // A prefix is claimed by its store: a third store there is refused by name.
+    let third = Env::new();
+    let err = third.fails(&[
+        "init",
+        "--backend",
+        &format!("s3://{BUCKET}/{pa}"),
+        "--s3-endpoint",
+        &c.endpoint,
+    ]);
+    assert!(err.contains("give each store its own prefix"), "{err}");
+    let mut files = Vec::new();
+    for (i, env) in [&a, &b].into_iter().enumerate() {
+        env.ok(&["group", "create", "g"]);
+        env.ok(&["volume", "create", "g/d", "--size", "4M"]);
+        // The same data in both: each store keeps its own copy.
+        let f = random_file(env, "data.raw", 77, 3 << 20);
+        env.ok(&["import", "g/d", f.to_str().unwrap()]);
+        env.ok(&["volume", "create", "g/e", "--size", "4M"]);
+        let g = random_file(env, "other.raw", 100 + i as u64, 2 << 20);
+        env.ok(&["import", "g/e", g.to_str().unwrap()]);
+        let srv = Server::start(env);
+        wait_drained(env);
+        drop(srv);
+        files.push(f);
+    }
+    let b_before = objects(&pb);
+    assert!(
+        b_before
+            .iter()
+            .filter(|(k, _)| k.contains("/packs/"))
+            .count()
+            >= 5
+    );
+    // Everything of A goes, and A collects its garbage.
+    a.ok(&["volume", "rm", "g/d"]);
+    a.ok(&["volume", "rm", "g/e"]);
+    let rep = a.json(&["gc"]);
+    assert!(rep["packs_deleted"].as_u64().unwrap() >= 5, "{rep}");
+    let a_left: Vec<_> = objects(&pa)
+        .into_iter()
+        .filter(|(k, _)| k.contains("/packs/"))
+        .collect();
+    assert!(a_left.is_empty(), "{a_left:?}");
+    assert_eq!(objects(&pb), b_before, "gc in A touched B's objects");
+    // B is whole.
+    b.ok(&["verify"]);
+    let srv = Server::start(&b);
+    let mut want = std::fs::read(&files[1]).unwrap();
+    want.resize(4 << 20, 0);
+    let wf = b.path("want.raw");
+    std::fs::write(&wf, want).unwrap();
+    qemu_compare(&srv.tcp("g/d"), &wf);
+}
