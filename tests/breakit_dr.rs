@@ -147,15 +147,19 @@ fn gc_while_chunks_arrive_keeps_the_received_chunks() {
     let (mut a, h) = session(&s);
     let (t, m) = hello(&mut a, "g", &[("d", 4 * CS)]);
     assert_eq!(t, wire::WELCOME, "{m}");
-    // GC starts inside the window (from the receiver's thread, once).  Since
-    // the fix the receiver holds the shared gate there, so GC waits for the
-    // chunks to be indexed (and pinned) instead of deleting their pack: it
-    // runs on another thread, which the test joins after STORED.
+    // GC starts inside the window (from the receiver's store thread, once,
+    // between appending the records and indexing them; the window used to be
+    // the per-frame pack sync, which COMMIT now does instead).  Since the fix
+    // the receiver holds the shared gate there, so GC waits for the chunks to
+    // be indexed (and pinned) instead of deleting their pack: it runs on
+    // another thread, which the test joins after STORED.
     let once = Arc::new(AtomicBool::new(false));
     let gc_thread: Arc<Mutex<Option<JoinHandle<()>>>> = Arc::default();
     let (s2, o2, t2) = (s.clone(), once.clone(), gc_thread.clone());
-    fail::cfg_callback("flush-between-open-and-seal", move || {
-        if std::thread::current().name() == Some("recv") && !o2.swap(true, Ordering::SeqCst) {
+    fail::cfg_callback("received-before-index", move || {
+        if std::thread::current().name() == Some(receiver::STORE_THREAD)
+            && !o2.swap(true, Ordering::SeqCst)
+        {
             let s3 = s2.clone();
             *t2.lock().unwrap() = Some(std::thread::spawn(move || {
                 drclone::engine::gc::gc(&s3).unwrap();
@@ -175,7 +179,7 @@ fn gc_while_chunks_arrive_keeps_the_received_chunks() {
         .collect();
     wire::write_frame(&mut a, wire::CHUNKS, &wire::encode_chunks(&chunks)).unwrap();
     let (t, body) = wire::read_frame(&mut a).unwrap();
-    fail::remove("flush-between-open-and-seal");
+    fail::remove("received-before-index");
     assert!(once.load(Ordering::SeqCst), "GC started inside the window");
     if let Some(t) = gc_thread.lock().unwrap().take() {
         t.join().unwrap();

@@ -100,6 +100,13 @@ impl Write for Handshaking {
     }
 }
 
+impl receiver::Conn for Handshaking {
+    fn socket_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.raw.as_raw_fd())
+    }
+}
+
 /// Serve one accepted connection (its own thread).
 fn serve(store: &Store, cfg: &Config, s: TcpStream, peer: &str, pending: Slot) {
     let deadline = Instant::now() + HANDSHAKE;

@@ -865,10 +865,13 @@ impl ChunkStore {
     }
 
     /// Store chunks received from elsewhere (replication): each is stored (or
-    /// found), its pack bytes made durable (one fsync for the whole batch),
-    /// then its index entries committed, so a later cycle finds it even if
-    /// this one never commits.  Returns the ids, pinned (the caller unpins
-    /// after its commit).  Every chunk's data is hashed (in parallel) against
+    /// found) and its index entries committed, so a later cycle finds it even
+    /// if this one never commits.  Not synced: like an unflushed NBD write's
+    /// chunk, a record a power cut loses has its index entry dropped at the
+    /// next open (the unsealed-pack check, I12), and nothing durable
+    /// references it, since whatever references it first syncs every pack (a
+    /// point's creation does: DESIGN §8 I1, §18).  Returns the ids, pinned
+    /// (the caller unpins after its commit).  Every chunk's data is hashed (in parallel) against
     /// its claimed id: one that hashes to another id is refused
     /// (Error::Invalid) and nothing of the batch is stored or indexed.
     pub fn put_received(&self, chunks: &[Received<'_>]) -> Result<Vec<ChunkId>> {
@@ -897,8 +900,9 @@ impl ChunkStore {
                     Self::index(&mut batch, &c.id, &loc);
                 }
             }
-            // I2: the pack bytes durable before an index entry points at them.
-            self.sync_packs_recorded()?;
+            // Appended, not indexed yet: the window GC's pack phase must not
+            // run in (the caller holds the shared gate).
+            crate::fail_point!("received-before-index");
             self.db.write(batch, false)
         })();
         if let Err(e) = r {

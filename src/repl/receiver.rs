@@ -2,9 +2,10 @@
 //! `--replication-listen` port (docs/DESIGN.md §18).
 //!
 //! A session is one or more cycles into one group.  Chunks arrive first (the
-//! agent asks which it must send: HAVE/LACK), each batch stored, made durable
-//! and indexed as it comes, so an interrupted cycle's chunks are found by the
-//! next one.  Every chunk the session relies on is pinned against GC until the
+//! agent asks which it must send: HAVE/LACK), each batch stored and indexed as
+//! it comes (on a worker thread while the next frame is read: [`Pipe`]), so an
+//! interrupted cycle's chunks are found by the next one; they are made durable
+//! by COMMIT, whose point creation syncs every pack before the point exists.  Every chunk the session relies on is pinned against GC until the
 //! session ends.  Map entries (MAP) are staged in memory; COMMIT writes them and
 //! the point in one synced batch ([`Store::create_point_staged`]): readers of the
 //! group see a cycle wholly or not at all, and a session cut off before COMMIT
@@ -37,6 +38,31 @@ pub fn refuse_if_replicating(name: &str, users: &[String]) -> Result<()> {
             "{name} is being written by {u}; a volume takes one writer at a time"
         ))),
         None => Ok(()),
+    }
+}
+
+/// A replication connection as the receiver sees it.
+pub trait Conn: Read + Write {
+    /// The socket under it (TLS or not), which the receiver polls to wait for
+    /// "the peer sent more, or a CHUNKS frame is stored" at once; None if
+    /// there is none (each CHUNKS frame is then stored before the next frame
+    /// is read).
+    fn socket_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+impl Conn for std::net::TcpStream {
+    fn socket_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.as_raw_fd())
+    }
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn socket_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.as_raw_fd())
     }
 }
 
@@ -160,7 +186,7 @@ impl Drop for Session<'_> {
 
 /// Serve one replication connection until the agent closes it.  Every refusal
 /// is sent to the agent as an ERROR frame naming the problem, then returned.
-pub fn serve_connection<S: Read + Write>(
+pub fn serve_connection<S: Conn>(
     store: &Store,
     mut stream: S,
     peer: &str,
@@ -177,7 +203,7 @@ pub fn serve_connection<S: Read + Write>(
     r
 }
 
-fn session<S: Read + Write>(store: &Store, s: &mut S, peer: &str, cfg: &Config) -> Result<()> {
+fn session<S: Conn>(store: &Store, s: &mut S, peer: &str, cfg: &Config) -> Result<()> {
     let (t, body) = wire::read_frame(s)?;
     if t == wire::OPEN {
         let open: wire::Open = wire::json("OPEN", &body)?;
@@ -216,12 +242,7 @@ fn session<S: Read + Write>(store: &Store, s: &mut S, peer: &str, cfg: &Config) 
 }
 
 /// Cycles of one session, after HELLO.
-fn cycles<S: Read + Write>(
-    store: &Store,
-    s: &mut S,
-    peer: &str,
-    sess: &mut Session<'_>,
-) -> Result<()> {
+fn cycles<S: Conn>(store: &Store, s: &mut S, peer: &str, sess: &mut Session<'_>) -> Result<()> {
     let g = store.group(&sess.hello.group)?;
     let welcome = wire::Welcome {
         chunk_size: store.chunk_size(),
@@ -247,8 +268,245 @@ fn cycles<S: Read + Write>(
             .collect(),
     };
     send_json(s, wire::WELCOME, &welcome, peer)?;
+    std::thread::scope(|sc| {
+        let mut pipe = Pipe::new(sc)?;
+        let r = frames(store, s, peer, sess, &mut pipe);
+        // A frame still being stored is waited for on every way out, so its
+        // pins are the session's to release (a frame whose store failed
+        // released its own).
+        match (r, pipe.drain(sess)) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => {
+                log::warn!("replication from {peer}: storing the last CHUNKS frame: {e}");
+                Ok(())
+            }
+            (Ok(()), Ok(_)) => Ok(()),
+        }
+    })
+}
+
+/// The name of the thread that stores a session's CHUNKS frames.
+pub const STORE_THREAD: &str = "repl-store";
+
+/// The CHUNKS frame being stored on a worker thread while the session reads
+/// on (at most one at a time).
+struct Storing<'sc> {
+    job: std::thread::ScopedJoinHandle<'sc, (Vec<u8>, Result<Vec<ChunkId>>)>,
+    /// Its chunk ids: a HAVE read meanwhile counts them as held (the frame is
+    /// stored before any later reply goes, and a failed store ends the session
+    /// before anything can commit).
+    ids: HashSet<ChunkId>,
+    /// Replies (type, body) to frames read meanwhile, due after its STORED.
+    after: Vec<(u8, Vec<u8>)>,
+}
+
+/// The session's store pipeline: one CHUNKS frame is stored (ids checked,
+/// pack bytes written, indexed) on a worker thread while the session thread
+/// receives the next frame.  Replies keep the order of the frames they
+/// answer: a frame's STORED, and every reply to a frame read after it, go
+/// once its store is done.  The session waits for "the peer sent more bytes,
+/// or the store is done" at once, so a sender that waits for a reply before
+/// sending more (a reader slower than the link) never waits on a STORED the
+/// receiver holds back.
+struct Pipe<'sc, 'env> {
+    scope: &'sc std::thread::Scope<'sc, 'env>,
+    storing: Option<Storing<'sc>>,
+    /// Frame buffers to reuse (one is read into while another is stored from).
+    spare: Vec<Vec<u8>>,
+    /// A worker writes a byte here when its frame is stored...
+    wake_tx: std::os::unix::net::UnixStream,
+    /// ...which the session polls together with the peer's socket.
+    wake_rx: std::os::unix::net::UnixStream,
+}
+
+impl<'sc, 'env> Pipe<'sc, 'env> {
+    fn new(scope: &'sc std::thread::Scope<'sc, 'env>) -> Result<Self> {
+        let (wake_tx, wake_rx) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| Error::io("replication store pipeline", e))?;
+        wake_rx
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("replication store pipeline", e))?;
+        Ok(Pipe {
+            scope,
+            storing: None,
+            spare: Vec::new(),
+            wake_tx,
+            wake_rx,
+        })
+    }
+
+    /// Reply now, or after the frame being stored.
+    fn reply<S: Write>(&mut self, s: &mut S, peer: &str, t: u8, body: Vec<u8>) -> Result<()> {
+        match &mut self.storing {
+            Some(st) => {
+                st.after.push((t, body));
+                Ok(())
+            }
+            None => wire::write_frame(s, t, &body).map_err(|e| Error::io(peer, e)),
+        }
+    }
+
+    /// Store the CHUNKS frame in `buf[..len]` on a worker (the previous one
+    /// must be finished); `buf` is replaced by a spare buffer.
+    fn start(
+        &mut self,
+        store: &'env Store,
+        buf: &mut Vec<u8>,
+        len: usize,
+        ids: HashSet<ChunkId>,
+    ) -> Result<()>
+    where
+        'env: 'sc,
+    {
+        debug_assert!(self.storing.is_none());
+        let body = std::mem::replace(buf, self.spare.pop().unwrap_or_default());
+        let wake = self.wake_tx.try_clone();
+        let job = std::thread::Builder::new()
+            .name(STORE_THREAD.into())
+            .spawn_scoped(self.scope, move || {
+                let r = store_frame(store, &body[..len]);
+                if let Ok(mut w) = wake {
+                    let _ = w.write(&[1]);
+                }
+                (body, r)
+            });
+        let job = match job {
+            Ok(j) => j,
+            Err(e) => return Err(Error::io("replication store thread", e)),
+        };
+        self.storing = Some(Storing {
+            job,
+            ids,
+            after: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Wait for the frame being stored, if any, and record its pins in the
+    /// session.  Returns its STORED count and the replies due after it.
+    /// Errors: the store's (nothing of that frame is indexed then).
+    fn drain(&mut self, sess: &mut Session<'_>) -> Result<Option<(u32, Vec<(u8, Vec<u8>)>)>> {
+        let Some(st) = self.storing.take() else {
+            return Ok(None);
+        };
+        let (body, r) = st
+            .job
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        // The worker's wake-up byte (written before it returned).
+        let _ = (&self.wake_rx).read(&mut [0u8; 16]);
+        self.spare.push(body);
+        let ids = r?;
+        sess.pinned.extend_from_slice(&ids);
+        Ok(Some((ids.len() as u32, st.after)))
+    }
+
+    /// [`Pipe::drain`], then send the frame's STORED and the replies queued
+    /// behind it.
+    fn finish<S: Write>(&mut self, s: &mut S, sess: &mut Session<'_>, peer: &str) -> Result<()> {
+        if let Some((n, after)) = self.drain(sess)? {
+            wire::write_frame(s, wire::STORED, &n.to_be_bytes()).map_err(|e| Error::io(peer, e))?;
+            for (t, b) in after {
+                wire::write_frame(s, t, &b).map_err(|e| Error::io(peer, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before reading the next frame while one is being stored: wait until
+    /// the peer has sent more (then read it meanwhile) or the store is done
+    /// (then finish it).  Without a socket to poll, finish.
+    fn before_read<S: Conn>(
+        &mut self,
+        s: &mut S,
+        sess: &mut Session<'_>,
+        peer: &str,
+    ) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let Some(st) = &self.storing else {
+            return Ok(());
+        };
+        if let (Some(fd), false) = (s.socket_fd(), st.job.is_finished()) {
+            let mut fds = [
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake_rx.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll on two open descriptors this function borrows.
+            let n = loop {
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if n >= 0
+                    || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    break n;
+                }
+            };
+            if n > 0 && fds[0].revents != 0 && fds[1].revents == 0 {
+                return Ok(());
+            }
+        }
+        self.finish(s, sess, peer)
+    }
+}
+
+/// Store one CHUNKS frame's chunks (the worker's job): decompressed and
+/// checked against their ids in parallel, written to the open pack and
+/// indexed ([`crate::engine::chunks::ChunkStore::put_received`]: not synced
+/// here; COMMIT's point creation syncs every pack first).  Returns the ids,
+/// pinned.  Errors: a chunk that does not decompress or hashes to another id
+/// (nothing of the frame is indexed), the store's.
+fn store_frame(store: &Store, body: &[u8]) -> Result<Vec<ChunkId>> {
+    use rayon::prelude::*;
+    crate::fail_point!("repl-store-frame", |_| Err(Error::io(
+        "replication store (failpoint repl-store-frame)",
+        std::io::Error::from_raw_os_error(libc::EIO)
+    )));
+    let cs = store.chunk_size() as u32;
+    // A store that compresses with zstd keeps a zstd chunk in the form it
+    // came in (put_received checks it decompressed to data of its id),
+    // instead of compressing it again.
+    let keep_zstd = store.cfg.compression == crate::engine::codec::Compression::Zstd;
+    // Payloads stay in the frame: a raw one is stored from there.
+    let chunks = wire::chunk_refs(body, cs)?;
+    let batch = chunks
+        .par_iter()
+        .map(|c| {
+            Ok(crate::engine::chunks::Received {
+                id: c.id,
+                data: c.plaintext()?,
+                zstd: (keep_zstd && c.codec == wire::CODEC_ZSTD).then_some(c.payload),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Under the shared gate, like every writer: GC's pack phase assumes no
+    // record sits appended but unindexed while it holds the gate (found by
+    // tests/breakit_dr.rs: GC deleted the pack under them).
+    let _g = store.gate.shared();
+    store.chunks.put_received(&batch)
+}
+
+/// The frames of a session's cycles, after WELCOME.
+fn frames<'sc, 'env, S: Conn>(
+    store: &'env Store,
+    s: &mut S,
+    peer: &str,
+    sess: &mut Session<'_>,
+    pipe: &mut Pipe<'sc, 'env>,
+) -> Result<()>
+where
+    'env: 'sc,
+{
+    let mut buf = Vec::new();
     loop {
-        let (t, body) = match wire::read_frame(s) {
+        pipe.before_read(s, sess, peer)?;
+        let (t, len) = match wire::read_frame_reuse(s, &mut buf) {
             Ok(f) => f,
             // The agent closed between cycles: the session is over.
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -256,13 +514,24 @@ fn cycles<S: Read + Write>(
             }
             Err(e) => return Err(e),
         };
-        sess.received += body.len() as u64 + 5;
+        sess.received += len as u64 + 5;
+        // Only HAVE, CHUNKS and MAP go on while a frame is being stored;
+        // anything else (COMMIT above all) waits for it and its STORED.
+        if !matches!(t, wire::HAVE | wire::CHUNKS | wire::MAP) {
+            pipe.finish(s, sess, peer)?;
+        }
+        let body: &[u8] = &buf[..len];
         match t {
             wire::HAVE => {
-                let ids = wire::decode_ids(&body)?;
+                let ids = wire::decode_ids(body)?;
                 sess.charge(ids.len() as u64, "HAVE")?;
-                let have = store.chunks.pin_and_check(&ids)?;
+                let mut have = store.chunks.pin_and_check(&ids)?;
                 sess.pinned.extend_from_slice(&ids);
+                if let Some(st) = &pipe.storing {
+                    for (id, h) in ids.iter().zip(have.iter_mut()) {
+                        *h |= st.ids.contains(id);
+                    }
+                }
                 for (id, h) in ids.iter().zip(&have) {
                     if *h {
                         sess.usable.insert(*id);
@@ -275,49 +544,30 @@ fn cycles<S: Read + Write>(
                         .filter(|(_, l)| **l)
                         .map(|(id, _)| *id),
                 );
-                wire::write_frame(s, wire::LACK, &wire::encode_bits(&lack))
-                    .map_err(|e| Error::io(peer, e))?;
+                pipe.reply(s, peer, wire::LACK, wire::encode_bits(&lack))?;
             }
             wire::CHUNKS => {
-                use rayon::prelude::*;
-                let cs = store.chunk_size() as u32;
-                // A store that compresses with zstd keeps a zstd chunk in the
-                // form it came in (put_received checks it decompressed to data
-                // of its id), instead of compressing it again.
-                let keep_zstd = store.cfg.compression == crate::engine::codec::Compression::Zstd;
-                // Payloads stay in the frame: a raw one is stored from there.
-                let chunks = wire::chunk_refs(&body, cs)?;
-                if let Some(c) = chunks.iter().find(|c| !sess.asked.contains(&c.id)) {
+                // Parsed here for the ids (again, in place, on the worker).
+                let ids: HashSet<ChunkId> = wire::chunk_refs(body, store.chunk_size() as u32)?
+                    .iter()
+                    .map(|c| c.id)
+                    .collect();
+                if let Some(id) = ids.iter().find(|id| !sess.asked.contains(*id)) {
                     return Err(Error::invalid(format!(
                         "replication protocol: CHUNKS carries chunk {}, which this cycle did \
                          not ask for (LACK)",
-                        crate::util::hex(&c.id)
+                        crate::util::hex(id)
                     )));
                 }
-                for c in &chunks {
-                    sess.asked.remove(&c.id);
+                for id in &ids {
+                    sess.asked.remove(id);
                 }
-                let batch = chunks
-                    .par_iter()
-                    .map(|c| {
-                        Ok(crate::engine::chunks::Received {
-                            id: c.id,
-                            data: c.plaintext()?,
-                            zstd: (keep_zstd && c.codec == wire::CODEC_ZSTD).then_some(c.payload),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                // Under the shared gate, like every writer: GC's pack phase assumes
-                // no record sits appended but unindexed while it holds the gate
-                // (found by tests/breakit_dr.rs: GC deleted the pack under them).
-                let ids = {
-                    let _g = store.gate.shared();
-                    store.chunks.put_received(&batch)?
-                };
-                sess.pinned.extend_from_slice(&ids);
+                // Usable by MAP at once: COMMIT waits for the store, and a
+                // failed store ends the session.
                 sess.usable.extend(ids.iter().copied());
-                wire::write_frame(s, wire::STORED, &(ids.len() as u32).to_be_bytes())
-                    .map_err(|e| Error::io(peer, e))?;
+                // The previous frame's STORED goes first.
+                pipe.finish(s, sess, peer)?;
+                pipe.start(store, &mut buf, len, ids)?;
             }
             wire::BASE => {
                 let b: wire::Base = wire::json("BASE", &body)?;
