@@ -629,61 +629,6 @@ fn read_volume(
     Ok((hashes, logical))
 }
 
-/// A reply the sender still has to read, in the order the frames went.
-enum Reply {
-    /// LACK for a HAVE of that many ids.
-    Lack(usize),
-    /// STORED for a CHUNKS frame of that many chunks.
-    Stored(u32),
-}
-
-/// Read the replies due, in order, checking each STORED's count: up to and
-/// including the next LACK if `until_lack` (returning its bits), else all.
-fn read_replies(
-    link: &mut Link,
-    replies: &mut std::collections::VecDeque<Reply>,
-    until_lack: bool,
-) -> Result<Option<Vec<bool>>> {
-    while let Some(r) = replies.pop_front() {
-        match r {
-            Reply::Stored(n) => {
-                let b = link.expect(wire::STORED)?;
-                if b.len() != 4 || u32::from_be_bytes(b[..].try_into().unwrap()) != n {
-                    return Err(Error::invalid(format!(
-                        "replication protocol: the target stored other than the {n} chunks sent"
-                    )));
-                }
-            }
-            Reply::Lack(n) => {
-                let bits = wire::decode_bits(&link.expect(wire::LACK)?, n)?;
-                if until_lack {
-                    return Ok(Some(bits));
-                }
-            }
-        }
-    }
-    Ok(None)
-}
-
-/// Send a frame while replies are outstanding.  A target that refused an
-/// earlier frame sent ERROR and closed, so this write may fail: the refusal,
-/// if it can still be read, is the error returned, not the broken pipe.
-fn send(
-    link: &mut Link,
-    replies: &mut std::collections::VecDeque<Reply>,
-    t: u8,
-    body: &[u8],
-) -> Result<()> {
-    let e = match link.send(t, body) {
-        Ok(()) => return Ok(()),
-        Err(e) => e,
-    };
-    match read_replies(link, replies, false) {
-        Err(r @ Error::Refused(_)) => Err(r),
-        _ => Err(e),
-    }
-}
-
 /// The sending side of [`send_volume`]: per batch, offer its distinct ids
 /// (HAVE), send the chunks the target lacks (CHUNKS frames of about 16 MiB)
 /// and queue its map entries (MAP).  Pipelined: HAVE runs [`AHEAD`] batches
@@ -702,7 +647,6 @@ fn send_batches(
     idle: &std::sync::atomic::AtomicBool,
 ) -> Result<u64> {
     use rayon::prelude::*;
-    let mut replies = std::collections::VecDeque::new();
     let mut offered: std::collections::VecDeque<(Batch, Vec<ChunkId>)> = Default::default();
     let mut entries: Vec<Entry> = Vec::new();
     let mut body: Vec<u8> = Vec::with_capacity(FRAME_BYTES + (4 << 20) + 64);
@@ -732,8 +676,7 @@ fn send_batches(
             ids.dedup();
             ids.retain(|id| !offered.iter().any(|(_, o)| o.binary_search(id).is_ok()));
             if !ids.is_empty() {
-                send(link, &mut replies, wire::HAVE, &wire::encode_ids(&ids))?;
-                replies.push_back(Reply::Lack(ids.len()));
+                link.offer(&ids)?;
             }
             offered.push_back((batch, ids));
         }
@@ -742,8 +685,7 @@ fn send_batches(
         };
         entries.extend_from_slice(&batch.zeros);
         if !ids.is_empty() {
-            let lack =
-                read_replies(link, &mut replies, true)?.expect("a LACK is due for every HAVE");
+            let lack = link.next_lack()?;
             let mut want: std::collections::HashSet<ChunkId> = ids
                 .iter()
                 .zip(&lack)
@@ -766,15 +708,13 @@ fn send_batches(
                 wire::push_chunk(&mut body, id, d, z.as_deref());
                 n += 1;
                 if body.len() >= FRAME_BYTES {
-                    send(link, &mut replies, wire::CHUNKS, &body)?;
-                    replies.push_back(Reply::Stored(n));
+                    link.send_chunks(&body, n)?;
                     body.clear();
                     n = 0;
                 }
             }
             if n > 0 {
-                send(link, &mut replies, wire::CHUNKS, &body)?;
-                replies.push_back(Reply::Stored(n));
+                link.send_chunks(&body, n)?;
             }
             sent += todo.len() as u64;
         }
@@ -789,16 +729,11 @@ fn send_batches(
         // The reader may be gone (it ships its last batch and returns).
         let _ = spent.send(batch.data);
         if entries.len() >= MAP_ENTRIES {
-            send(
-                link,
-                &mut replies,
-                wire::MAP,
-                &wire::encode_map(disk, &entries),
-            )?;
+            link.send(wire::MAP, &wire::encode_map(disk, &entries))?;
             entries.clear();
         }
     }
-    read_replies(link, &mut replies, false)?;
+    link.settle()?;
     for part in entries.chunks(MAP_ENTRIES) {
         link.send(wire::MAP, &wire::encode_map(disk, part))?;
     }

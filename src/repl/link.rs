@@ -267,6 +267,17 @@ pub struct Link {
     s: BufReader<Paced>,
     frame: Vec<u8>,
     peer: String,
+    /// Replies still to read, in the order their frames went (see
+    /// [`Link::offer`], [`Link::send_chunks`]).
+    replies: std::collections::VecDeque<Reply>,
+}
+
+/// A reply the sender still has to read.
+enum Reply {
+    /// LACK for a HAVE of that many ids.
+    Lack(usize),
+    /// STORED for a CHUNKS frame of that many chunks.
+    Stored(u32),
 }
 
 impl Link {
@@ -288,6 +299,7 @@ impl Link {
             ),
             frame: Vec::new(),
             peer: target.to_string(),
+            replies: Default::default(),
         };
         let mut hs = Vec::new();
         wire::write_handshake(&mut hs).expect("in memory");
@@ -331,14 +343,90 @@ impl Link {
             .map_err(|e| Error::io(format!("replication connection to {}", self.peer), e))
     }
 
-    /// Send one frame of type `t`.  Errors: I/O on the connection.
+    /// Send one frame of type `t`.  Errors: I/O on the connection.  While
+    /// replies are outstanding, a target that refused an earlier frame has
+    /// sent ERROR and closed, so this write may fail: the refusal, if it can
+    /// still be read, is the error returned, not the broken pipe.
     pub fn send(&mut self, t: u8, body: &[u8]) -> Result<()> {
-        let mut frame = std::mem::take(&mut self.frame);
-        frame.clear();
-        wire::write_frame(&mut frame, t, body).expect("in memory");
-        let r = self.write(&frame);
-        self.frame = frame;
-        r
+        let r = if body.len() > 64 << 10 {
+            // A large body goes from where it is: no copy into `frame`.
+            let len = (body.len() + 1) as u32;
+            let mut hdr = [0u8; 5];
+            hdr[..4].copy_from_slice(&len.to_be_bytes());
+            hdr[4] = t;
+            self.write(&hdr).and_then(|()| self.write(body))
+        } else {
+            let mut frame = std::mem::take(&mut self.frame);
+            frame.clear();
+            wire::write_frame(&mut frame, t, body).expect("in memory");
+            let r = self.write(&frame);
+            self.frame = frame;
+            r
+        };
+        let e = match r {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if self.replies.is_empty() {
+            return Err(e);
+        }
+        match self.settle() {
+            Err(r @ Error::Refused(_)) => Err(r),
+            _ => Err(e),
+        }
+    }
+
+    /// Offer `ids` (HAVE) without waiting for the answer: [`Link::next_lack`]
+    /// reads it, in turn.  Errors: as [`Link::send`].
+    pub fn offer(&mut self, ids: &[ChunkId]) -> Result<()> {
+        self.send(wire::HAVE, &wire::encode_ids(ids))?;
+        self.replies.push_back(Reply::Lack(ids.len()));
+        Ok(())
+    }
+
+    /// Send a CHUNKS frame of `n` chunks without waiting for its STORED (read,
+    /// and its count checked, in turn).  Errors: as [`Link::send`].
+    pub fn send_chunks(&mut self, body: &[u8], n: u32) -> Result<()> {
+        self.send(wire::CHUNKS, body)?;
+        self.replies.push_back(Reply::Stored(n));
+        Ok(())
+    }
+
+    /// Read the replies due, in order, checking each STORED's count, up to and
+    /// including the LACK of the oldest HAVE not answered yet; returns its
+    /// bits (true: send it).  Errors: no HAVE outstanding, I/O, the
+    /// receiver's refusal, a wrong count.
+    pub fn next_lack(&mut self) -> Result<Vec<bool>> {
+        self.read_replies(true)?
+            .ok_or_else(|| Error::invalid("replication: a LACK was expected, but no HAVE is due"))
+    }
+
+    /// Read every reply still due.  Errors: as [`Link::next_lack`].
+    pub fn settle(&mut self) -> Result<()> {
+        self.read_replies(false).map(|_| ())
+    }
+
+    fn read_replies(&mut self, until_lack: bool) -> Result<Option<Vec<bool>>> {
+        while let Some(r) = self.replies.pop_front() {
+            match r {
+                Reply::Stored(n) => {
+                    let b = self.expect_now(wire::STORED)?;
+                    if b.len() != 4 || u32::from_be_bytes(b[..].try_into().unwrap()) != n {
+                        return Err(Error::invalid(format!(
+                            "replication protocol: the target stored other than the {n} chunks \
+                             sent"
+                        )));
+                    }
+                }
+                Reply::Lack(n) => {
+                    let bits = wire::decode_bits(&self.expect_now(wire::LACK)?, n)?;
+                    if until_lack {
+                        return Ok(Some(bits));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Send `v` as a JSON frame of type `t`.
@@ -346,9 +434,15 @@ impl Link {
         self.send(t, &serde_json::to_vec(v).expect("serializes"))
     }
 
-    /// The next frame, which must be `want`; an ERROR frame becomes
-    /// [`Error::Refused`] with the receiver's text.  Errors: I/O, another type.
+    /// The next frame, which must be `want`, after the replies still due
+    /// ([`Link::settle`]); an ERROR frame becomes [`Error::Refused`] with the
+    /// receiver's text.  Errors: I/O, another type.
     pub fn expect(&mut self, want: u8) -> Result<Vec<u8>> {
+        self.settle()?;
+        self.expect_now(want)
+    }
+
+    fn expect_now(&mut self, want: u8) -> Result<Vec<u8>> {
         let (t, body) = wire::read_frame(&mut self.s).map_err(|e| match e {
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
                 Error::io(
@@ -387,42 +481,51 @@ impl Link {
     }
 }
 
-/// Offer `ids` (HAVE), then send the chunks the receiver lacks (LACK), built by
-/// `chunk` (which packs one id's data), in CHUNKS frames of about 16 MiB, each
-/// acknowledged (STORED) before the next.  Duplicate ids are offered once.
-/// Returns the number of chunks sent.  Errors: I/O, the receiver's refusal,
-/// `chunk`'s.
+/// Offer `ids` (HAVE), then send the chunks the receiver lacks (LACK), each
+/// built by `chunk` (which packs one id's data; called in parallel), in CHUNKS
+/// frames of about 16 MiB, without waiting for their STORED: the receiver
+/// stores one frame while the next is built and on its way, and the replies
+/// are read (checked) before the next LACK or any other reply.  Duplicate ids
+/// are offered once.  Returns the number of chunks sent.  Errors: I/O, the
+/// receiver's refusal, `chunk`'s.
 pub fn send_lacking(
     link: &mut Link,
     ids: &[ChunkId],
-    chunk: &mut dyn FnMut(&ChunkId) -> Result<wire::WireChunk>,
+    chunk: &(dyn Fn(&ChunkId) -> Result<wire::WireChunk> + Sync),
 ) -> Result<u64> {
+    use rayon::prelude::*;
+    /// Chunks packed at once (in parallel), then framed.
+    const PACK: usize = 256;
     let mut ids = ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
     if ids.is_empty() {
         return Ok(0);
     }
-    link.send(wire::HAVE, &wire::encode_ids(&ids))?;
-    let lack = wire::decode_bits(&link.expect(wire::LACK)?, ids.len())?;
-    let mut frame = Vec::new();
-    let mut frame_bytes = 0usize;
-    let mut sent = 0u64;
-    for (id, _) in ids.iter().zip(&lack).filter(|(_, l)| **l) {
-        let c = chunk(id)?;
-        frame_bytes += c.payload.len() + 41;
-        frame.push(c);
-        sent += 1;
-        if frame_bytes >= 16 << 20 {
-            link.send(wire::CHUNKS, &wire::encode_chunks(&frame))?;
-            link.expect(wire::STORED)?;
-            frame.clear();
-            frame_bytes = 0;
+    link.offer(&ids)?;
+    let lack = link.next_lack()?;
+    let want: Vec<ChunkId> = ids
+        .iter()
+        .zip(&lack)
+        .filter(|(_, l)| **l)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut body = Vec::new();
+    let mut n = 0u32;
+    for part in want.chunks(PACK) {
+        let packed = part.par_iter().map(chunk).collect::<Result<Vec<_>>>()?;
+        for c in &packed {
+            wire::append_chunk(&mut body, c);
+            n += 1;
+            if body.len() >= 16 << 20 {
+                link.send_chunks(&body, n)?;
+                body.clear();
+                n = 0;
+            }
         }
     }
-    if !frame.is_empty() {
-        link.send(wire::CHUNKS, &wire::encode_chunks(&frame))?;
-        link.expect(wire::STORED)?;
+    if n > 0 {
+        link.send_chunks(&body, n)?;
     }
-    Ok(sent)
+    Ok(want.len() as u64)
 }

@@ -342,7 +342,7 @@ fn send_volume(
                 _ => {}
             }
         }
-        sent += send_lacking(link, &ids, &mut |id| {
+        sent += send_lacking(link, &ids, &|id| {
             let data = store.chunks.get(id)?;
             Ok(wire::pack(*id, &data))
         })?;
