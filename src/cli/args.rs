@@ -47,24 +47,29 @@ pub(crate) enum Cmd {
         pack_size: String,
         /// Keep sealed packs on an S3-compatible object store: s3://BUCKET/PREFIX
         /// (credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --s3-credentials).
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", group = "s3_target")]
         backend: Option<String>,
+        /// Rebuild a store whose packs and catalog are on an object store
+        /// (s3://BUCKET/PREFIX), after its host was lost: every group, volume and
+        /// point up to the last catalog checkpoint, then served like any store.
+        #[arg(long, value_name = "URL", group = "s3_target")]
+        from_backend: Option<String>,
         /// S3 endpoint URL (radosgw, MinIO: http://HOST:PORT); default AWS.
-        #[arg(long, value_name = "URL", requires = "backend")]
+        #[arg(long, value_name = "URL", requires = "s3_target")]
         s3_endpoint: Option<String>,
         /// S3 region.
-        #[arg(long, default_value = "us-east-1", requires = "backend")]
+        #[arg(long, default_value = "us-east-1", requires = "s3_target")]
         s3_region: String,
         /// A credentials file (aws_access_key_id = ..., aws_secret_access_key = ...),
         /// read at every open instead of the environment; its path is recorded.
-        #[arg(long, value_name = "FILE", requires = "backend")]
+        #[arg(long, value_name = "FILE", requires = "s3_target")]
         s3_credentials: Option<PathBuf>,
         /// Bytes of local disk cache for data read back from the object store.
-        #[arg(long, default_value = "1G", requires = "backend")]
+        #[arg(long, default_value = "1G", requires = "s3_target")]
         cache_size: String,
         /// Bound on data not yet uploaded (sealed packs waiting plus the open one):
         /// past it writes fail with ENOSPC.  Default: half the free space at open.
-        #[arg(long, value_name = "BYTES", requires = "backend")]
+        #[arg(long, value_name = "BYTES", requires = "s3_target")]
         s3_pending_max: Option<String>,
     },
     /// Manage groups (protected applications).

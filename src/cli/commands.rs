@@ -76,6 +76,7 @@ fn run(cli: Cli) -> Result<i32> {
             encrypt,
             pack_size,
             backend,
+            from_backend,
             s3_endpoint,
             s3_region,
             s3_credentials,
@@ -83,7 +84,7 @@ fn run(cli: Cli) -> Result<i32> {
             s3_pending_max,
         } => {
             let cs = parse_size(chunk_size)?;
-            let s3 = match backend {
+            let s3 = match backend.as_ref().or(from_backend.as_ref()) {
                 None => None,
                 Some(url) => {
                     let (bucket, prefix) = drclone::engine::s3::S3Config::parse_url(url)?;
@@ -101,6 +102,9 @@ fn run(cli: Cli) -> Result<i32> {
                     })
                 }
             };
+            if let (Some(_), Some(s3)) = (from_backend, &s3) {
+                return rebuild_from_backend(&cli.store, cli.key_file.as_deref(), s3, json);
+            }
             let opts = InitOptions {
                 chunk_size: u32::try_from(cs).context("chunk size too large")?,
                 compression: compression.parse::<Compression>()?,
@@ -299,6 +303,54 @@ fn run(cli: Cli) -> Result<i32> {
 }
 
 /// Run a command forwarded over the control socket against the daemon's store.
+/// `drclone init --from-backend`: rebuild the store from its bucket, then open
+/// it once (the open repairs what the bucket lacked and checkpoints the catalog
+/// as this store's) and report what it holds.
+fn rebuild_from_backend(
+    dir: &Path,
+    key_file: Option<&Path>,
+    s3: &drclone::engine::s3::S3Config,
+    json: bool,
+) -> Result<i32> {
+    let rep = drclone::engine::s3::rebuild::rebuild(dir, s3)?;
+    let store = Store::open(dir, key_file)?;
+    let groups = store.groups()?;
+    let mut points = 0;
+    for g in &groups {
+        points += store.points(&g.name)?.len();
+    }
+    let volumes = store.volumes(None)?.len();
+    store.close()?;
+    let mut v = serde_json::to_value(&rep)?;
+    v["groups"] = groups.len().into();
+    v["volumes"] = volumes.into();
+    v["points"] = points.into();
+    let mut out = String::new();
+    print(&mut out, json, v, || {
+        let mut t = format!(
+            "rebuilt store {} from {} (catalog {}, taken {} at {}): {} group(s), {} volume(s), {} point(s)",
+            dir.display(),
+            s3.url(),
+            rep.catalog_seq,
+            rep.catalog_reason,
+            fmt_time(rep.catalog_time),
+            groups.len(),
+            volumes,
+            points
+        );
+        if !rep.packs_missing.is_empty() {
+            t += &format!(
+                "\nwarning: {} pack(s) had not reached the bucket ({} chunk(s) lost): heads that used them read older data",
+                rep.packs_missing.len(),
+                rep.chunks_lost
+            );
+        }
+        t
+    });
+    print!("{out}");
+    Ok(0)
+}
+
 fn handle_forwarded(store: &Arc<Store>, req: ControlRequest) -> ControlResponse {
     let cli = match Cli::try_parse_from(&req.argv) {
         Ok(c) => c,

@@ -228,7 +228,26 @@ pub(crate) fn dispatch(
                             b.oldest_seconds.map_or("-".into(), |s| format!("{s} s")),
                             b.last_error
                                 .map_or(String::new(), |e| format!("; failing: {e}"))
-                        )
+                        ) + &b.catalog.map_or(String::new(), |c| {
+                            format!(
+                                "\ncatalog in the bucket: {}{}{}",
+                                c.uploaded_seq.map_or(
+                                    "none uploaded by this process".into(),
+                                    |s| {
+                                        format!(
+                                            "checkpoint {s}, taken {} s ago",
+                                            c.uploaded_age_secs.unwrap_or(0)
+                                        )
+                                    }
+                                ),
+                                if c.waiting {
+                                    "; a newer one waits for its packs"
+                                } else {
+                                    ""
+                                },
+                                c.error.map_or(String::new(), |e| format!("; failing: {e}"))
+                            )
+                        })
                     })
             });
         }

@@ -114,26 +114,49 @@ fn peer_uid(s: &UnixStream) -> Option<u32> {
     (rc == 0).then_some(cred.uid)
 }
 
+/// A period from the environment variable `var` in whole seconds (at least 1),
+/// or `default` seconds.
+fn env_secs(var: &str, default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+            .max(1),
+    )
+}
+
 /// Seconds between maintenance rounds (drill expiry, retention, retired
 /// heads): `DRCLONE_MAINT_SECS`, default 5.
 fn maintenance_interval() -> Duration {
-    Duration::from_secs(
-        std::env::var("DRCLONE_MAINT_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(5)
-            .max(1),
-    )
+    env_secs("DRCLONE_MAINT_SECS", 5)
+}
+
+/// Seconds between catalog checkpoints of an object-store backend when the
+/// metadata changed (docs/DESIGN.md §20b): `DRCLONE_CATALOG_SECS`, default 300.
+/// Points, GC and open take their own.
+fn catalog_interval() -> Duration {
+    env_secs("DRCLONE_CATALOG_SECS", 300)
 }
 
 fn maintenance(stop: Arc<AtomicBool>, store: Arc<Store>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let every = maintenance_interval();
         let mut next = std::time::Instant::now() + every;
+        let cat_every = catalog_interval();
+        let mut cat_next = std::time::Instant::now() + cat_every;
         let mut checkpoints = crate::dr::checkpoint::Checkpoints::default();
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
             checkpoints.tick(&store, std::time::Instant::now());
+            if std::time::Instant::now() >= cat_next {
+                cat_next = std::time::Instant::now() + cat_every;
+                if store.catalog_changed() {
+                    if let Err(e) = store.checkpoint_catalog("interval") {
+                        log::warn!("catalog checkpoint: {e}");
+                    }
+                }
+            }
             if std::time::Instant::now() < next {
                 continue;
             }

@@ -413,6 +413,9 @@ impl Store {
             "point {id} of group {group}: {} volume(s)",
             rec.volumes.len()
         );
+        // An object store's catalog gets the point (still under the gate).
+        drop(lins);
+        self.checkpoint_after_point(g, &format!("point {id} of {group}"));
         Ok(rec)
     }
 

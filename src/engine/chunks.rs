@@ -269,7 +269,8 @@ impl ChunkStore {
             if PackRec::decode(&v).is_some_and(|r| r.sealed) {
                 continue;
             }
-            let len = self.backend.len(pack)?.unwrap_or(0);
+            let file = self.backend.len(pack)?;
+            let len = file.unwrap_or(0);
             // Trust only what a successful sync covered (the `D` key), where one
             // was recorded: pages past it may be gone even if the page cache still
             // shows them (a restart after a failed sync).  Packs written before
@@ -312,7 +313,14 @@ impl ChunkStore {
                     .latch
                     .trip(format!("fsync of pack {pack} at recovery"), e)
             })?;
-            batch.put(keys::pack(pack), PackRec::sealed(len).encode());
+            if file.is_some() {
+                batch.put(keys::pack(pack), PackRec::sealed(len).encode());
+            } else {
+                // A cut between the record and the file's creation (new_pack):
+                // no file, so no chunk either; the record goes, or verify would
+                // report a sealed pack that does not exist.
+                batch.delete(keys::pack(pack));
+            }
             self.db.write(batch, true)?;
             if dropped > 0 {
                 log::warn!(
@@ -497,6 +505,10 @@ impl ChunkStore {
         // The pack record must be durable before the pack file exists, so recovery
         // always knows about an unsealed pack.
         self.db.write(batch, true)?;
+        crate::fail_point!("new-pack-before-file", |_| Err(Error::io(
+            "failpoint new-pack-before-file",
+            std::io::Error::other("injected")
+        )));
         let writer = self.backend.create(id).map_err(|e| {
             if e.kind() == crate::ErrorKind::NoSpace {
                 e

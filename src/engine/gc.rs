@@ -59,6 +59,9 @@ pub fn gc(store: &Store) -> Result<GcReport> {
     let res = run(store, &mut rep);
     store.chunks.end_gc();
     res?;
+    // The deleted packs leave the object store once a catalog without them is
+    // there (its sweep), and the points a GC delayed get their checkpoint.
+    store.checkpoint_catalog_gc_held("gc")?;
     rep.pack_bytes_after = store.chunks.backend.bytes()?;
     log::info!(
         "gc: dropped {} versions, {} lineages, freed {} chunks, deleted {} packs, compacted {}",

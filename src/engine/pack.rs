@@ -94,6 +94,11 @@ pub trait PackBackend: Send + Sync {
     fn list(&self) -> Result<Vec<u64>>;
     /// Bytes the packs occupy.
     fn bytes(&self) -> Result<u64>;
+    /// The catalog uploader of a backend that keeps the store's metadata beside
+    /// its packs (the object store, docs/DESIGN.md §20b); None for local packs.
+    fn catalog(&self) -> Option<&crate::engine::s3::catalog::Uploader> {
+        None
+    }
     /// Like [`PackBackend::read_at`], but past any cache the backend keeps of
     /// remote data (`verify` checks what is really stored).
     fn read_at_fresh(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -139,6 +144,8 @@ pub struct Backlog {
     pub bound_bytes: u64,
     /// The last upload error, while uploads are failing.
     pub last_error: Option<String>,
+    /// The catalog checkpoints in the bucket (docs/DESIGN.md §20b).
+    pub catalog: Option<crate::engine::s3::catalog::CatalogStatus>,
 }
 
 /// Packs as files under one directory.

@@ -61,6 +61,12 @@ pub struct Config {
     /// existed get one on their next open.
     #[serde(default)]
     pub uuid: Option<uuid::Uuid>,
+    /// Set when the store was rebuilt from its bucket (`init --from-backend`):
+    /// the bucket's marker names the incarnation that owns the prefix, and a
+    /// store whose incarnation is not that one uploads and deletes nothing
+    /// there (the lost host, come back).  None: the store `init` made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<uuid::Uuid>,
     /// Where sealed packs live when not on the local disk (`init --backend
     /// s3://...`); None: `STORE/packs/` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +190,9 @@ pub struct Store {
     pub(crate) leases: Arc<Leases>,
     pub(crate) meta: Mutex<()>,
     pub(crate) gc_lock: Mutex<()>,
+    /// The metadata's sequence number at the last catalog checkpoint (object
+    /// store backends, docs/DESIGN.md §20b).
+    pub(crate) catalog_seqno: std::sync::atomic::AtomicU64,
     pub(crate) lineages: RwLock<HashMap<u64, LineageRec>>,
     pub(crate) stripes: Vec<Mutex<()>>,
     /// Write-back overlay of partly written blocks of heads, and the journal that
@@ -250,7 +259,7 @@ fn repair_lost_chunks(db: &Db, dir: &Path, lost: Vec<ChunkId>) -> Result<()> {
 
 /// Write `store.json` atomically: a temporary file, fsynced, renamed into place,
 /// and the directory fsynced, so a store's config exists completely or not at all.
-fn write_config(dir: &Path, cfg: &Config) -> Result<()> {
+pub(crate) fn write_config(dir: &Path, cfg: &Config) -> Result<()> {
     let cfg_path = dir.join(CONFIG_FILE);
     let tmp = dir.join("store.json.tmp");
     let body = serde_json::to_vec_pretty(cfg).expect("config serializes");
@@ -445,6 +454,7 @@ impl Store {
             pack_size: opts.pack_size,
             created: now_secs(),
             uuid: Some(uuid::Uuid::new_v4()),
+            incarnation: None,
             s3: opts.s3.clone(),
         };
         if let Some(s3) = &cfg.s3 {
@@ -539,11 +549,10 @@ impl Store {
         let db = Arc::new(db);
         let codec = Codec::new(cfg.compression, key.as_ref());
         let backend: Arc<dyn crate::engine::pack::PackBackend> = match &cfg.s3 {
-            Some(s3) => Arc::new(crate::engine::s3::S3Packs::open(
-                s3,
-                &dir.join("packs"),
-                &dir.join("s3-cache"),
-            )?),
+            Some(s3) => Arc::new(
+                crate::engine::s3::S3Packs::open(s3, &dir.join("packs"), &dir.join("s3-cache"))?
+                    .owned_by(cfg.incarnation),
+            ),
             None => Arc::new(LocalPacks::new(&dir.join("packs"))?),
         };
         let chunks = ChunkStore::open(
@@ -601,6 +610,7 @@ impl Store {
             leases: Arc::default(),
             meta: Mutex::new(()),
             gc_lock: Mutex::new(()),
+            catalog_seqno: std::sync::atomic::AtomicU64::new(0),
             lineages: RwLock::new(lineages),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             overlay,
@@ -641,6 +651,8 @@ impl Store {
             log::info!("store {}: recovered after a latched run", dir.display());
         }
         keep_reserve(dir);
+        // An object store's catalog catches up with what this open recovered.
+        store.checkpoint_catalog("open")?;
         Ok(store)
     }
 
@@ -854,7 +866,25 @@ impl Store {
         self.journal.reset()?;
         let mut b = WriteBatch::default();
         b.delete_range(vec![keys::HORIZON], vec![keys::HORIZON + 1]);
-        self.db.write(b, true)
+        self.db.write(b, true)?;
+        // An object store gets the final catalog, and a while to take it and
+        // the packs before it (the next open uploads whatever is left).
+        if self.checkpoint_catalog("close")? {
+            if let Some(up) = self.chunks.backend.catalog() {
+                let wait = std::env::var("DRCLONE_S3_CLOSE_WAIT_SECS")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(30);
+                if !up.wait_idle(std::time::Duration::from_secs(wait)) {
+                    log::warn!(
+                        "store {}: the object store did not take the last packs and catalog \
+                         within {wait} s; they stay local and the next open uploads them",
+                        self.dir.display()
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The store's fsyncgate latch (see [`crate::engine::latch`]).

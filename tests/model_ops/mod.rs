@@ -289,6 +289,15 @@ pub fn run(ops: Vec<Op>, encrypt: bool, s3: Option<S3Config>) {
         s.remove_volume(g, d).unwrap();
     }
     drclone::engine::gc::gc(&s).unwrap();
+    // An object store deletes the objects once the catalog the GC took (which
+    // no longer lists them) is in the bucket: its sweep (DESIGN §20b).
+    if let Some(c) = s.chunks.backend.catalog() {
+        assert!(
+            c.wait_idle(std::time::Duration::from_secs(120)),
+            "the catalog after the gc was not uploaded: {:?}",
+            c.status()
+        );
+    }
     let st = s.chunks.stats().unwrap();
     assert_eq!(st.chunks, 0, "every chunk is reclaimed");
     assert_eq!(

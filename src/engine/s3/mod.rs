@@ -20,7 +20,10 @@
 //! docs/DESIGN.md §20 has the state machine and the crash cases.
 
 pub mod cache;
+pub mod catalog;
+mod checkpoint;
 pub mod config;
+pub mod rebuild;
 pub mod remote;
 mod upload;
 
@@ -48,6 +51,8 @@ pub struct S3Packs {
     queue: Arc<Queue>,
     bound: u64,
     uploader: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Uploads catalog checkpoints and sweeps what they no longer reference.
+    catalog: catalog::Uploader,
 }
 
 /// Free bytes of the file system holding `dir` (0 if unknown).
@@ -133,7 +138,9 @@ impl S3Packs {
             .name("s3-upload".into())
             .spawn(move || upload::run(q, l, r))
             .map_err(|e| Error::io("s3-upload thread", e))?;
+        let catalog = catalog::Uploader::start(remote.clone(), queue.clone())?;
         Ok(S3Packs {
+            catalog,
             local,
             remote,
             cache,
@@ -141,6 +148,12 @@ impl S3Packs {
             bound,
             uploader: Mutex::new(Some(h)),
         })
+    }
+
+    /// Write for store incarnation `inc` ([`remote::Remote::check_owner`]).
+    pub fn owned_by(self, inc: Option<uuid::Uuid>) -> S3Packs {
+        self.remote.set_owner(inc);
+        self
     }
 
     /// Wait until nothing is pending, or `timeout` passes; true if drained.
@@ -367,7 +380,14 @@ impl PackBackend for S3Packs {
         self.local.delete(id)?;
         self.cache.drop_pack(id);
         self.queue.remote_lens.lock().unwrap().remove(&id);
-        self.remote.delete_pack(id)
+        // The object stays until a catalog that no longer lists this pack is in
+        // the bucket (its sweep deletes it): the newest catalog there must never
+        // name a deleted object, or a rebuild from it would lose data.
+        Ok(())
+    }
+
+    fn catalog(&self) -> Option<&catalog::Uploader> {
+        Some(&self.catalog)
     }
 
     fn list(&self) -> Result<Vec<u64>> {
@@ -439,6 +459,7 @@ impl PackBackend for S3Packs {
                 .max(),
             bound_bytes: self.bound,
             last_error: s.last_error.clone(),
+            catalog: Some(self.catalog.status()),
         })
     }
 }

@@ -23,6 +23,9 @@ pub struct Remote {
     s3: AmazonS3,
     bucket: String,
     prefix: String,
+    /// The store incarnation this process writes for (see
+    /// [`Remote::check_owner`]).
+    owner: std::sync::RwLock<Option<uuid::Uuid>>,
 }
 
 /// Name of the marker object that says which store owns a prefix.
@@ -69,6 +72,7 @@ impl Remote {
             s3,
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.clone(),
+            owner: std::sync::RwLock::new(None),
         })
     }
 
@@ -178,6 +182,52 @@ impl Remote {
             .collect();
         out.sort_unstable();
         Ok(out)
+    }
+
+    /// Write for store incarnation `inc` (None: the store `init` made).
+    pub fn set_owner(&self, inc: Option<uuid::Uuid>) {
+        *self.owner.write().unwrap() = inc;
+    }
+
+    /// Before an upload or a deletion: the prefix's marker must name this
+    /// process's incarnation.  A store rebuilt elsewhere (`init --from-backend`)
+    /// writes a new one, so the lost host, if it comes back, touches nothing.
+    /// Errors: [`Error::Refused`] naming both; GET errors.
+    pub fn check_owner(&self) -> Result<()> {
+        let Some(body) = self.get(MARKER)? else {
+            return Ok(()); // a prefix without a marker (made before markers)
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let theirs = v
+            .get("incarnation")
+            .and_then(|u| u.as_str())
+            .and_then(|u| uuid::Uuid::parse_str(u).ok());
+        let ours = *self.owner.read().unwrap();
+        if theirs != ours {
+            return Err(Error::Refused(format!(
+                "{} now belongs to a store rebuilt elsewhere (incarnation {}); this store \
+                 (incarnation {}) uploads and deletes nothing there any more: it must not \
+                 serve as that store",
+                self.target(),
+                theirs.map_or("-".into(), |u| u.to_string()),
+                ours.map_or("-".into(), |u| u.to_string())
+            )));
+        }
+        Ok(())
+    }
+
+    /// Objects directly under `PREFIX/dir/`: (file name, size in bytes).
+    pub fn list_dir(&self, dir: &str) -> Result<Vec<(String, u64)>> {
+        let p = self.path(dir);
+        let res = self
+            .rt
+            .block_on(self.s3.list_with_delimiter(Some(&p)))
+            .map_err(|e| self.err("LIST", dir, e))?;
+        Ok(res
+            .objects
+            .iter()
+            .filter_map(|m| Some((m.location.filename()?.to_string(), m.size)))
+            .collect())
     }
 
     pub fn put_pack(&self, id: u64, data: Bytes) -> Result<()> {

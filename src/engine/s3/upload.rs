@@ -100,6 +100,7 @@ fn upload_one(local: &LocalPacks, remote: &Remote, id: u64, len: u64) -> Result<
     }
     let n = data.len() as u64;
     crate::fail_point!("s3-before-put");
+    remote.check_owner()?;
     remote.put_pack(id, bytes::Bytes::from(data))?;
     match remote.head_pack(id)? {
         Some(l) if l == n => Ok(Some(n)),
