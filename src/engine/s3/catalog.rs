@@ -27,7 +27,7 @@
 //! no longer needs ([`sweep`]).
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -48,6 +48,12 @@ pub const DIR: &str = "catalog";
 /// Catalog objects kept in the bucket (the newest ones); older are deleted
 /// once a newer one is confirmed.
 pub const KEEP: usize = 2;
+
+/// A catalog body may inflate to at most this many times its compressed size
+/// (real catalogs, mostly chunk ids and hashes, compress about 2 to 10 times).
+const MAX_RATIO: u64 = 1024;
+/// ... and always to this many bytes (small catalogs).
+const MIN_INFLATE_LIMIT: u64 = 16 << 20;
 
 /// Key tags a checkpoint leaves out (local state, see the module doc).
 const LOCAL_TAGS: [u8; 3] = [keys::DURABLE, keys::HORIZON, keys::LOST];
@@ -195,10 +201,33 @@ pub fn decode(what: &str, data: &[u8]) -> Result<(Header, Vec<(Vec<u8>, Vec<u8>)
     let body = rest
         .get(8..8 + blen)
         .ok_or_else(|| bad("body beyond the end"))?;
-    let raw = zstd::stream::decode_all(body).map_err(|e| bad(&format!("body: {e}")))?;
-    let mut recs = Vec::with_capacity(header.keys as usize);
+    // Inflate at most MAX_RATIO times the compressed size (a floor for small
+    // catalogs): a hostile body cannot take memory it does not pay for.
+    let limit = (blen as u64)
+        .saturating_mul(MAX_RATIO)
+        .max(MIN_INFLATE_LIMIT);
+    let mut raw = Vec::new();
+    zstd::stream::read::Decoder::with_buffer(body)
+        .map_err(|e| bad(&format!("body: {e}")))?
+        .take(limit + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| bad(&format!("body: {e}")))?;
+    if raw.len() as u64 > limit {
+        return Err(bad(&format!(
+            "body inflates past {limit} bytes ({MAX_RATIO} times its {blen} compressed bytes)"
+        )));
+    }
+    // Never trust the header's count for an allocation: a record takes at
+    // least 8 bytes.
+    let mut recs = Vec::with_capacity((header.keys.min(raw.len() as u64 / 8)) as usize);
     let mut p = 0usize;
     while p < raw.len() {
+        if recs.len() as u64 >= header.keys {
+            return Err(bad(&format!(
+                "more records than the header says ({})",
+                header.keys
+            )));
+        }
         let lens = raw.get(p..p + 8).ok_or_else(|| bad("record cut short"))?;
         let kl = u32::from_be_bytes(lens[..4].try_into().unwrap()) as usize;
         let vl = u32::from_be_bytes(lens[4..].try_into().unwrap()) as usize;
@@ -434,5 +463,123 @@ fn run(slot: Arc<(Mutex<Slot>, Condvar)>, remote: Arc<Remote>, queue: Arc<Queue>
                 backoff = (backoff * 2).min(Duration::from_secs(60));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // ---- hostile review: decode never panics or inflates without bound --------
+
+    use super::*;
+
+    /// A catalog object around `header` and the compressed `body`, with a valid
+    /// checksum (as anyone who can write to the bucket can make).
+    fn object(header: &Header, body: &[u8]) -> Vec<u8> {
+        let h = serde_json::to_vec(header).unwrap();
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&(h.len() as u32).to_be_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        out.extend_from_slice(body);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// `obj` with its checksum recomputed after an edit.
+    fn reseal(mut obj: Vec<u8>) -> Vec<u8> {
+        let n = obj.len() - 32;
+        let sum = blake3::hash(&obj[..n]);
+        obj[n..].copy_from_slice(sum.as_bytes());
+        obj
+    }
+
+    fn header(keys: u64) -> Header {
+        Header {
+            version: 1,
+            config: serde_json::json!({}),
+            time: 0,
+            reason: "test".into(),
+            next_pack: 1,
+            sealed: vec![],
+            packs: vec![],
+            keys,
+        }
+    }
+
+    fn records(recs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for (k, v) in recs {
+            raw.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            raw.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            raw.extend_from_slice(k);
+            raw.extend_from_slice(v);
+        }
+        zstd::encode_all(&raw[..], 3).unwrap()
+    }
+
+    #[test]
+    fn a_well_formed_catalog_decodes() {
+        let body = records(&[(b"Gdb", b"{}"), (b"Vdb/d", b"x")]);
+        let (h, recs) = decode("t", &object(&header(2), &body)).unwrap();
+        assert_eq!(h.keys, 2);
+        assert_eq!(recs[1], (b"Vdb/d".to_vec(), b"x".to_vec()));
+    }
+
+    /// Before the fix: `Vec::with_capacity(header.keys)` panicked ("capacity
+    /// overflow") on a header claiming 2^64-1 keys, so a rebuild aborted
+    /// instead of skipping to an older catalog.
+    #[test]
+    fn a_header_claiming_more_keys_than_the_body_holds_is_refused() {
+        let body = records(&[(b"Gdb", b"{}")]);
+        for keys in [u64::MAX, 1 << 40, 2] {
+            let e = decode("t", &object(&header(keys), &body)).unwrap_err();
+            assert!(e.to_string().contains("the header says"), "{e}");
+        }
+    }
+
+    #[test]
+    fn truncated_damaged_and_hostile_objects_are_refused() {
+        let good = object(&header(1), &records(&[(b"Gdb", b"{}")]));
+        // Every truncation, and a flipped byte anywhere.
+        for n in 0..good.len() {
+            assert!(decode("t", &good[..n]).is_err(), "truncated at {n}");
+        }
+        for i in 0..good.len() {
+            let mut d = good.clone();
+            d[i] ^= 0x40;
+            assert!(decode("t", &d).is_err(), "byte {i} flipped");
+        }
+        // Lengths pointing past the end (checksum valid): header, body, record.
+        let mut h = object(&header(1), &records(&[(b"Gdb", b"{}")]));
+        h[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode("t", &reseal(h)).is_err());
+        let hj = serde_json::to_vec(&header(1)).unwrap();
+        let mut b = object(&header(1), &records(&[(b"Gdb", b"{}")]));
+        let at = 12 + hj.len();
+        b[at..at + 8].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert!(decode("t", &reseal(b)).is_err());
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&u32::MAX.to_be_bytes());
+        raw.extend_from_slice(&u32::MAX.to_be_bytes());
+        raw.extend_from_slice(b"G");
+        let body = zstd::encode_all(&raw[..], 3).unwrap();
+        let e = decode("t", &object(&header(1), &body)).unwrap_err();
+        assert!(e.to_string().contains("cut short"), "{e}");
+    }
+
+    /// Before the fix: `zstd::decode_all` inflated the whole body, so a few KiB
+    /// of zstd (256 MiB of zeros here) took as much memory as they expand to.
+    #[test]
+    fn a_body_that_inflates_past_its_bound_is_refused() {
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            enc.write_all(&zeros).unwrap();
+        }
+        let body = enc.finish().unwrap();
+        assert!(body.len() < 64 << 10, "{}", body.len());
+        let e = decode("t", &object(&header(1), &body)).unwrap_err();
+        assert!(e.to_string().contains("inflates"), "{e}");
     }
 }
