@@ -28,6 +28,10 @@ fn script() -> PathBuf {
 /// On tmpfs when there is one: the monitor will not start on a disk with (about)
 /// 0% free, and the sparse OSD file costs only what is written.
 fn cluster_dir() -> PathBuf {
+    // A dedicated directory when another run may be using the default one.
+    if let Some(d) = std::env::var_os("DRCLONE_S3_TEST_CEPH_DIR") {
+        return PathBuf::from(d);
+    }
     let shm = Path::new("/dev/shm");
     let base = if shm.is_dir() {
         shm.to_path_buf()
@@ -648,4 +652,133 @@ fn a_store_rebuilt_from_its_bucket_serves_every_point_byte_for_byte() {
         .collect();
     assert!(new.is_empty(), "the old host wrote {new:?}");
     std::env::remove_var("DRCLONE_S3_CLOSE_WAIT_SECS");
+}
+
+// ---- hostile review ------------------------------------------------------------------
+
+/// A point reached in another thread, held there until released
+/// (`fail::cfg_callback`).
+#[cfg(feature = "failpoints")]
+#[derive(Clone, Default)]
+struct Hold(std::sync::Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>);
+
+#[cfg(feature = "failpoints")]
+impl Hold {
+    /// Hold every thread that reaches failpoint `name` until [`Hold::release`].
+    fn at(name: &str) -> Hold {
+        let h = Hold::default();
+        let h2 = h.clone();
+        fail::cfg_callback(name, move || {
+            let (m, cv) = &*h2.0;
+            let mut s = m.lock().unwrap();
+            s.0 = true;
+            cv.notify_all();
+            while !s.1 {
+                s = cv.wait(s).unwrap();
+            }
+        })
+        .unwrap();
+        h
+    }
+    fn wait_reached(&self) {
+        let (m, cv) = &*self.0;
+        let mut s = m.lock().unwrap();
+        while !s.0 {
+            s = cv.wait_timeout(s, Duration::from_secs(120)).unwrap().0;
+        }
+    }
+    fn release(&self) {
+        let (m, cv) = &*self.0;
+        m.lock().unwrap().1 = true;
+        cv.notify_all();
+    }
+}
+
+/// A store in this process with 64 KiB packs under a new prefix.
+fn store_here(c: &Cluster, dir: &Path, tag: &str) -> (S3Config, drclone::Store) {
+    let mut cfg = model_cfg(c);
+    cfg.prefix = unique(tag);
+    let path = dir.join("store");
+    drclone::Store::init(
+        &path,
+        &drclone::InitOptions {
+            pack_size: 64 << 10,
+            s3: Some(cfg.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (cfg, drclone::Store::open(&path, None).unwrap())
+}
+
+fn catalog_status(store: &drclone::Store) -> serde_json::Value {
+    let b = store.chunks.backend.backlog().unwrap();
+    serde_json::to_value(b.catalog.unwrap()).unwrap()
+}
+
+/// Found by the hostile review: a checkpoint (at a point) lists packs that are
+/// still waiting for upload; a GC deletes them before they are uploaded (they
+/// leave the queue, never to be uploaded); the catalog uploader then saw none
+/// of its packs waiting and uploaded the catalog, which named objects that do
+/// not exist.  Until the GC's own catalog replaced it, a rebuild from the bucket
+/// restored the point with its chunks lost (`packs_missing` non-empty, the
+/// point's blocks repaired to zeros).  A catalog is now uploaded only once
+/// every pack it lists as sealed is in the bucket.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_catalog_naming_packs_gc_deleted_before_their_upload_never_reaches_the_bucket() {
+    let (c, _turn) = cluster();
+    let _fp = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, store) = store_here(c, dir.path(), "gcpending");
+    let store = std::sync::Arc::new(store);
+    store.create_group("g").unwrap();
+    store.create_volume("g", "d", 1 << 20).unwrap();
+    // The open's catalog is in the bucket.
+    let t0 = Instant::now();
+    while !(catalog_status(&store)["uploaded_seq"].is_u64()
+        && catalog_status(&store)["waiting"] == false)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{}", catalog_status(&store));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let base = catalog_status(&store)["uploaded_seq"].clone();
+    // Pack uploads held; a point's catalog lists the packs of 256 KiB of data.
+    let uploads = Hold::at("s3-before-put");
+    let view = store.view("g", "d", None).unwrap();
+    store.write(&view, 0, &random_bytes(5, 256 << 10)).unwrap();
+    let p = store.create_point("g", false, None).unwrap();
+    uploads.wait_reached();
+    assert!(catalog_status(&store)["waiting"] == true);
+    // The point and the head's data go; GC deletes the packs (still queued)
+    // and is held before its own checkpoint.
+    store.remove_point("g", &p.id.to_string()).unwrap();
+    store.zero(&view, 0, 1 << 20).unwrap();
+    let gc_hold = Hold::at("gc-before-catalog");
+    let s2 = store.clone();
+    let gc = std::thread::spawn(move || drclone::engine::gc::gc(&s2).unwrap());
+    gc_hold.wait_reached();
+    let b = store.chunks.backend.backlog().unwrap();
+    assert_eq!(b.packs, 0, "gc deleted the queued packs: {b:?}");
+    // Uploads go on: the point's catalog must not reach the bucket (it would
+    // have within a few of its 200 ms polls).
+    uploads.release();
+    let t0 = Instant::now();
+    while catalog_status(&store)["uploaded_seq"] == base && t0.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The host is lost now: a rebuild from the bucket finds every pack its
+    // catalog names.
+    let fresh = dir.path().join("rebuilt");
+    let rep = drclone::engine::s3::rebuild::rebuild(&fresh, &cfg).unwrap();
+    assert!(
+        rep.packs_missing.is_empty() && rep.chunks_lost == 0,
+        "the newest catalog in the bucket names objects that do not exist: {rep:?}"
+    );
+    gc_hold.release();
+    let rep = gc.join().unwrap();
+    assert!(rep.packs_deleted >= 4, "{rep:?}");
+    fail::remove("s3-before-put");
+    fail::remove("gc-before-catalog");
 }

@@ -59,6 +59,7 @@ pub fn gc(store: &Store) -> Result<GcReport> {
     let res = run(store, &mut rep);
     store.chunks.end_gc();
     res?;
+    crate::fail_point!("gc-before-catalog");
     // The deleted packs leave the object store once a catalog without them is
     // there (its sweep), and the points a GC delayed get their checkpoint.
     store.checkpoint_catalog_gc_held("gc")?;

@@ -388,8 +388,18 @@ impl Drop for Uploader {
     }
 }
 
+/// What one attempt of the catalog thread did.
+enum Step {
+    /// Uploaded under this sequence number (and swept).
+    Uploaded(u64),
+    /// Some of its packs are still waiting for upload.
+    Waiting,
+    /// It names a pack that will never be in the bucket: why.
+    Stale(String),
+}
+
 /// The thread: take the newest queued checkpoint, wait until every pack it
-/// lists as sealed has left the local queue (uploaded and confirmed), PUT it
+/// lists as sealed has left the local queue and is in the bucket, PUT it
 /// under the next sequence number, sweep.  Failures retry with backoff
 /// (1 s doubling to 60 s); a stop leaves the checkpoint behind (the next open
 /// takes a new one).
@@ -410,10 +420,22 @@ fn run(slot: Arc<(Mutex<Slot>, Condvar)>, remote: Arc<Remote>, queue: Arc<Queue>
                 s = cv.wait(s).unwrap();
             }
         };
-        let attempt = (|| -> Result<Option<u64>> {
+        let attempt = (|| -> Result<Step> {
             let pending = pending_ids(&queue);
             if header.sealed.iter().any(|id| pending.contains(id)) {
-                return Ok(None); // its packs are not all up yet
+                return Ok(Step::Waiting); // its packs are not all up yet
+            }
+            // Out of the queue is not enough: a GC may have deleted a pack
+            // before its upload (it left the queue, never to be uploaded).
+            // Only a catalog whose every sealed pack is in the bucket goes up.
+            let there: HashSet<u64> = remote.list_packs()?.into_iter().map(|(id, _)| id).collect();
+            if let Some(id) = header.sealed.iter().find(|id| !there.contains(id)) {
+                return Ok(Step::Stale(format!(
+                    "the checkpoint ({}) names pack {id}, which is neither waiting for \
+                     upload nor in the bucket (deleted before its upload); it waits for \
+                     a newer checkpoint",
+                    header.reason
+                )));
             }
             let next = match seq {
                 Some(s) => s + 1,
@@ -429,11 +451,11 @@ fn run(slot: Arc<(Mutex<Slot>, Condvar)>, remote: Arc<Remote>, queue: Arc<Queue>
                 object.len(),
                 header.reason
             );
-            Ok(Some(next))
+            Ok(Step::Uploaded(next))
         })();
         let mut s = m.lock().unwrap();
         match attempt {
-            Ok(Some(n)) => {
+            Ok(Step::Uploaded(n)) => {
                 seq = Some(n);
                 s.uploaded = Some(n);
                 s.uploaded_time = Some(header.time);
@@ -449,8 +471,17 @@ fn run(slot: Arc<(Mutex<Slot>, Condvar)>, remote: Arc<Remote>, queue: Arc<Queue>
                 cv.notify_all();
                 continue;
             }
-            Ok(None) => {
+            Ok(Step::Waiting) => {
                 let _ = cv.wait_timeout(s, Duration::from_millis(200)).unwrap();
+            }
+            Ok(Step::Stale(why)) => {
+                // Not an object store failure: a newer checkpoint (the GC's,
+                // or the interval's: the deletion changed the metadata)
+                // replaces it and wakes this thread.
+                log::info!("{}: {why}", remote.target());
+                s.error = Some(why);
+                let _ = cv.wait_timeout(s, backoff).unwrap();
+                backoff = (backoff * 2).min(Duration::from_secs(60));
             }
             Err(e) => {
                 log::warn!(

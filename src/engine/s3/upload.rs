@@ -134,6 +134,21 @@ pub(crate) fn run(queue: Arc<Queue>, local: Arc<LocalPacks>, remote: Arc<Remote>
         let (id, len) = job;
         let res = upload_one(&local, &remote, id, len);
         let mut s = queue.state.lock().unwrap();
+        if matches!(res, Ok(Some(_))) && !s.pending.contains_key(&id) {
+            // Deleted (GC) while it was being uploaded: the object goes too,
+            // while the pack still counts as uploading, so the catalog thread
+            // (which waits for it) never sees this object and names it in a
+            // catalog that reaches the bucket after the object is gone.
+            drop(s);
+            if let Err(e) = remote.delete_pack(id) {
+                log::warn!(
+                    "s3 upload: pack {id} was deleted during its upload and its \
+                     object could not be removed ({e}); the sweep after the next \
+                     catalog removes it"
+                );
+            }
+            s = queue.state.lock().unwrap();
+        }
         s.uploading = None;
         match res {
             Ok(uploaded) => {
@@ -152,15 +167,6 @@ pub(crate) fn run(queue: Arc<Queue>, local: Arc<LocalPacks>, remote: Arc<Remote>
                         "uploaded pack {id} ({len} bytes) to {}",
                         remote.pack_url(id)
                     );
-                } else {
-                    // Deleted (GC) while it was being uploaded: the object must go too.
-                    drop(s);
-                    if let Err(e) = remote.delete_pack(id) {
-                        log::warn!(
-                            "s3 upload: pack {id} was deleted during its upload and its \
-                             object could not be removed ({e}); the next gc removes it"
-                        );
-                    }
                 }
             }
             Err(e) => {
