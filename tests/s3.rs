@@ -771,7 +771,7 @@ fn a_catalog_naming_packs_gc_deleted_before_their_upload_never_reaches_the_bucke
     // The host is lost now: a rebuild from the bucket finds every pack its
     // catalog names.
     let fresh = dir.path().join("rebuilt");
-    let rep = drclone::engine::s3::rebuild::rebuild(&fresh, &cfg).unwrap();
+    let rep = drclone::engine::s3::rebuild::rebuild(&fresh, &cfg, None).unwrap();
     assert!(
         rep.packs_missing.is_empty() && rep.chunks_lost == 0,
         "the newest catalog in the bucket names objects that do not exist: {rep:?}"
@@ -781,4 +781,97 @@ fn a_catalog_naming_packs_gc_deleted_before_their_upload_never_reaches_the_bucke
     assert!(rep.packs_deleted >= 4, "{rep:?}");
     fail::remove("s3-before-put");
     fail::remove("gc-before-catalog");
+}
+
+/// The marker object of `prefix` (its bytes): who owns the prefix.
+fn marker(prefix: &str) -> (String, u64) {
+    objects(prefix)
+        .into_iter()
+        .find(|(k, _)| k.ends_with("/drclone-store.json"))
+        .unwrap()
+}
+
+/// Found by the hostile review: `init --from-backend` of an encrypted store
+/// wrote the bucket's marker (fencing the old host) and filled the directory
+/// before it looked at the key, then failed to open: without `--key-file` (the
+/// path recorded on the lost host is gone) or with a wrong key, the prefix was
+/// taken over by a store nobody could open, and the directory had to be
+/// emptied by hand to try again.  And with the right key, the rebuilt store
+/// kept the lost host's key path, so every later command needed `--key-file`.
+/// Now the key is checked before anything is written, and the path given is
+/// recorded.
+#[test]
+fn rebuilding_an_encrypted_store_checks_the_key_first_and_records_it() {
+    let (c, _turn) = cluster();
+    let prefix = unique("enc");
+    let env = Env::new();
+    let key = env.path("key");
+    let url = format!("s3://{BUCKET}/{prefix}");
+    env.ok(&[
+        "init",
+        "--encrypt",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--backend",
+        &url,
+        "--s3-endpoint",
+        &c.endpoint,
+        "--pack-size",
+        "1M",
+    ]);
+    env.ok(&["group", "create", "g"]);
+    env.ok(&["volume", "create", "g/d", "--size", "4M"]);
+    let data = random_file(&env, "data.raw", 31, 3 << 20);
+    env.ok(&["import", "g/d", data.to_str().unwrap()]);
+    let pid = env.json(&["point", "create", "g"])["id"].as_u64().unwrap();
+    // The host is lost with its key file; a copy was kept elsewhere.
+    let kept = Env::new();
+    let copy = kept.path("kept.key");
+    std::fs::rename(&key, &copy).unwrap();
+    let owner = marker(&prefix);
+
+    let fresh = Env::new();
+    let e = fresh.fails(&["init", "--from-backend", &url, "--s3-endpoint", &c.endpoint]);
+    assert!(e.contains("encrypted") && e.contains("--key-file"), "{e}");
+    let wrong = fresh.path("wrong.key");
+    let other = Env::new();
+    other.ok(&["init", "--encrypt", "--key-file", wrong.to_str().unwrap()]);
+    let e = fresh.fails(&[
+        "init",
+        "--from-backend",
+        &url,
+        "--s3-endpoint",
+        &c.endpoint,
+        "--key-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert!(e.contains("wrong key"), "{e}");
+    // Neither attempt took the prefix or left anything behind.
+    assert_eq!(marker(&prefix), owner, "a failed rebuild took the prefix");
+    assert!(
+        !fresh.store.exists() || std::fs::read_dir(&fresh.store).unwrap().next().is_none(),
+        "a failed rebuild left files in {}",
+        fresh.store.display()
+    );
+
+    let rep = fresh.json(&[
+        "init",
+        "--from-backend",
+        &url,
+        "--s3-endpoint",
+        &c.endpoint,
+        "--key-file",
+        copy.to_str().unwrap(),
+    ]);
+    assert_eq!(rep["points"], 1, "{rep}");
+    assert_eq!(rep["chunks_lost"], 0, "{rep}");
+    // No --key-file from now on: the rebuilt store knows where its key is.
+    let v = fresh.ok(&["verify"]);
+    assert!(v.contains("checked"), "{v}");
+    let srv = Server::start(&fresh);
+    let mut want = std::fs::read(&data).unwrap();
+    want.resize(4 << 20, 0);
+    let wf = fresh.path("want.raw");
+    std::fs::write(&wf, want).unwrap();
+    qemu_compare(&srv.tcp(&format!("g/d@{pid}")), &wf);
 }

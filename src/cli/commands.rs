@@ -312,7 +312,7 @@ fn rebuild_from_backend(
     s3: &drclone::engine::s3::S3Config,
     json: bool,
 ) -> Result<i32> {
-    let rep = drclone::engine::s3::rebuild::rebuild(dir, s3)?;
+    let rep = drclone::engine::s3::rebuild::rebuild(dir, s3, key_file)?;
     let store = Store::open(dir, key_file)?;
     let groups = store.groups()?;
     let mut points = 0;

@@ -45,11 +45,15 @@ pub struct RebuildReport {
 }
 
 /// Rebuild the store at `dir` (which must not exist, or be empty) from the
-/// bucket `s3` names.  Errors: [`Error::Exists`] if `dir` holds anything;
+/// bucket `s3` names.  An encrypted store needs `key_file`, checked against
+/// the catalog before anything is written (the bucket's marker included) and
+/// recorded in the new `store.json`.  Errors: [`Error::Exists`] if `dir` holds
+/// anything; [`Error::Key`] if the key is missing or wrong, or given for a
+/// store that is not encrypted;
 /// [`Error::NotFound`] if the prefix holds no catalog; [`Error::Invalid`] if
 /// no catalog decodes; [`Error::ObjectStore`] if the bucket cannot be read;
 /// I/O and database errors creating the store.
-pub fn rebuild(dir: &Path, s3: &S3Config) -> Result<RebuildReport> {
+pub fn rebuild(dir: &Path, s3: &S3Config, key_file: Option<&Path>) -> Result<RebuildReport> {
     if dir.exists() && std::fs::read_dir(dir).at(dir)?.next().is_some() {
         return Err(Error::Exists(format!(
             "{} is not empty: a store is rebuilt into a new directory",
@@ -96,6 +100,9 @@ pub fn rebuild(dir: &Path, s3: &S3Config) -> Result<RebuildReport> {
     let mut cfg: Config = serde_json::from_value(header.config.clone())
         .map_err(|e| Error::invalid(format!("catalog {seq}: store config: {e}")))?;
     cfg.s3 = Some(s3.clone());
+    // The key before anything is written: a rebuild that cannot open the
+    // store must not take the prefix from the old host, nor fill `dir`.
+    cfg.key_file = check_key(&cfg, key_file)?;
     // This store now owns the prefix: a new incarnation in its config and in
     // the bucket's marker, so the lost host, if it comes back, touches nothing.
     let inc = uuid::Uuid::new_v4();
@@ -195,4 +202,34 @@ pub fn rebuild(dir: &Path, s3: &S3Config) -> Result<RebuildReport> {
         packs_missing: missing,
         chunks_lost: lost,
     })
+}
+
+/// The key file the rebuilt store records: `key_file` (made absolute), which
+/// must hold the key of an encrypted store (`cfg.key_check`); None for a store
+/// that is not encrypted.  Errors: [`Error::Key`] (missing, unreadable, wrong,
+/// or given for a store that is not encrypted).
+fn check_key(cfg: &Config, key_file: Option<&Path>) -> Result<Option<std::path::PathBuf>> {
+    match (cfg.encrypted, key_file) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(Error::Key(
+            "--key-file given, but the store in the bucket is not encrypted".into(),
+        )),
+        (true, None) => Err(Error::Key(
+            "the store in the bucket is encrypted: give its key with --key-file \
+             (nothing was written)"
+                .into(),
+        )),
+        (true, Some(path)) => {
+            let path = std::path::absolute(path).at(path)?;
+            let key = crate::engine::codec::MasterKey::load(&path)?;
+            if Some(key.check_value()) != cfg.key_check {
+                return Err(Error::Key(format!(
+                    "wrong key: key file {} does not match the key the store in the bucket \
+                     was created with (nothing was written)",
+                    path.display()
+                )));
+            }
+            Ok(Some(path))
+        }
+    }
 }
