@@ -858,3 +858,67 @@ fn fuse_refuses_a_writer_while_replication_holds_the_head() {
     assert!(ok, "writing stayed refused after the session ended");
     m.stop();
 }
+
+// ---- hostile review of the pipeline ---------------------------------------------
+// Commits d243830 (the receiver stores each CHUNKS frame on a worker thread while
+// it reads the next) and 601e579 (agent and push share one pipelined send path).
+
+/// The receiver's peak resident memory (VmHWM), bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = st.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
+/// DEFECT (fixed): a CHUNKS frame was decompressed whole before any chunk was
+/// checked, so a frame of zstd bombs within the 32 MiB frame limit made the
+/// receiver hold their whole plaintext at once.  Reproduction: HELLO one
+/// 4 MiB volume, HAVE 16,384 made-up ids (within the cycle's budget), then
+/// one CHUNKS frame of ~1 MiB: each id with a 64 KiB block of zeros
+/// compressed to a few bytes.  The daemon's peak RSS grew by over 1 GiB
+/// before it found the first id wrong (65,536 ids, which any 1-block volume's
+/// budget allows, make it 4 GiB; 64 sessions at once, 256 GiB).  Now a frame
+/// is decompressed, checked and stored in slices of bounded plaintext.
+#[test]
+fn a_frame_of_zstd_bombs_is_not_inflated_whole() {
+    let t = Site::new();
+    let pid = t.pid();
+    let (mut c, typ, body) = hello(t.repl, "g", &[("d".into(), 4 * MIB as u64)]);
+    assert_eq!(typ, wire::WELCOME, "{body}");
+    const N: u64 = 16_384;
+    let ids: Vec<[u8; 32]> = (0..N)
+        .map(|i| *blake3::hash(&i.to_be_bytes()).as_bytes())
+        .collect();
+    wire::write_frame(&mut c, wire::HAVE, &wire::encode_ids(&ids)).unwrap();
+    let (ty, _) = wire::read_frame(&mut c).unwrap();
+    assert_eq!(ty, wire::LACK);
+    let zeros = vec![0u8; 64 << 10];
+    let bomb = wire::pack(ids[0], &zeros);
+    assert_eq!(bomb.codec, wire::CODEC_ZSTD);
+    let frame: Vec<wire::WireChunk> = ids
+        .iter()
+        .map(|id| wire::WireChunk {
+            id: *id,
+            ..bomb.clone()
+        })
+        .collect();
+    let frame = wire::encode_chunks(&frame);
+    assert!(frame.len() < 2 * MIB, "{} bytes", frame.len());
+    let before = peak_rss(pid);
+    wire::write_frame(&mut c, wire::CHUNKS, &frame).unwrap();
+    let (ty, body) = wire::read_frame(&mut c).unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(ty, wire::ERROR, "{text}");
+    assert!(text.contains("does not match its data"), "{text}");
+    let grew = peak_rss(pid).saturating_sub(before);
+    assert!(
+        grew < 256 * MIB as u64,
+        "a {} KiB frame grew the receiver's peak memory by {} MiB",
+        frame.len() >> 10,
+        grew >> 20
+    );
+    // The daemon serves on.
+    let (_c, typ, body) = hello(t.repl, "g", &[("d".into(), 4 * MIB as u64)]);
+    assert_eq!(typ, wire::WELCOME, "{body}");
+}

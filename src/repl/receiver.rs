@@ -384,7 +384,7 @@ impl<'sc, 'env> Pipe<'sc, 'env> {
 
     /// Wait for the frame being stored, if any, and record its pins in the
     /// session.  Returns its STORED count and the replies due after it.
-    /// Errors: the store's (nothing of that frame is indexed then).
+    /// Errors: the store's (the frame's pins are released then).
     fn drain(&mut self, sess: &mut Session<'_>) -> Result<Option<(u32, Vec<(u8, Vec<u8>)>)>> {
         let Some(st) = self.storing.take() else {
             return Ok(None);
@@ -456,12 +456,23 @@ impl<'sc, 'env> Pipe<'sc, 'env> {
     }
 }
 
-/// Store one CHUNKS frame's chunks (the worker's job): decompressed and
-/// checked against their ids in parallel, written to the open pack and
-/// indexed ([`crate::engine::chunks::ChunkStore::put_received`]: not synced
-/// here; COMMIT's point creation syncs every pack first).  Returns the ids,
-/// pinned.  Errors: a chunk that does not decompress or hashes to another id
-/// (nothing of the frame is indexed), the store's.
+/// Plaintext bytes of a CHUNKS frame decompressed, checked and stored at
+/// once.  Payloads may inflate far past the frame's own size (zstd: a 64 KiB
+/// block of zeros packs into a few bytes), so a frame is stored in slices of
+/// at most this much plaintext (at least one chunk each), and what one frame
+/// makes the receiver hold is bounded by this, not by the frame's inflation
+/// (found by tests/breakit_repl.rs: a 1 MiB frame of such chunks grew the
+/// daemon by 1 GiB before the first one was found to lie).
+pub const SLICE_PLAINTEXT: u64 = 64 << 20;
+
+/// Store one CHUNKS frame's chunks (the worker's job), slice by slice of at
+/// most [`SLICE_PLAINTEXT`] bytes of plaintext: decompressed and checked
+/// against their ids in parallel, written to the open pack and indexed
+/// ([`crate::engine::chunks::ChunkStore::put_received`]: not synced here;
+/// COMMIT's point creation syncs every pack first).  Returns the ids, pinned.
+/// Errors: a chunk that does not decompress or hashes to another id (nothing
+/// of its slice is indexed; earlier slices stay indexed, unpinned, as an
+/// interrupted cycle's chunks do), the store's.
 fn store_frame(store: &Store, body: &[u8]) -> Result<Vec<ChunkId>> {
     use rayon::prelude::*;
     crate::fail_point!("repl-store-frame", |_| Err(Error::io(
@@ -475,21 +486,43 @@ fn store_frame(store: &Store, body: &[u8]) -> Result<Vec<ChunkId>> {
     let keep_zstd = store.cfg.compression == crate::engine::codec::Compression::Zstd;
     // Payloads stay in the frame: a raw one is stored from there.
     let chunks = wire::chunk_refs(body, cs)?;
-    let batch = chunks
-        .par_iter()
-        .map(|c| {
-            Ok(crate::engine::chunks::Received {
-                id: c.id,
-                data: c.plaintext()?,
-                zstd: (keep_zstd && c.codec == wire::CODEC_ZSTD).then_some(c.payload),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // Under the shared gate, like every writer: GC's pack phase assumes no
-    // record sits appended but unindexed while it holds the gate (found by
-    // tests/breakit_dr.rs: GC deleted the pack under them).
-    let _g = store.gate.shared();
-    store.chunks.put_received(&batch)
+    let mut ids = Vec::with_capacity(chunks.len());
+    let mut rest = &chunks[..];
+    let r = (|| {
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut plain = 0u64;
+            while n < rest.len() && (n == 0 || plain + rest[n].raw_len as u64 <= SLICE_PLAINTEXT)
+            {
+                plain += rest[n].raw_len as u64;
+                n += 1;
+            }
+            let (slice, tail) = rest.split_at(n);
+            rest = tail;
+            let batch = slice
+                .par_iter()
+                .map(|c| {
+                    Ok(crate::engine::chunks::Received {
+                        id: c.id,
+                        data: c.plaintext()?,
+                        zstd: (keep_zstd && c.codec == wire::CODEC_ZSTD).then_some(c.payload),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // Under the shared gate, like every writer: GC's pack phase
+            // assumes no record sits appended but unindexed while it holds
+            // the gate (found by tests/breakit_dr.rs: GC deleted the pack
+            // under them).
+            let _g = store.gate.shared();
+            ids.extend(store.chunks.put_received(&batch)?);
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        store.chunks.unpin(&ids);
+        return Err(e);
+    }
+    Ok(ids)
 }
 
 /// The frames of a session's cycles, after WELCOME.
