@@ -836,15 +836,12 @@ fn rebuilding_an_encrypted_store_checks_the_key_first_and_records_it() {
     let wrong = fresh.path("wrong.key");
     let other = Env::new();
     other.ok(&["init", "--encrypt", "--key-file", wrong.to_str().unwrap()]);
-    let e = fresh.fails(&[
-        "init",
-        "--from-backend",
-        &url,
-        "--s3-endpoint",
-        &c.endpoint,
-        "--key-file",
-        wrong.to_str().unwrap(),
-    ]);
+    let rebuild_args = |key: &Path| {
+        let k = key.to_str().unwrap().to_string();
+        ["init", "--from-backend", &url, "--s3-endpoint", &c.endpoint, "--key-file", &k]
+            .map(String::from)
+    };
+    let e = fresh.fails(&rebuild_args(&wrong).each_ref().map(String::as_str));
     assert!(e.contains("wrong key"), "{e}");
     // Neither attempt took the prefix or left anything behind.
     assert_eq!(marker(&prefix), owner, "a failed rebuild took the prefix");
@@ -854,15 +851,7 @@ fn rebuilding_an_encrypted_store_checks_the_key_first_and_records_it() {
         fresh.store.display()
     );
 
-    let rep = fresh.json(&[
-        "init",
-        "--from-backend",
-        &url,
-        "--s3-endpoint",
-        &c.endpoint,
-        "--key-file",
-        copy.to_str().unwrap(),
-    ]);
+    let rep = fresh.json(&rebuild_args(&copy).each_ref().map(String::as_str));
     assert_eq!(rep["points"], 1, "{rep}");
     assert_eq!(rep["chunks_lost"], 0, "{rep}");
     // No --key-file from now on: the rebuilt store knows where its key is.

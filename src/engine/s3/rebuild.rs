@@ -47,7 +47,7 @@ pub struct RebuildReport {
 /// Rebuild the store at `dir` (which must not exist, or be empty) from the
 /// bucket `s3` names.  An encrypted store needs `key_file`, checked against
 /// the catalog before anything is written (the bucket's marker included) and
-/// recorded in the new `store.json`.  Errors: [`Error::Exists`] if `dir` holds
+/// recorded in the new `store.json`.  Errors: [`Error::Invalid`] if `dir` holds
 /// anything; [`Error::Key`] if the key is missing or wrong, or given for a
 /// store that is not encrypted;
 /// [`Error::NotFound`] if the prefix holds no catalog; [`Error::Invalid`] if
@@ -55,8 +55,8 @@ pub struct RebuildReport {
 /// I/O and database errors creating the store.
 pub fn rebuild(dir: &Path, s3: &S3Config, key_file: Option<&Path>) -> Result<RebuildReport> {
     if dir.exists() && std::fs::read_dir(dir).at(dir)?.next().is_some() {
-        return Err(Error::Exists(format!(
-            "{} is not empty: a store is rebuilt into a new directory",
+        return Err(Error::invalid(format!(
+            "{} is not empty: a store is rebuilt into a new or empty directory",
             dir.display()
         )));
     }
