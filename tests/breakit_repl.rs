@@ -922,3 +922,96 @@ fn a_frame_of_zstd_bombs_is_not_inflated_whole() {
     let (_c, typ, body) = hello(t.repl, "g", &[("d".into(), 4 * MIB as u64)]);
     assert_eq!(typ, wire::WELCOME, "{body}");
 }
+
+/// DEFECT (fixed): while a CHUNKS frame was being stored, the receiver read
+/// on for as long as the sender sent, holding every reply in memory until the
+/// store was done; a sender that sends without reading its replies met no
+/// back-pressure at all (before the pipeline the receiver's own writes
+/// blocked it).  Reproduction: the store of one frame held (failpoint
+/// `repl-store-frame`, as a slow disk holds it), the sender writes empty HAVE
+/// frames (5 bytes each, free of the cycle's budget) and reads nothing: the
+/// receiver took all 8 MiB of them, holding 1.7 million replies (about
+/// 60 bytes of memory per 5 bytes sent, for as long as the store takes).
+/// Now at most `receiver::MAX_HELD` replies wait behind a store; past that
+/// the receiver waits for the store before it reads on.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_sender_that_reads_no_replies_is_held_back_while_a_frame_is_stored() {
+    use drclone::engine::store::{InitOptions, Store};
+    use std::os::unix::net::UnixStream;
+    use std::sync::{mpsc, Arc, Mutex};
+    let _f = fail::FailScenario::setup();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("s");
+    Store::init(
+        &dir,
+        &InitOptions {
+            chunk_size: 64 << 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let s = Arc::new(Store::open(&dir, None).unwrap());
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let s2 = s.clone();
+    let h = std::thread::spawn(move || {
+        drclone::repl::receiver::serve_connection(&s2, b, "test", &Default::default())
+    });
+    wire::write_handshake(&mut a).unwrap();
+    wire::read_handshake(&mut a).unwrap();
+    let hello = wire::Hello {
+        token: None,
+        group: "g".into(),
+        volumes: vec![("d".into(), 64 << 10)],
+        source: "agent:breakit".into(),
+        epoch: None,
+    };
+    wire::write_frame(&mut a, wire::HELLO, &serde_json::to_vec(&hello).unwrap()).unwrap();
+    assert_eq!(wire::read_frame(&mut a).unwrap().0, wire::WELCOME);
+    let data = random_bytes(7, 64 << 10);
+    let id = *blake3::hash(&data).as_bytes();
+    wire::write_frame(&mut a, wire::HAVE, &wire::encode_ids(&[id])).unwrap();
+    assert_eq!(wire::read_frame(&mut a).unwrap().0, wire::LACK);
+    // The worker's store waits until the test lets it go.
+    let (go, wait) = mpsc::channel::<()>();
+    let wait = Mutex::new(wait);
+    fail::cfg_callback("repl-store-frame", move || {
+        let _ = wait.lock().unwrap().recv();
+    })
+    .unwrap();
+    let c = wire::pack(id, &data);
+    wire::write_frame(&mut a, wire::CHUNKS, &wire::encode_chunks(&[c])).unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..13_107 {
+        wire::write_frame(&mut flood, wire::HAVE, &[]).unwrap();
+    }
+    a.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut taken = 0usize;
+    while taken < 8 * MIB {
+        match a.write(&flood) {
+            Ok(n) => taken += n,
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "{e}"
+                );
+                break;
+            }
+        }
+    }
+    let _ = go.send(());
+    fail::remove("repl-store-frame");
+    a.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (t, body) = wire::read_frame(&mut a).unwrap();
+    assert_eq!((t, body), (wire::STORED, 1u32.to_be_bytes().to_vec()));
+    drop(a);
+    let _ = h.join().unwrap();
+    assert!(
+        taken < 4 * MIB,
+        "the receiver read {taken} bytes of frames ahead of a store it had not \
+         finished, holding a reply to each"
+    );
+}

@@ -288,6 +288,15 @@ fn cycles<S: Conn>(store: &Store, s: &mut S, peer: &str, sess: &mut Session<'_>)
 /// The name of the thread that stores a session's CHUNKS frames.
 pub const STORE_THREAD: &str = "repl-store";
 
+/// Replies held behind a CHUNKS frame being stored, at most: past this the
+/// session waits for the store before it reads on, so a sender that sends
+/// without reading its replies is held back (by TCP, once the receiver stops
+/// reading), as it is when no frame is being stored.  Without it an empty
+/// HAVE (5 bytes, free of the budget) made the receiver hold a reply for as
+/// long as a slow store took (found by tests/breakit_repl.rs: 8 MiB of them,
+/// 1.7 million replies held).  An agent has at most a few HAVEs out.
+pub const MAX_HELD: usize = 1024;
+
 /// The CHUNKS frame being stored on a worker thread while the session reads
 /// on (at most one at a time).
 struct Storing<'sc> {
@@ -415,7 +424,8 @@ impl<'sc, 'env> Pipe<'sc, 'env> {
 
     /// Before reading the next frame while one is being stored: wait until
     /// the peer has sent more (then read it meanwhile) or the store is done
-    /// (then finish it).  Without a socket to poll, finish.
+    /// (then finish it).  Without a socket to poll, or with [`MAX_HELD`]
+    /// replies held already, finish.
     fn before_read<S: Conn>(
         &mut self,
         s: &mut S,
@@ -426,7 +436,11 @@ impl<'sc, 'env> Pipe<'sc, 'env> {
         let Some(st) = &self.storing else {
             return Ok(());
         };
-        if let (Some(fd), false) = (s.socket_fd(), st.job.is_finished()) {
+        if let (Some(fd), false, true) = (
+            s.socket_fd(),
+            st.job.is_finished(),
+            st.after.len() < MAX_HELD,
+        ) {
             let mut fds = [
                 libc::pollfd {
                     fd,
