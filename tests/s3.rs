@@ -739,7 +739,11 @@ fn a_catalog_naming_packs_gc_deleted_before_their_upload_never_reaches_the_bucke
     while !(catalog_status(&store)["uploaded_seq"].is_u64()
         && catalog_status(&store)["waiting"] == false)
     {
-        assert!(t0.elapsed() < Duration::from_secs(120), "{}", catalog_status(&store));
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{}",
+            catalog_status(&store)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let base = catalog_status(&store)["uploaded_seq"].clone();
@@ -764,8 +768,7 @@ fn a_catalog_naming_packs_gc_deleted_before_their_upload_never_reaches_the_bucke
     // have within a few of its 200 ms polls).
     uploads.release();
     let t0 = Instant::now();
-    while catalog_status(&store)["uploaded_seq"] == base && t0.elapsed() < Duration::from_secs(10)
-    {
+    while catalog_status(&store)["uploaded_seq"] == base && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The host is lost now: a rebuild from the bucket finds every pack its
@@ -838,8 +841,16 @@ fn rebuilding_an_encrypted_store_checks_the_key_first_and_records_it() {
     other.ok(&["init", "--encrypt", "--key-file", wrong.to_str().unwrap()]);
     let rebuild_args = |key: &Path| {
         let k = key.to_str().unwrap().to_string();
-        ["init", "--from-backend", &url, "--s3-endpoint", &c.endpoint, "--key-file", &k]
-            .map(String::from)
+        [
+            "init",
+            "--from-backend",
+            &url,
+            "--s3-endpoint",
+            &c.endpoint,
+            "--key-file",
+            &k,
+        ]
+        .map(String::from)
     };
     let e = fresh.fails(&rebuild_args(&wrong).each_ref().map(String::as_str));
     assert!(e.contains("wrong key"), "{e}");
@@ -863,4 +874,40 @@ fn rebuilding_an_encrypted_store_checks_the_key_first_and_records_it() {
     let wf = fresh.path("want.raw");
     std::fs::write(&wf, want).unwrap();
     qemu_compare(&srv.tcp(&format!("g/d@{pid}")), &wf);
+}
+
+/// A command run without a daemon while the object store is down (an operator's
+/// `status` at 3 a.m.) finishes once the upload fails, instead of waiting out
+/// the close's whole wait for the last packs and catalog; it says what stays
+/// local, and the next open uploads it.
+#[test]
+fn a_command_without_a_daemon_does_not_wait_for_a_down_object_store() {
+    let (c, _turn) = cluster();
+    let prefix = unique("down");
+    let env = s3_store(c, &prefix, &[]);
+    env.ok(&["group", "create", "g"]);
+    ceph(&["rgw-stop"]);
+    let out = std::panic::catch_unwind(|| {
+        env.cmd()
+            .env("DRCLONE_S3_CLOSE_WAIT_SECS", "3600")
+            .env("RUST_LOG", "warn")
+            .args(["volume", "create", "g/d", "--size", "1M"])
+            .timeout(Duration::from_secs(300))
+            .output()
+            .unwrap()
+    });
+    ceph(&["rgw-start"]);
+    let out = out.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stay local"), "{err}");
+    // Back up: the next command's open uploads the catalog that stayed behind.
+    let v = env.ok(&["volume", "list"]);
+    assert!(v.contains("g/d") || v.contains(" d "), "{v}");
+    assert!(
+        objects(&prefix)
+            .iter()
+            .any(|(k, _)| k.contains("/catalog/")),
+        "no catalog uploaded after radosgw came back"
+    );
 }

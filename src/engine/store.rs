@@ -875,11 +875,27 @@ impl Store {
                     .ok()
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(30);
-                if !up.wait_idle(std::time::Duration::from_secs(wait)) {
+                // ...but not while it fails: a command run while the object store
+                // is down (`status` at 3 a.m.) must not hang for the whole wait.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+                let failing = || {
+                    up.status()
+                        .error
+                        .or_else(|| self.chunks.backend.backlog().and_then(|b| b.last_error))
+                };
+                let mut why = None;
+                while !up.wait_idle(std::time::Duration::from_millis(200)) {
+                    why = failing();
+                    if why.is_some() || std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                if !up.wait_idle(std::time::Duration::ZERO) {
                     log::warn!(
-                        "store {}: the object store did not take the last packs and catalog \
-                         within {wait} s; they stay local and the next open uploads them",
-                        self.dir.display()
+                        "store {}: the object store did not take the last packs and catalog{}; \
+                         they stay local and the next open uploads them",
+                        self.dir.display(),
+                        why.map_or(format!(" within {wait} s"), |e| format!(" ({e})"))
                     );
                 }
             }
