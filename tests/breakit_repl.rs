@@ -1015,3 +1015,47 @@ fn a_sender_that_reads_no_replies_is_held_back_while_a_frame_is_stored() {
          finished, holding a reply to each"
     );
 }
+
+/// HELD: a store error on the worker while the sender has more large frames
+/// on the way reaches the sender as the receiver's ERROR text (not only a
+/// reset connection), no point is made, and the daemon serves on.  A CHUNKS
+/// frame whose chunk lies about its id, then 48 MiB more of good frames
+/// written without reading a reply (the receiver closes under them).
+#[test]
+fn a_store_error_mid_pipeline_reaches_the_sender_as_its_text() {
+    let t = Site::new();
+    let (mut c, typ, body) = hello(t.repl, "g", &[("d".into(), 64 * MIB as u64)]);
+    assert_eq!(typ, wire::WELCOME, "{body}");
+    let blocks: Vec<Vec<u8>> = (0..768).map(|i| random_bytes(500 + i, 64 << 10)).collect();
+    let liar_id = *blake3::hash(b"claimed").as_bytes();
+    let mut offer: Vec<[u8; 32]> = vec![liar_id];
+    offer.extend(blocks.iter().map(|b| *blake3::hash(b).as_bytes()));
+    wire::write_frame(&mut c, wire::HAVE, &wire::encode_ids(&offer)).unwrap();
+    assert_eq!(wire::read_frame(&mut c).unwrap().0, wire::LACK);
+    let lie = wire::WireChunk {
+        id: liar_id,
+        raw_len: 64 << 10,
+        codec: wire::CODEC_RAW,
+        payload: random_bytes(9, 64 << 10),
+    };
+    wire::write_frame(&mut c, wire::CHUNKS, &wire::encode_chunks(&[lie])).unwrap();
+    let mut write_failed = false;
+    for part in blocks.chunks(256) {
+        let f: Vec<wire::WireChunk> = part
+            .iter()
+            .map(|b| wire::pack(*blake3::hash(b).as_bytes(), b))
+            .collect();
+        if wire::write_frame(&mut c, wire::CHUNKS, &wire::encode_chunks(&f)).is_err() {
+            write_failed = true;
+            break;
+        }
+    }
+    let (ty, body) = wire::read_frame(&mut c).expect("the ERROR frame can be read");
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(ty, wire::ERROR, "write failed: {write_failed}; {text}");
+    assert!(text.contains("does not match its data"), "{text}");
+    drop(c);
+    assert!(t.points("g").is_empty());
+    let (_c, typ, body) = hello(t.repl, "g", &[("d".into(), 64 * MIB as u64)]);
+    assert_eq!(typ, wire::WELCOME, "{body}");
+}
