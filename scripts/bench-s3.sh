@@ -11,7 +11,10 @@
 #      Then `serve` is restarted (its caches start empty) and the volume is read
 #      twice: cold (ranged GETs from radosgw) and warm (from the local read cache,
 #      --cache-size 2x SIZE);
-#   3. Ceph RBD on the same OSD: an image in a fresh pool, the same fio jobs with
+#   3. radosgw's own ingest, for scale: the same amount of random data as 64 MiB
+#      objects (drclone's pack size) PUT by curl (--aws-sigv4, unsigned payload),
+#      one at a time and 4 at a time (drclone's uploader threads);
+#   4. Ceph RBD on the same OSD: an image in a fresh pool, the same fio jobs with
 #      --ioengine=rbd (librbd; the peer a Ceph user would pick instead).
 # Every job is fio, 1 MiB sequential I/O, iodepth 8, fresh incompressible random
 # data for every block (--refill_buffers: drclone stores zero blocks as holes and
@@ -26,8 +29,8 @@
 # Targets: S3 warm read >= 0.8x local packs' read; S3 write >= 0.5x RBD's.
 # Prints a table and ratios; asserts nothing.
 # Env: SIZE (default 1G, whole MiB; the OSD file and everything RBD and radosgw
-# write live on tmpfs, i.e. in RAM: about 2.5x SIZE); DRCLONE_CACHE_MIB (64);
-# CEPH_TEST_OSD_BYTES (default max(8 GiB, 6x SIZE); sparse: bluestore aborts on
+# write live on tmpfs, i.e. in RAM: about 4.5x SIZE); DRCLONE_CACHE_MIB (64);
+# CEPH_TEST_OSD_BYTES (default max(12 GiB, 12x SIZE); sparse: bluestore aborts on
 # ENOSPC, and a 4 GiB one did so holding about 2.2 GiB of objects).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +44,7 @@ SIZE_MIB=$(($(numfmt --from=iec "$SIZE") >> 20))
 [ "$SIZE_MIB" -ge 64 ] || { echo "SIZE must be at least 64M" >&2; exit 2; }
 BYTES=$((SIZE_MIB << 20))
 export DRCLONE_CACHE_MIB="${DRCLONE_CACHE_MIB:-64}"
-OSD_MIN=$((6 * BYTES)); [ "$OSD_MIN" -ge 8589934592 ] || OSD_MIN=8589934592
+OSD_MIN=$((12 * BYTES)); [ "$OSD_MIN" -ge 12884901888 ] || OSD_MIN=12884901888
 export CEPH_TEST_OSD_BYTES="${CEPH_TEST_OSD_BYTES:-$OSD_MIN}"
 CLUSTER=scripts/ceph-test-cluster.sh
 # The cluster on tmpfs, as tests/s3.rs does: the monitor refuses to start on a
@@ -49,7 +52,7 @@ CLUSTER=scripts/ceph-test-cluster.sh
 # can be, and the sparse OSD file costs only the RAM actually written.
 SHM=/dev/shm; [ -d "$SHM" ] || SHM=${TMPDIR:-/tmp}
 CD="$SHM/drclone-bench-s3-ceph.$$"
-need_kib=$(((BYTES * 5 / 2 + (1 << 30)) >> 10))
+need_kib=$(((BYTES * 9 / 2 + (1 << 30)) >> 10))
 avail_kib=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
 [ "$avail_kib" -ge "$need_kib" ] || { echo "need about $((need_kib >> 10)) MiB of free RAM for the tmpfs cluster, $((avail_kib >> 10)) MiB available" >&2; exit 2; }
 B=$(mktemp -d /tmp/drclone-bench-s3.XXXXXX)
@@ -164,6 +167,25 @@ echo "drclone, S3 backend (radosgw)"
 run_drclone s3 --backend "s3://$BUCKET/bench" --s3-endpoint "$ENDPOINT" --cache-size $((2 * BYTES))
 S3_OBJ_BYTES=$("$CLUSTER" s3 "$CD" ls "$BUCKET" bench/packs/ | awk '{s += $2} END {print s + 0}')
 
+echo "radosgw ingest: curl PUTs of 64 MiB objects"
+mkdir "$B/raw"
+head -c "$BYTES" /dev/urandom | split -b 64M - "$B/raw/o"
+sync
+curl_put() { # OBJECT-PREFIX FILE
+  curl -sSf --aws-sigv4 aws:amz:us-east-1:s3 --user TESTKEY:TESTSECRET \
+    -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' -T "$2" "$ENDPOINT/$BUCKET/$1/${2##*/}"
+}
+export -f curl_put; export ENDPOINT BUCKET
+for par in 1 4; do
+  t0=$(now)
+  if ls "$B"/raw/o* | xargs -P "$par" -n 1 bash -c 'curl_put "raw$0" "$1"' "$par"; then
+    R[curl$par]=$(el "$t0" "$(now)")
+  else
+    R[curl$par]=
+  fi
+done
+rm -rf "$B/raw"
+
 echo "Ceph RBD (fio --ioengine=rbd)"
 ceph osd pool create rbd 8 8 >/dev/null
 rbd pool init rbd
@@ -182,6 +204,13 @@ printf '%-44s %10s %10s %10s\n' "MB/s" "write" "read 1" "read 2"
 printf '%-44s %10.0f %10.0f %10.0f\n' "drclone, local packs" "$(mbs "${R[local.write]}")" "$(mbs "${R[local.read1]}")" "$(mbs "${R[local.read2]}")"
 printf '%-44s %10.0f %10.0f %10.0f\n' "drclone, S3 backend (write acknowledged)" "$(mbs "${R[s3.write]}")" "$(mbs "${R[s3.read1]}")" "$(mbs "${R[s3.read2]}")"
 printf '%-44s %10.0f\n' "drclone, S3 backend (write uploaded)" "$(mbs "${R[s3.uploaded]}")"
+for par in 1 4; do
+  if [ -n "${R[curl$par]}" ]; then
+    printf '%-44s %10.0f\n' "radosgw ingest, curl PUT 64 MiB x$par at once" "$(mbs "${R[curl$par]}")"
+  else
+    printf '%-44s %10s\n' "radosgw ingest, curl PUT 64 MiB x$par at once" failed
+  fi
+done
 printf '%-44s %10.0f %10.0f %10.0f\n' "Ceph RBD (librbd)" "$(mbs "${R[rbd.write]}")" "$(mbs "${R[rbd.read1]}")" "$(mbs "${R[rbd.read2]}")"
 echo "(drclone read 1 is after a restart of serve: S3 cold, from radosgw; read 2 is warm, from the local read cache)"
 printf '\n%-56s %8s   %s\n' ratio value target
@@ -189,6 +218,7 @@ printf '%-56s %7.2fx   %s\n' "S3 warm read / local packs read (2nd reads)" "$(r 
 printf '%-56s %7.2fx\n' "S3 cold read / local packs read (1st reads)" "$(r "${R[local.read1]}" "${R[s3.read1]}")"
 printf '%-56s %7.2fx   %s\n' "S3 write, uploaded / RBD write" "$(r "${R[rbd.write]}" "${R[s3.uploaded]}")" ">= 0.5x"
 printf '%-56s %7.2fx\n' "S3 write, acknowledged / RBD write" "$(r "${R[rbd.write]}" "${R[s3.write]}")"
+[ -n "${R[curl4]}" ] && printf '%-56s %7.2fx\n' "S3 write, uploaded / radosgw ingest (curl x4)" "$(r "${R[curl4]}" "${R[s3.uploaded]}")"
 printf '%-56s %7.2fx\n' "S3 write, uploaded / local packs write" "$(r "${R[local.write]}" "${R[s3.uploaded]}")"
 printf '%-56s %7.2fx\n' "S3 cold read / RBD read (1st reads)" "$(r "${R[rbd.read1]}" "${R[s3.read1]}")"
 pertb() { echo "$1 * 1000000000000 / $BYTES / 1000000000" | bc -l; }
