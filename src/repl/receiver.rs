@@ -506,8 +506,7 @@ fn store_frame(store: &Store, body: &[u8]) -> Result<Vec<ChunkId>> {
         while !rest.is_empty() {
             let mut n = 0;
             let mut plain = 0u64;
-            while n < rest.len() && (n == 0 || plain + rest[n].raw_len as u64 <= SLICE_PLAINTEXT)
-            {
+            while n < rest.len() && (n == 0 || plain + rest[n].raw_len as u64 <= SLICE_PLAINTEXT) {
                 plain += rest[n].raw_len as u64;
                 n += 1;
             }
