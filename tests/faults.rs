@@ -178,8 +178,9 @@ impl Bed {
             drclone::engine::maint::verify(self.s(), &indicatif::ProgressBar::hidden()).unwrap();
         assert!(
             rep.ok,
-            "{what}: verify finds bad chunks: {:?}",
-            rep.bad.iter().map(|b| &b.error).collect::<Vec<_>>()
+            "{what}: verify finds bad chunks: {:?}, bad packs: {:?}",
+            rep.bad.iter().map(|b| &b.error).collect::<Vec<_>>(),
+            rep.bad_packs
         );
     }
 

@@ -308,20 +308,32 @@ impl ChunkStore {
             // a restart without a reboot): make it durable before calling the pack
             // sealed, since sealed packs are never synced again (found by
             // tests/faults.rs).
-            self.backend.sync(pack).map_err(|e| {
-                self.db
-                    .latch
-                    .trip(format!("fsync of pack {pack} at recovery"), e)
-            })?;
-            if file.is_some() {
-                batch.put(keys::pack(pack), PackRec::sealed(len).encode());
+            // Nothing of it is durable (no file: a cut between the record and
+            // the file's creation; or no byte ever synced before the latch
+            // tripped): no record survived the check either, and the pack goes,
+            // or verify would report a sealed pack the disk does not hold.
+            let keep = file.is_some() && limit > 0;
+            if keep {
+                self.backend.sync(pack).map_err(|e| {
+                    self.db
+                        .latch
+                        .trip(format!("fsync of pack {pack} at recovery"), e)
+                })?;
+                // Sealed at what is trusted: after a latched run the bytes past
+                // `D` may never reach the disk, though the page cache shows them.
+                batch.put(keys::pack(pack), PackRec::sealed(limit).encode());
             } else {
-                // A cut between the record and the file's creation (new_pack):
-                // no file, so no chunk either; the record goes, or verify would
-                // report a sealed pack that does not exist.
                 batch.delete(keys::pack(pack));
             }
             self.db.write(batch, true)?;
+            if !keep && file.is_some() {
+                if let Err(e) = self.backend.delete(pack) {
+                    log::warn!(
+                        "store {}: removing empty pack {pack}: {e}",
+                        self.store.display()
+                    );
+                }
+            }
             if dropped > 0 {
                 log::warn!(
                     "store {}: pack {pack} lost {dropped} chunk(s) not made durable before a crash; \

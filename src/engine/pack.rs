@@ -418,10 +418,16 @@ impl PackBackend for LocalPacks {
     fn sync(&self, id: u64) -> Result<()> {
         let path = self.path(id);
         match File::open(&path) {
-            Ok(f) => f.sync_all().at(&path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(path, e)),
+            Ok(f) => f.sync_all().at(&path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(path, e)),
         }
+        // Its name too: the directory fsync at creation may have failed (or
+        // never run, after a kill), and recovery calls this before it seals.
+        for dir in [path.parent().unwrap(), self.dir.as_path()] {
+            File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+        }
+        Ok(())
     }
 
     fn delete(&self, id: u64) -> Result<()> {
