@@ -405,14 +405,7 @@ fn i11_a_lost_unflushed_overwrite_reads_as_of_the_last_flush() {
     s.write(&h, 0, &block(2)).unwrap(); // overwrite, not flushed
     s.write(&h, 2 * CS, &block(3)).unwrap(); // new block, not flushed
     drop(s); // the WAL holds both map entries; the packs keep nothing new:
-    for (path, len) in &packs {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_len(*len)
-            .unwrap();
-    }
+    truncate_packs(&packs); // a power cut: what no FLUSH covered is gone
     let s = Store::open(&dir, None).unwrap();
     let h = head(&s, "g", "d");
     assert_eq!(
@@ -445,14 +438,7 @@ fn i11_a_crash_between_recovery_and_repair_still_repairs() {
     let packs = pack_lengths(&dir);
     s.write(&h, 0, &block(2)).unwrap(); // overwrite, not flushed
     drop(s);
-    for (path, len) in &packs {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_len(*len)
-            .unwrap();
-    }
+    truncate_packs(&packs); // a power cut: what no FLUSH covered is gone
     fail::cfg("open-before-lost-repair", "return").unwrap();
     let err = Store::open(&dir, None)
         .err()
@@ -496,6 +482,18 @@ fn a_pack_record_without_its_file_is_dropped_at_recovery() {
         "verify: packs {:?}, chunks {:?}",
         rep.bad_packs, rep.bad
     );
+}
+
+/// Cut every pack back to the length `pack_lengths` recorded.
+fn truncate_packs(packs: &[(std::path::PathBuf, u64)]) {
+    for (path, len) in packs {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(*len)
+            .unwrap();
+    }
 }
 
 fn pack_lengths(store: &Path) -> Vec<(std::path::PathBuf, u64)> {
